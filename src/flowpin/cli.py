@@ -1,0 +1,197 @@
+"""The ``flowpin`` command line: key, verify, diff, lineage, show.
+
+Exit status: 0 success; 1 a verification failed / manifests differ; 2 usage or input error (a
+:class:`FlowpinError` that prevents the command from giving an answer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from flowpin import __version__
+from flowpin.errors import FlowpinError
+from flowpin.hashing import DEFAULT_ALGORITHM, Hasher, default_cache
+from flowpin.paths import find_root
+
+
+def _cmd_key_init(args: argparse.Namespace) -> int:
+    from flowpin.signing import default_key_path, init_key
+
+    root = find_root()
+    path = Path(args.path) if args.path else default_key_path(root)
+    if args.if_missing and path.exists():
+        print(f"signing key exists: {path}")
+        return 0
+    signer = init_key(root, key_path=path, force=args.force)
+    print(f"created signing key {path} (mode 600)\nkeyid {signer.keyid}\ntrusted public key keys/{signer.keyid}.pub")
+    return 0
+
+
+def _cmd_key_list(args: argparse.Namespace) -> int:
+    from flowpin.signing import load_trust_store
+
+    for keyid in sorted(load_trust_store(find_root())):
+        print(keyid)
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from flowpin.manifest.verify import find_manifests, verify_manifest
+    from flowpin.signing import load_trust_store
+
+    root = find_root()
+    paths = [Path(p) for p in args.paths] or (find_manifests(root) if args.all else [])
+    if not paths:
+        raise FlowpinError("nothing to verify: name manifest files or pass --all (verifies manifests/**/*.json)")
+    extra = tuple(Path(d) for d in args.trust)
+    trusted = load_trust_store(root, extra)
+    cache = None if args.no_cache else default_cache(root)
+    hasher = Hasher(root, DEFAULT_ALGORITHM, cache=cache)
+    failed = 0
+    for path in paths:
+        report = verify_manifest(path, root=root, trusted=trusted, hasher=hasher)
+        if report.ok:
+            signer = (report.keyid or "?")[:16]
+            print(f"OK   {path} [{report.stage}] {report.checked} artifacts, signed by {signer}…")
+        else:
+            failed += 1
+            print(f"FAIL {path} [{report.stage or '?'}]")
+            for finding in report.findings:
+                print(f"     {finding}")
+    if cache is not None:
+        cache.close()
+    print(
+        f"{len(paths) - failed} verified, {failed} failed "
+        f"({hasher.stats.files} files hashed, {hasher.stats.cache_hits} from the stat cache)"
+    )
+    return 1 if failed else 0
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    from flowpin.manifest.diff import diff_paths, render_text
+
+    diffs = diff_paths(Path(args.a), Path(args.b), include_run=args.include_run)
+    if args.json:
+        print(json.dumps([d.as_dict() for d in diffs], indent=2, sort_keys=True, default=str))
+    else:
+        print(render_text(diffs))
+    return 0 if all(d.identical for d in diffs) else 1
+
+
+def _cmd_lineage(args: argparse.Namespace) -> int:
+    from flowpin.manifest.lineage import lineage, render_tree
+
+    root = find_root()
+    node = lineage(Path(args.path).resolve(), root)
+    if args.json:
+        print(json.dumps(node.as_dict(), indent=2, sort_keys=True))
+    else:
+        print(render_tree(node))
+    problems = node.problems()
+    for p in problems:
+        print(f"problem: {p}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from flowpin.manifest.model import load_manifest
+
+    m = load_manifest(Path(args.path))
+    if args.json:
+        print(json.dumps(m.statement, indent=2, sort_keys=True))
+        return 0
+    b, r = m.build, m.run_details
+    env = b["internalParameters"]["environment"]
+    git = env.get("git") or {}
+    meta = r["metadata"]
+    print(f"manifest   {m.path}\nstage      {m.stage}\nidentity   sha256:{m.identity_digest()}")
+    print(f"signed by  {', '.join(s['keyid'][:16] + '…' for s in m.envelope['signatures']) or '(unsigned)'}")
+    print(f"run        {meta['invocationId']}  {meta['startedOn']} → {meta['finishedOn']}")
+    dirty = f" + uncommitted changes {git.get('dirtyDigest')}" if git.get("dirty") else ""
+    print(f"code       git {git.get('commit') or '(none)'}{dirty}")
+    torch = env.get("torch") or {}
+    print(
+        f"env        python {env.get('python', {}).get('version')}, torch {torch.get('version')}, "
+        f"threads {torch.get('numThreads')}, deterministic {torch.get('deterministicAlgorithms')}"
+    )
+    overrides = b["externalParameters"]["overrides"]
+    print(f"overrides  {' '.join(overrides) if overrides else '(none)'}")
+    print("outputs")
+    for s in m.subjects:
+        algo, value = next(iter(s["digest"].items()))
+        n = len(s["annotations"].get("flowpin.files", []))
+        print(
+            f"  {s['name']}  {algo}:{value[:16]}…  {s['annotations']['flowpin.size']} B" + (f", {n} files" if n else "")
+        )
+    print("inputs")
+    for d in m.dependencies:
+        algo, value = next(iter(d["digest"].items()))
+        print(
+            f"  [{d['annotations']['kind']}] {d['name']}  {algo}:{value[:16]}…"
+            + (f"  ({d['uri']})" if "uri" in d else "")
+        )
+    for bp in r["byproducts"]:
+        if "digest" in bp:
+            algo, value = next(iter(bp["digest"].items()))
+            print(f"byproduct  {bp['name']}  {algo}:{value[:16]}…")
+        else:
+            print(f"byproduct  {bp['name']}  {json.dumps(bp.get('annotations', {}), sort_keys=True)[:100]}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flowpin", description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--version", action="version", version=f"flowpin {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    key = sub.add_parser("key", help="manage the signing key and trust store")
+    ksub = key.add_subparsers(dest="key_command", required=True)
+    ki = ksub.add_parser("init", help="create a local Ed25519 signing key (0600) and trust its public key")
+    ki.add_argument("--path", help="where to write the private key (default .flowpin/keys/signing.key)")
+    ki.add_argument("--force", action="store_true", help="replace an existing key")
+    ki.add_argument("--if-missing", action="store_true", help="do nothing when a key already exists")
+    ki.set_defaults(func=_cmd_key_init)
+    kl = ksub.add_parser("list", help="list trusted keyids (keys/*.pub)")
+    kl.set_defaults(func=_cmd_key_list)
+
+    v = sub.add_parser("verify", help="check schema, signature, trust and every digest of manifests")
+    v.add_argument("paths", nargs="*", help="manifest files")
+    v.add_argument("--all", action="store_true", help="verify every manifest under manifests/")
+    v.add_argument("--trust", action="append", default=[], metavar="DIR", help="extra directory of trusted *.pub")
+    v.add_argument("--no-cache", action="store_true", help="re-read every file (ignore the stat cache)")
+    v.set_defaults(func=_cmd_verify)
+
+    d = sub.add_parser("diff", help="semantic diff of two manifests or two manifest directories")
+    d.add_argument("a")
+    d.add_argument("b")
+    d.add_argument("--json", action="store_true")
+    d.add_argument("--include-run", action="store_true", help="also compare run metadata (times, host)")
+    d.set_defaults(func=_cmd_diff)
+
+    lin = sub.add_parser("lineage", help="walk parent manifests back to raw inputs")
+    lin.add_argument("path")
+    lin.add_argument("--json", action="store_true")
+    lin.set_defaults(func=_cmd_lineage)
+
+    s = sub.add_parser("show", help="human summary of a manifest")
+    s.add_argument("path")
+    s.add_argument("--json", action="store_true", help="print the decoded statement")
+    s.set_defaults(func=_cmd_show)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except FlowpinError as exc:
+        print(f"flowpin: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Deterministic zstd-compressed JSONL shards: the on-disk form of every document corpus.
+
+A shard ``shard-NNNNN.jsonl.zst`` is exactly one zstd frame whose content is one
+``canonical_json(record) + b"\\n"`` line per record. The frame declares its content size and carries a
+content checksum. This module owns writing shards byte-reproducibly and reading them back with bounded
+memory; what the records mean belongs to the stage that writes them.
+
+Identity is the *uncompressed* content: :class:`ShardInfo` pins the SHA-256 of the JSONL bytes, never of
+the ``.zst`` file, because compressed bytes depend on the zstd library version, level and API used
+(see FACTS: one-shot, streaming and multi-threaded compression give different bytes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import zstandard
+
+from flowpin.atomic import atomic_open
+from flowpin.canonical import canonical_json
+from flowpin.errors import ShardError
+
+SHARD_SUFFIX = ".jsonl.zst"
+"""File name suffix of every shard."""
+SHARD_PREFIX = "shard-"
+"""File name prefix of every shard; the index follows as five zero-padded digits."""
+DEFAULT_MAX_CONTENT_SIZE = 1 << 30
+"""Default cap on a shard's declared uncompressed size when reading (1 GiB)."""
+MAX_SHARDS = 100_000
+"""Shard indices are written with five digits."""
+
+_SHARD_NAME = re.compile(r"shard-\d{5}\.jsonl\.zst")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ShardInfo:
+    """What the writer pins about one shard."""
+
+    name: str
+    """File name inside the output directory, e.g. ``shard-00000.jsonl.zst``."""
+    records: int
+    """Number of records (lines) in the shard."""
+    uncompressed_bytes: int
+    """Length of the JSONL content before compression."""
+    sha256: str
+    """Lower-case hex SHA-256 of the uncompressed JSONL content."""
+
+    def to_json(self) -> dict[str, Any]:
+        """A canonical-JSON-safe dict of this info (for ``index.json``)."""
+        return dataclasses.asdict(self)
+
+
+def shard_name(index: int) -> str:
+    """The file name of shard number ``index``."""
+    if not 0 <= index < MAX_SHARDS:
+        raise ValueError(f"shard index {index} is outside 0..{MAX_SHARDS - 1}")
+    return f"{SHARD_PREFIX}{index:05d}{SHARD_SUFFIX}"
+
+
+def write_shards(
+    records: Iterable[Mapping[str, Any]],
+    out_dir: Path,
+    *,
+    docs_per_shard: int,
+    level: int,
+) -> list[ShardInfo]:
+    """Write ``records`` to ``out_dir/shard-00000.jsonl.zst``, ... and return one :class:`ShardInfo` each.
+
+    Records are consumed lazily; at most ``docs_per_shard`` are held in memory at a time. Each shard is
+    published with :func:`~flowpin.atomic.atomic_open`. No shard is written for zero records. ``out_dir``
+    must not already hold shards (a stale ``shard-00009`` from a larger earlier run would otherwise sit
+    next to the new ones unlisted). An exception from ``records`` propagates after the shards written so
+    far were published: callers that need all-or-nothing wrap ``out_dir`` in ``atomic_directory``.
+    """
+    if docs_per_shard < 1:
+        raise ValueError(f"docs_per_shard must be >= 1, got {docs_per_shard}")
+    if not 1 <= level <= zstandard.MAX_COMPRESSION_LEVEL:
+        raise ValueError(f"zstd level must be in 1..{zstandard.MAX_COMPRESSION_LEVEL}, got {level}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stale = sorted(p.name for p in out_dir.iterdir() if _SHARD_NAME.fullmatch(p.name))
+    if stale:
+        raise ShardError(
+            f"{out_dir} already holds shards ({', '.join(stale[:3])}...); write shards into an empty "
+            "directory (wrap the stage output in atomic_directory)"
+        )
+    infos: list[ShardInfo] = []
+    lines: list[bytes] = []
+    for record in records:
+        lines.append(canonical_json(record) + b"\n")
+        if len(lines) == docs_per_shard:
+            infos.append(_write_one(out_dir, len(infos), lines, level))
+            lines = []
+    if lines:
+        infos.append(_write_one(out_dir, len(infos), lines, level))
+    return infos
+
+
+def _write_one(out_dir: Path, index: int, lines: list[bytes], level: int) -> ShardInfo:
+    data = b"".join(lines)
+    # One-shot ``compress()`` on a single-threaded compressor (threads left at its default 0) is the
+    # reproducible form: the same bytes at the same level give the same frame on every run, whereas
+    # multi-threaded (threads>=1) and streaming/compressobj APIs produce *different* (equally valid)
+    # bytes. ``write_content_size`` lets readers bound decompression before allocating; the checksum
+    # lets them detect corruption. Pins still use the SHA-256 of the uncompressed ``data``.
+    cctx = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=True)
+    frame = cctx.compress(data)
+    name = shard_name(index)
+    with atomic_open(out_dir / name) as fh:
+        fh.write(frame)
+    return ShardInfo(
+        name=name,
+        records=len(lines),
+        uncompressed_bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+
+
+def _refuse_constant(token: str) -> Any:
+    raise ValueError(f"{token} is not valid JSON")
+
+
+def read_shard_bytes(
+    path: Path,
+    *,
+    max_content_size: int = DEFAULT_MAX_CONTENT_SIZE,
+    expected_sha256: str | None = None,
+) -> bytes:
+    """Decompress one shard with bounded memory and return its uncompressed JSONL bytes.
+
+    The frame must declare its content size and that size must be at most ``max_content_size``;
+    otherwise (and on corrupt or truncated data, trailing data after the frame, or a SHA-256 of the
+    content other than ``expected_sha256``) :class:`ShardError` names the file.
+    """
+    if max_content_size < 0:
+        raise ValueError(f"max_content_size must be >= 0, got {max_content_size}")
+    # zstd never expands incompressible input by more than ~1/256 plus a small header; a larger file
+    # cannot be a frame within the cap, so do not even read it into memory.
+    max_file_size = max_content_size + (max_content_size >> 7) + (1 << 17)
+    try:
+        with path.open("rb") as fh:
+            frame = fh.read(max_file_size + 1)
+    except OSError as exc:
+        raise ShardError(f"cannot read shard {path}: {exc.strerror or exc}") from exc
+    if len(frame) > max_file_size:
+        raise ShardError(
+            f"shard {path} is larger than any zstd frame of at most {max_content_size} bytes could be; "
+            "raise max_content_size if the shard is trusted"
+        )
+    try:
+        params = zstandard.get_frame_parameters(frame)
+    except zstandard.ZstdError as exc:
+        raise ShardError(f"shard {path} does not start with a zstd frame header: {exc}") from exc
+    size = params.content_size
+    if size in (zstandard.CONTENTSIZE_UNKNOWN, zstandard.CONTENTSIZE_ERROR):
+        raise ShardError(
+            f"shard {path} does not declare its uncompressed size, so its decompression cannot be "
+            "bounded; rewrite it with flowpin.data.shards.write_shards (one-shot, write_content_size=True)"
+        )
+    if size > max_content_size:
+        raise ShardError(
+            f"shard {path} declares {size} uncompressed bytes, above the cap of {max_content_size}; "
+            "raise max_content_size if the shard is trusted"
+        )
+    try:
+        # The declared size was checked above, and the one-shot API decompresses into a buffer of
+        # exactly that size, so a lying header cannot make it allocate more.
+        data = zstandard.ZstdDecompressor().decompress(frame, allow_extra_data=False)
+    except zstandard.ZstdError as exc:
+        raise ShardError(f"shard {path} is corrupt or truncated: {exc}") from exc
+    if len(data) != size:
+        raise ShardError(f"shard {path} decompressed to {len(data)} bytes but declares {size}")
+    if expected_sha256 is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected_sha256:
+            raise ShardError(
+                f"shard {path} content has sha256 {actual}, expected {expected_sha256}; "
+                "the shard was changed or replaced after it was pinned"
+            )
+    return data
+
+
+def read_shard(
+    path: Path,
+    *,
+    max_content_size: int = DEFAULT_MAX_CONTENT_SIZE,
+    expected_sha256: str | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Yield the records (JSON objects) of one shard, in order.
+
+    Decompression is bounded as in :func:`read_shard_bytes`. A line that is not UTF-8, not JSON, not
+    a JSON object, or a last line without its newline raises :class:`ShardError` naming the file and
+    line number. Errors surface when iteration starts, not when this function is called.
+    """
+    data = read_shard_bytes(path, max_content_size=max_content_size, expected_sha256=expected_sha256)
+    if not data:
+        return
+    if not data.endswith(b"\n"):
+        raise ShardError(f"shard {path}: last line has no trailing newline; the shard is truncated")
+    # Split on b"\n" only: canonical JSON escapes control characters, but str.splitlines() would also
+    # split on U+2028, U+0085 and friends, which may occur raw inside strings.
+    for lineno, line in enumerate(data[:-1].split(b"\n"), start=1):
+        try:
+            obj = json.loads(line.decode("utf-8"), parse_constant=_refuse_constant)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ShardError(f"shard {path} line {lineno} is not UTF-8 JSON: {exc}") from exc
+        if not isinstance(obj, dict):
+            raise ShardError(f"shard {path} line {lineno} is a JSON {type(obj).__name__}, not an object")
+        yield obj

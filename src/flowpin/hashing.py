@@ -1,0 +1,469 @@
+"""Content digests of files, directories and file sets: streaming, parallel, stat-cached.
+
+Digest rules (these are what manifests pin; the README documents them):
+
+* **File**: ``H(content)`` with ``H`` = sha256 (default) or blake3, read in 1 MiB chunks (constant
+  memory). A file whose name ends in ``.zst`` is digested over its *decompressed* content: compressed
+  bytes depend on the zstd library version and threading, the content does not. Decompression is
+  bounded (:data:`MAX_DECOMPRESSED_BYTES`).
+* **Directory**: every regular file below it, at any depth, listed as ``"<hexdigest>  <relpath>\\n"``
+  (two spaces, like ``sha256sum``; ``relpath`` POSIX, relative to the directory), lines sorted by the
+  UTF-8 bytes of ``relpath``, concatenated, and hashed with the same ``H``. Empty directories do not
+  contribute. The per-file digests are returned too (manifests list them).
+* **File set** (inputs outside the repository, e.g. the Python standard library): the directory rule
+  applied to an explicit list of relative paths under a base directory.
+
+Files are hashed in parallel across worker processes (see ``Hasher._map_batches`` for why not
+threads). A stat cache maps ``(device, inode, size, mtime_ns, ctime_ns)`` of a real path
+to its digest so re-verifying unchanged files does not re-read them; any change of those fields
+invalidates the entry. Files modified less than :data:`RACY_WINDOW_NS` before hashing are not cached
+(a second write within the filesystem's timestamp granularity could otherwise go unnoticed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import multiprocessing
+import os
+import sqlite3
+import stat
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import IO, Protocol
+
+import blake3
+import zstandard
+
+from flowpin.errors import (
+    ArtifactMissingError,
+    ArtifactUnreadableError,
+    FlowpinError,
+    PathError,
+    UnsupportedAlgorithmError,
+)
+from flowpin.paths import check_name, resolve_inside
+
+ALGORITHMS: tuple[str, ...] = ("sha256", "blake3")
+DEFAULT_ALGORITHM = "sha256"
+CHUNK = 1 << 20
+MAX_DECOMPRESSED_BYTES = 1 << 40
+RACY_WINDOW_NS = 2_000_000_000
+ZSTD_SUFFIX = ".zst"
+
+
+class _Hash(Protocol):
+    def update(self, data: bytes | memoryview, /) -> object: ...
+    def hexdigest(self) -> str: ...
+
+
+def new_hash(algorithm: str) -> _Hash:
+    """A fresh incremental hasher for ``algorithm``."""
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    if algorithm == "blake3":
+        h: _Hash = blake3.blake3()
+        return h
+    raise UnsupportedAlgorithmError(f"digest algorithm {algorithm!r} is not supported; use one of {ALGORITHMS}")
+
+
+def check_algorithm(algorithm: str) -> str:
+    if algorithm not in ALGORITHMS:
+        raise UnsupportedAlgorithmError(f"digest algorithm {algorithm!r} is not supported; use one of {ALGORITHMS}")
+    return algorithm
+
+
+def hash_bytes(data: bytes, algorithm: str = DEFAULT_ALGORITHM) -> str:
+    h = new_hash(algorithm)
+    h.update(data)
+    return h.hexdigest()
+
+
+def hash_file(path: Path | str, algorithm: str = DEFAULT_ALGORITHM, *, size_hint: int = CHUNK) -> str:
+    """Digest one file by the file rule (``.zst`` files by their decompressed content).
+
+    ``size_hint`` (the size from a recent stat) lets small files be read in one right-sized call.
+    """
+    h = new_hash(algorithm)
+    if str(path).endswith(ZSTD_SUFFIX):
+        with open(path, "rb", buffering=0) as raw:
+            _update_zstd(h, raw, path)
+            _check_zstd_complete(raw.fileno(), path)
+        return h.hexdigest()
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        want = min(size_hint + 1, CHUNK)
+        first = os.read(fd, want)  # small files: one right-sized read (the common case for many files)
+        h.update(first)
+        if len(first) == want:  # large file: stream the rest through one reusable buffer
+            buf = bytearray(CHUNK)
+            view = memoryview(buf)
+            while n := os.readv(fd, [buf]):
+                h.update(view[:n])
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
+def _update_zstd(h: _Hash, raw: IO[bytes], path: Path | str) -> None:
+    total = 0
+    reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+    try:
+        while chunk := reader.read(CHUNK):
+            total += len(chunk)
+            if total > MAX_DECOMPRESSED_BYTES:
+                raise ArtifactUnreadableError(
+                    f"{path}: decompresses to more than {MAX_DECOMPRESSED_BYTES} bytes; refusing (zip bomb?)"
+                )
+            h.update(chunk)
+    except zstandard.ZstdError as exc:
+        raise ArtifactUnreadableError(f"{path}: corrupt zstd data ({exc}); regenerate the file") from exc
+
+
+_ZSTD_SKIPPABLE = range(0x184D2A50, 0x184D2A60)
+
+
+def _check_zstd_complete(fd: int, path: Path | str) -> None:
+    """Walk frame and block headers to the end of the file.
+
+    python-zstandard's stream_reader ends silently, as if the content were shorter, when the input stops
+    inside a frame; a truncated ``.zst`` must not get a digest. Reads 3 bytes per block, not the data.
+    """
+    size, pos = os.fstat(fd).st_size, 0
+    truncated = ArtifactUnreadableError(f"{path}: truncated zstd data (ends inside a frame); regenerate the file")
+    if size == 0:
+        raise truncated
+    while pos < size:
+        head = os.pread(fd, 18, pos)  # magic + the largest frame header
+        if len(head) >= 8 and int.from_bytes(head[:4], "little") in _ZSTD_SKIPPABLE:
+            pos += 8 + int.from_bytes(head[4:8], "little")
+            continue
+        try:
+            pos += zstandard.frame_header_size(head)
+            checksum = zstandard.get_frame_parameters(head).has_checksum
+        except zstandard.ZstdError as exc:
+            raise truncated from exc
+        last = False
+        while not last and len(block := os.pread(fd, 3, pos)) == 3:
+            header = int.from_bytes(block, "little")
+            last = bool(header & 1)
+            pos += 3 + (1 if (header >> 1) & 3 == 1 else header >> 3)  # RLE blocks store one byte
+        if not last:
+            raise truncated
+        pos += 4 if checksum else 0
+    if pos != size:
+        raise truncated
+
+
+def tree_digest(files: Sequence[tuple[str, str]], algorithm: str) -> str:
+    """The directory rule over ``(relpath, hexdigest)`` pairs."""
+    lines = sorted(files, key=lambda item: item[0].encode("utf-8"))
+    h = new_hash(algorithm)
+    for rel, digest in lines:
+        h.update(f"{digest}  {rel}\n".encode())
+    return h.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FileDigest:
+    path: str
+    """POSIX path relative to the artifact (a directory) or the artifact name itself (a file)."""
+    digest: str
+    size: int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ArtifactDigest:
+    name: str
+    algorithm: str
+    digest: str
+    kind: str
+    """``file``, ``directory`` or ``fileset``."""
+    size: int
+    files: tuple[FileDigest, ...] = ()
+    """Per-file digests of a directory or file set (empty for a single file)."""
+
+
+@dataclasses.dataclass
+class HashStats:
+    files: int = 0
+    bytes_read: int = 0
+    cache_hits: int = 0
+
+
+class StatCache:
+    """Persistent ``real path → (stat key, digest)`` map in SQLite (local, never hashed or shipped)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, timeout=30, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS digests (path TEXT, algorithm TEXT, dev INT, ino INT, size INT,"
+            " mtime_ns INT, ctime_ns INT, digest TEXT, PRIMARY KEY (path, algorithm))"
+        )
+
+    def lookup(self, paths: Sequence[str], algorithm: str) -> dict[str, tuple[tuple[int, ...], str]]:
+        found: dict[str, tuple[tuple[int, ...], str]] = {}
+        for i in range(0, len(paths), 500):
+            chunk = paths[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self._db.execute(
+                f"SELECT path, dev, ino, size, mtime_ns, ctime_ns, digest FROM digests "  # noqa: S608
+                f"WHERE algorithm = ? AND path IN ({marks})",
+                (algorithm, *chunk),
+            )
+            for path, dev, ino, size, mtime, ctime, digest in rows:
+                found[path] = ((dev, ino, size, mtime, ctime), digest)
+        return found
+
+    def store(self, entries: Iterable[tuple[str, tuple[int, ...], str]], algorithm: str) -> None:
+        rows = [(path, algorithm, *key, digest) for path, key, digest in entries]
+        if rows:
+            with self._db:
+                self._db.executemany("INSERT OR REPLACE INTO digests VALUES (?,?,?,?,?,?,?,?)", rows)
+
+    def close(self) -> None:
+        self._db.close()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Job:
+    path: str
+    """Path to open (absolute, or relative to the working directory)."""
+    real: str
+    """Symlink-free absolute path: the stat-cache key and the de-duplication key."""
+    label: str
+    """Artifact-relative name used in error messages."""
+
+
+_StatKey = tuple[int, int, int, int, int]
+_Outcome = tuple[str, _StatKey] | FlowpinError
+"""A worker's answer for one file: (hexdigest, stat key) or the error."""
+
+
+class Hasher:
+    """Digests artifacts under a repository root, in parallel, through an optional stat cache."""
+
+    def __init__(
+        self,
+        root: Path,
+        algorithm: str = DEFAULT_ALGORITHM,
+        *,
+        cache: StatCache | None = None,
+        workers: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.root = root
+        self.algorithm = check_algorithm(algorithm)
+        self.cache = cache
+        self.workers = workers or os.cpu_count() or 1
+        self.progress = progress
+        self.stats = HashStats()
+
+    # -- public ---------------------------------------------------------------------------------
+
+    def digest(self, name: str) -> ArtifactDigest:
+        """Digest one repository artifact (file or directory); raises a FlowpinError on failure."""
+        result = self.digest_all([name])[name]
+        if isinstance(result, FlowpinError):
+            raise result
+        return result
+
+    def digest_all(self, names: Sequence[str]) -> dict[str, ArtifactDigest | FlowpinError]:
+        """Digest several repository artifacts; failures are returned per name, not raised."""
+        plans: dict[str, tuple[str, list[tuple[str, _Job]]] | FlowpinError] = {}
+        for name in names:
+            try:
+                plans[name] = self._plan(name)
+            except FlowpinError as exc:
+                plans[name] = exc
+        return self._run(plans)
+
+    def digest_fileset(self, name: str, base: Path, relpaths: Sequence[str]) -> ArtifactDigest:
+        """Digest an explicit set of files under ``base`` (which may lie outside the repository)."""
+        jobs: list[tuple[str, _Job]] = []
+        real_base = base.resolve()
+        for rel in sorted(set(relpaths)):
+            check_name(rel)
+            real = (base / rel).resolve()
+            if real_base not in real.parents:
+                raise PathError(f"{name}: {rel} resolves outside {base}; list files inside the base directory")
+            jobs.append((rel, _Job(path=str(base / rel), real=str(real), label=f"{name}/{rel}")))
+        result = self._run({name: ("fileset", jobs)})[name]
+        if isinstance(result, FlowpinError):
+            raise result
+        return result
+
+    # -- planning: list files, no stat (d_type from scandir is free) -----------------------------
+
+    def _plan(self, name: str) -> tuple[str, list[tuple[str, _Job]]]:
+        path = resolve_inside(name, self.root)
+        if not path.exists():
+            if path.is_symlink():
+                raise ArtifactMissingError(f"{name}: dangling symlink; restore its target or remove it")
+            raise ArtifactMissingError(f"{name}: does not exist; rerun the stage that produces it (dvc repro)")
+        if not path.is_dir():
+            return "file", [(name, _Job(path=str(path), real=os.path.realpath(path), label=name))]
+        jobs: list[tuple[str, _Job]] = []
+        self._walk(name, str(path), os.path.realpath(path), "", jobs)
+        return "directory", jobs
+
+    def _walk(self, name: str, here: str, real_here: str, prefix: str, jobs: list[tuple[str, _Job]]) -> None:
+        try:
+            entries = list(os.scandir(here))
+        except OSError as exc:
+            raise ArtifactUnreadableError(f"{name}/{prefix}: cannot list ({exc.strerror}); check permissions") from exc
+        for entry in entries:
+            rel = prefix + entry.name
+            label = f"{name}/{rel}"
+            if entry.is_symlink():
+                target = resolve_inside(label, self.root)  # refuses links that leave the repository
+                if target.is_dir():
+                    raise PathError(
+                        f"{label} is a symlink to a directory; flowpin does not follow directory symlinks "
+                        "inside artifacts — copy the directory instead"
+                    )
+                jobs.append((rel, _Job(path=entry.path, real=str(target.resolve()), label=label)))
+            elif entry.is_dir(follow_symlinks=False):
+                self._walk(name, entry.path, os.path.join(real_here, entry.name), rel + "/", jobs)
+            else:
+                jobs.append((rel, _Job(path=entry.path, real=os.path.join(real_here, entry.name), label=label)))
+
+    # -- execution ------------------------------------------------------------------------------
+
+    def _run(
+        self, plans: dict[str, tuple[str, list[tuple[str, _Job]]] | FlowpinError]
+    ) -> dict[str, ArtifactDigest | FlowpinError]:
+        unique: dict[str, _Job] = {}
+        for plan in plans.values():
+            if not isinstance(plan, FlowpinError):
+                for _, job in plan[1]:
+                    unique.setdefault(job.real, job)
+        outcomes = self._hash_jobs(list(unique.values()))
+        out: dict[str, ArtifactDigest | FlowpinError] = {}
+        for name, plan in plans.items():
+            if isinstance(plan, FlowpinError):
+                out[name] = plan
+                continue
+            kind, jobs = plan
+            files: list[FileDigest] = []
+            error: FlowpinError | None = None
+            for rel, job in jobs:
+                outcome = outcomes[job.real]
+                if isinstance(outcome, FlowpinError):
+                    error = error or type(outcome)(f"{job.label}: {outcome}")
+                    continue
+                files.append(FileDigest(path=rel, digest=outcome[0], size=outcome[1][2]))
+            if error is not None:
+                out[name] = error
+                continue
+            files.sort(key=lambda fd: fd.path.encode("utf-8"))
+            size = sum(fd.size for fd in files)
+            if kind == "file":
+                out[name] = ArtifactDigest(
+                    name=name, algorithm=self.algorithm, digest=files[0].digest, kind="file", size=size
+                )
+            else:
+                digest = tree_digest([(fd.path, fd.digest) for fd in files], self.algorithm)
+                out[name] = ArtifactDigest(
+                    name=name,
+                    algorithm=self.algorithm,
+                    digest=digest,
+                    kind=kind,
+                    size=size,
+                    files=tuple(files),
+                )
+        return out
+
+    def _hash_jobs(self, jobs: list[_Job]) -> dict[str, _Outcome]:
+        cached: dict[str, tuple[tuple[int, ...], str]] = {}
+        if self.cache is not None and jobs:
+            cached = self.cache.lookup([j.real for j in jobs], self.algorithm)
+        items = [(j.path, cached.get(j.real)) for j in jobs]
+        results: dict[str, _Outcome] = {}
+        fresh: list[tuple[str, tuple[int, ...], str]] = []
+        now = time.time_ns()
+        for done, (job, outcome) in enumerate(zip(jobs, self._map_batches(items), strict=True), start=1):
+            results[job.real] = outcome
+            if not isinstance(outcome, FlowpinError):
+                digest, key = outcome
+                hit = cached.get(job.real)
+                if hit is not None and hit[0] == key:
+                    self.stats.cache_hits += 1
+                else:
+                    self.stats.files += 1
+                    self.stats.bytes_read += key[2]
+                    if now - max(key[3], key[4]) > RACY_WINDOW_NS:
+                        fresh.append((job.real, key, digest))
+            if self.progress is not None and (done % 256 == 0 or done == len(jobs)):
+                self.progress(done, len(jobs))
+        if self.cache is not None:
+            self.cache.store(fresh, self.algorithm)
+        return results
+
+    def _map_batches(self, items: list[tuple[str, tuple[tuple[int, ...], str] | None]]) -> Iterable[_Outcome]:
+        """Stat, check the cache and hash ``items`` in contiguous batches across worker processes.
+
+        Processes, not threads: with many small files the per-file Python work holds the GIL, and two
+        threads measured *slower* than one here. Small jobs stay in-process. Outcomes come back in the
+        order of ``items``.
+        """
+        if self.workers == 1 or len(items) < _PARALLEL_MIN_FILES or not _fork_is_cheap():
+            yield from _hash_batch(self.algorithm, items)
+            return
+        n_batches = self.workers * 4
+        size = -(-len(items) // n_batches)
+        batches = [items[i : i + size] for i in range(0, len(items), size)]
+        ctx = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(max_workers=min(self.workers, len(batches)), mp_context=ctx) as pool:
+            for result in pool.map(_hash_batch, [self.algorithm] * len(batches), batches):
+                yield from result
+
+
+def _fork_is_cheap() -> bool:
+    """Forking copies the caller's page tables: with torch loaded that cost more than it saved.
+
+    Measured on 10k small files: 2 forked workers 0.18 s vs 0.27 s in-process from a plain process,
+    but 0.26-0.28 s vs 0.25-0.29 s once torch was imported. (forkserver/spawn would re-import the
+    caller's ``__main__`` in every worker, which a library cannot impose.)
+    """
+    return "torch" not in sys.modules
+
+
+_PARALLEL_MIN_FILES = 64
+"""Fewer files than this are hashed in-process: a pool would cost more than it saves."""
+
+
+def _hash_batch(algorithm: str, items: list[tuple[str, tuple[tuple[int, ...], str] | None]]) -> list[_Outcome]:
+    """Stat each file; reuse the cached digest when the stat key is unchanged, else read and hash it.
+
+    Runs in worker processes; per-file failures come back as FlowpinError values.
+    """
+    out: list[_Outcome] = []
+    for path, cached in items:
+        try:
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode):
+                out.append(ArtifactUnreadableError("not a regular file; flowpin pins files and directories"))
+                continue
+            key: _StatKey = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            if cached is not None and cached[0] == key:
+                out.append((cached[1], key))
+            else:
+                out.append((hash_file(path, algorithm, size_hint=st.st_size), key))
+        except FlowpinError as exc:
+            out.append(exc)
+        except FileNotFoundError:
+            out.append(ArtifactMissingError("does not exist; rerun the stage that produces it (dvc repro)"))
+        except OSError as exc:
+            out.append(ArtifactUnreadableError(f"cannot read ({exc.strerror}); check permissions"))
+    return out
+
+
+def default_cache(root: Path) -> StatCache:
+    """The project's stat cache, ``.flowpin/cache/digests.sqlite`` (gitignored)."""
+    return StatCache(root / ".flowpin" / "cache" / "digests.sqlite")

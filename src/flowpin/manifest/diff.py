@@ -1,0 +1,184 @@
+"""``flowpin diff``: a semantic comparison of two manifests (or two flows' manifest directories).
+
+Compares identity only (subjects and build definition) unless ``include_run`` is set: recipe keys
+changed (old → new), overrides, outputs and inputs whose digests changed (with the files inside
+directories that changed), code revision, and environment differences (each marked when it can change
+numerics). Run metadata (times, hosts, durations) is ignored by default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from flowpin.environment import numerics_differences
+from flowpin.manifest.model import Manifest, load_manifest
+
+
+@dataclasses.dataclass
+class Change:
+    section: str
+    """recipe | overrides | output | input | code | environment | run | stage"""
+    key: str
+    old: Any
+    new: Any
+    note: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class ManifestDiff:
+    a: str
+    b: str
+    changes: list[Change]
+
+    @property
+    def identical(self) -> bool:
+        return not self.changes
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "a": self.a,
+            "b": self.b,
+            "identical": self.identical,
+            "changes": [c.as_dict() for c in self.changes],
+        }
+
+
+_MISSING = "<absent>"
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys for nested dicts (lists are leaves)."""
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for k in sorted(value):
+            out.update(flatten(value[k], f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def _dict_changes(section: str, old: dict[str, Any], new: dict[str, Any]) -> list[Change]:
+    fo, fn = flatten(old), flatten(new)
+    return [
+        Change(section, k, fo.get(k, _MISSING), fn.get(k, _MISSING))
+        for k in sorted(fo.keys() | fn.keys())
+        if fo.get(k, _MISSING) != fn.get(k, _MISSING)
+    ]
+
+
+def _artifact_changes(section: str, old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[Change]:
+    o = {e["name"]: e for e in old}
+    n = {e["name"]: e for e in new}
+    changes: list[Change] = []
+    for name in sorted(o.keys() | n.keys()):
+        a, b = o.get(name), n.get(name)
+        if a is None or b is None:
+            changes.append(Change(section, name, _digest(a), _digest(b), "added" if a is None else "removed"))
+        elif a["digest"] != b["digest"]:
+            changes.append(Change(section, name, _digest(a), _digest(b), _files_note(a, b)))
+        elif a.get("uri") != b.get("uri") or a["annotations"].get("kind") != b["annotations"].get("kind"):
+            changes.append(Change(section, name, a.get("uri"), b.get("uri"), "same content, different origin/kind"))
+    return changes
+
+
+def _digest(entry: dict[str, Any] | None) -> str:
+    if entry is None:
+        return _MISSING
+    algo, value = next(iter(sorted(entry["digest"].items())))
+    return f"{algo}:{value}"
+
+
+def _files_note(a: dict[str, Any], b: dict[str, Any]) -> str:
+    fa: dict[str, str] = a["annotations"].get("flowpin.files", {})
+    fb: dict[str, str] = b["annotations"].get("flowpin.files", {})
+    if not fa and not fb:
+        return ""
+    changed = sorted(p for p in fa.keys() & fb.keys() if fa[p] != fb[p])
+    added, removed = sorted(fb.keys() - fa.keys()), sorted(fa.keys() - fb.keys())
+    parts = [
+        f"{label} {len(ps)}: {', '.join(ps[:3])}{' …' if len(ps) > 3 else ''}"
+        for label, ps in (("changed", changed), ("added", added), ("removed", removed))
+        if ps
+    ]
+    return "; ".join(parts)
+
+
+def diff_manifests(a: Manifest, b: Manifest, *, include_run: bool = False) -> ManifestDiff:
+    ba, bb = a.build, b.build
+    changes: list[Change] = []
+    if a.stage != b.stage:
+        changes.append(Change("stage", "stage", a.stage, b.stage))
+    changes += _dict_changes("recipe", ba["externalParameters"]["recipe"], bb["externalParameters"]["recipe"])
+    oa, ob = ba["externalParameters"]["overrides"], bb["externalParameters"]["overrides"]
+    if oa != ob:
+        changes.append(Change("overrides", "overrides", oa, ob))
+    changes += _artifact_changes("output", a.subjects, b.subjects)
+    changes += _artifact_changes("input", a.dependencies, b.dependencies)
+    ia, ib = ba["internalParameters"], bb["internalParameters"]
+    for key in ("manifestVersion", "digestAlgorithm"):
+        if ia[key] != ib[key]:
+            changes.append(Change("format", key, ia[key], ib[key]))
+    ea, eb = dict(ia["environment"]), dict(ib["environment"])
+    ga, gb = ea.pop("git", None), eb.pop("git", None)
+    changes += _dict_changes("code", {"git": ga} if ga else {}, {"git": gb} if gb else {})
+    for d in numerics_differences(ea, eb):
+        note = ("can change numerics: " + d.reason) if d.affects_numerics else d.reason
+        changes.append(Change("environment", d.key, d.old, d.new, note))
+    if include_run:
+        changes += _dict_changes("run", a.run_details, b.run_details)
+    return ManifestDiff(str(a.path), str(b.path), changes)
+
+
+def diff_paths(a: Path, b: Path, *, include_run: bool = False) -> list[ManifestDiff]:
+    """Diff two manifests, or two directories of manifests paired by relative path."""
+    if a.is_dir() and b.is_dir():
+        ra = {p.relative_to(a).as_posix(): p for p in a.rglob("*.json")}
+        rb = {p.relative_to(b).as_posix(): p for p in b.rglob("*.json")}
+        out: list[ManifestDiff] = []
+        for rel in sorted(ra.keys() | rb.keys()):
+            if rel not in ra or rel not in rb:
+                out.append(
+                    ManifestDiff(
+                        str(ra.get(rel, _MISSING)),
+                        str(rb.get(rel, _MISSING)),
+                        [
+                            Change(
+                                "stage",
+                                rel,
+                                "present" if rel in ra else _MISSING,
+                                "present" if rel in rb else _MISSING,
+                                "manifest only on one side",
+                            )
+                        ],
+                    )
+                )
+                continue
+            out.append(diff_manifests(load_manifest(ra[rel]), load_manifest(rb[rel]), include_run=include_run))
+        return out
+    return [diff_manifests(load_manifest(a), load_manifest(b), include_run=include_run)]
+
+
+def render_text(diffs: list[ManifestDiff]) -> str:
+    lines: list[str] = []
+    for d in diffs:
+        if d.identical:
+            lines.append(f"= {d.a} ≡ {d.b}: identical in identity")
+            continue
+        lines.append(f"≠ {d.a} → {d.b}: {len(d.changes)} difference(s)")
+        section = None
+        for c in d.changes:
+            if c.section != section:
+                section = c.section
+                lines.append(f"  [{section}]")
+            note = f"  ({c.note})" if c.note else ""
+            lines.append(f"    {c.key}: {_short(c.old)} → {_short(c.new)}{note}")
+    return "\n".join(lines)
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 80 else text[:77] + "…"

@@ -1,0 +1,185 @@
+"""The manifest format: reading, validating and writing signed statements.
+
+A manifest file is a DSSE envelope (JSON) whose payload is the canonical JSON of an in-toto Statement
+v1 with a SLSA provenance v1 predicate (schema: ``schema/statement-v1.schema.json``). Every read and
+every write validates the envelope and the statement against the shipped JSON Schemas; the manifest
+version is checked first so that a newer format gets a clear "unsupported version" error instead of a
+schema error.
+
+*Identity* is ``subject`` plus ``predicate.buildDefinition``: what was produced, from what, how and in
+which environment. ``runDetails`` (builder, times, invocation id, host, durations, byproducts) is run
+metadata and is ignored by diff/rebuild unless asked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from flowpin.atomic import atomic_write_bytes
+from flowpin.canonical import canonical_json
+from flowpin.errors import (
+    DuplicateSubjectError,
+    ManifestParseError,
+    SchemaError,
+    UnsupportedVersionError,
+)
+from flowpin.hashing import hash_bytes
+from flowpin.signing import PAYLOAD_TYPE, Signer, decode_b64
+
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
+BUILD_TYPE = "https://flowpin.dev/buildtypes/stage/v1"
+BUILDER_ID = "https://flowpin.dev/builder/local/v1"
+MANIFEST_VERSION = 1
+MANIFEST_DIR = "manifests"
+MAX_MANIFEST_BYTES = 256 << 20
+
+
+@functools.cache
+def _validator(name: str) -> jsonschema.protocols.Validator:
+    text = resources.files("flowpin.manifest").joinpath("schema", name).read_text("utf-8")
+    schema = json.loads(text)
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema, format_checker=cls.FORMAT_CHECKER)
+
+
+def _validate(name: str, instance: Any, where: str) -> None:
+    errors = sorted(_validator(name).iter_errors(instance), key=lambda e: list(e.absolute_path))
+    if errors:
+        first = errors[0]
+        loc = "/".join(str(p) for p in first.absolute_path) or "(root)"
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise SchemaError(f"{where}: at {loc}: {first.message}{more}; the manifest does not follow {name}")
+
+
+def validate_statement(statement: Any, where: str) -> None:
+    """Version check, JSON Schema validation and uniqueness of subject/dependency names."""
+    version = _dig(statement, "predicate", "buildDefinition", "internalParameters", "manifestVersion")
+    if isinstance(version, int) and not isinstance(version, bool) and version != MANIFEST_VERSION:
+        raise UnsupportedVersionError(
+            f"{where}: manifestVersion {version} is not supported by this flowpin (understands "
+            f"{MANIFEST_VERSION}); upgrade flowpin or re-record the stage"
+        )
+    _validate("statement-v1.schema.json", statement, where)
+    for field, items in (
+        ("subject", statement["subject"]),
+        ("resolvedDependencies", statement["predicate"]["buildDefinition"]["resolvedDependencies"]),
+    ):
+        seen: set[str] = set()
+        for item in items:
+            if item["name"] in seen:
+                raise DuplicateSubjectError(
+                    f"{where}: {field} names {item['name']!r} twice; each artifact must appear once"
+                )
+            seen.add(item["name"])
+
+
+def _dig(value: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """A parsed, schema-valid manifest (signature NOT yet checked: see ``verify``)."""
+
+    path: Path
+    envelope: dict[str, Any]
+    statement: dict[str, Any]
+    file_digest: str
+    """sha256 of the manifest file's bytes: how child manifests pin their parents."""
+
+    @property
+    def stage(self) -> str:
+        return str(self.statement["predicate"]["buildDefinition"]["externalParameters"]["stage"])
+
+    @property
+    def build(self) -> dict[str, Any]:
+        return self.statement["predicate"]["buildDefinition"]  # type: ignore[no-any-return]
+
+    @property
+    def run_details(self) -> dict[str, Any]:
+        return self.statement["predicate"]["runDetails"]  # type: ignore[no-any-return]
+
+    @property
+    def subjects(self) -> list[dict[str, Any]]:
+        return self.statement["subject"]  # type: ignore[no-any-return]
+
+    @property
+    def dependencies(self) -> list[dict[str, Any]]:
+        return self.build["resolvedDependencies"]  # type: ignore[no-any-return]
+
+    @property
+    def algorithm(self) -> str:
+        return str(self.build["internalParameters"]["digestAlgorithm"])
+
+    def identity(self) -> dict[str, Any]:
+        return identity_of(self.statement)
+
+    def identity_digest(self) -> str:
+        return hash_bytes(canonical_json(self.identity()))
+
+
+def identity_of(statement: dict[str, Any]) -> dict[str, Any]:
+    """The part of a statement that defines the artifacts (no times, hosts or durations)."""
+    return {"subject": statement["subject"], "buildDefinition": statement["predicate"]["buildDefinition"]}
+
+
+def parse_manifest_bytes(data: bytes, where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Parse and validate an envelope and its statement; returns (envelope, statement)."""
+    try:
+        envelope = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ManifestParseError(f"{where}: not UTF-8 text ({exc.reason}); is this a manifest?") from exc
+    except json.JSONDecodeError as exc:
+        hint = "truncated?" if exc.pos >= len(data.rstrip()) - 1 else "malformed"
+        raise ManifestParseError(
+            f"{where}: invalid JSON at line {exc.lineno} column {exc.colno} ({exc.msg}; {hint}); "
+            "restore the manifest from git or re-run its stage"
+        ) from exc
+    _validate("envelope.schema.json", envelope, where)
+    body = decode_b64(envelope["payload"], f"{where}: payload")
+    try:
+        statement = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestParseError(f"{where}: payload is not JSON ({exc}); the envelope is corrupt") from exc
+    validate_statement(statement, where)
+    return envelope, statement
+
+
+def load_manifest(path: Path) -> Manifest:
+    """Read, parse and schema-validate one manifest file."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise ManifestParseError(f"{path}: {size} bytes is larger than any manifest flowpin writes; refusing")
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise ManifestParseError(f"{path}: no such manifest; run its stage (dvc repro) or check the path") from exc
+    except IsADirectoryError as exc:
+        raise ManifestParseError(f"{path}: is a directory; name a manifest file") from exc
+    except OSError as exc:
+        raise ManifestParseError(f"{path}: cannot read ({exc.strerror}); check permissions") from exc
+    envelope, statement = parse_manifest_bytes(data, str(path))
+    return Manifest(path=path, envelope=envelope, statement=statement, file_digest=hash_bytes(data))
+
+
+def write_manifest(path: Path, statement: dict[str, Any], signer: Signer) -> bytes:
+    """Validate, sign and atomically write ``statement``; returns the bytes written."""
+    validate_statement(statement, str(path))
+    envelope = signer.sign(PAYLOAD_TYPE, canonical_json(statement))
+    data = json.dumps(envelope, indent=2, sort_keys=True).encode("utf-8") + b"\n"
+    parse_manifest_bytes(data, str(path))  # what we publish must read back
+    atomic_write_bytes(path, data)
+    return data

@@ -1,0 +1,255 @@
+"""The stage-facing API: declare inputs and outputs, get a signed manifest.
+
+A stage script does::
+
+    with record("ingest", recipe=cfg, overrides=src.overrides, config_files=src.config_files) as rec:
+        rec.fileset("python-stdlib", base=stdlib, files=paths, uri=python_stdlib_uri(), kind="dataset")
+        ...  # do the work, writing outputs atomically
+        rec.output("data/ingest")
+        rec.byproduct("reports/ingest.json")
+
+On entry the previous manifest of the stage is removed, so a failed run leaves *no* manifest (never a
+stale one that vouches for half-replaced outputs). Inputs are digested when declared (before the stage
+uses them); outputs and byproducts when the block exits cleanly; then the statement is built,
+validated, signed and written atomically to ``manifests/<stage>.json``. If the block raises, nothing is
+written and the exception propagates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flowpin import __version__
+from flowpin.environment import fingerprint, run_context
+from flowpin.errors import DuplicateSubjectError, FlowpinError, ManifestError
+from flowpin.hashing import DEFAULT_ALGORITHM, ArtifactDigest, Hasher, default_cache
+from flowpin.manifest.model import (
+    BUILD_TYPE,
+    BUILDER_ID,
+    MANIFEST_DIR,
+    MANIFEST_VERSION,
+    PREDICATE_TYPE,
+    STATEMENT_TYPE,
+    load_manifest,
+    write_manifest,
+)
+from flowpin.paths import find_root, to_name
+from flowpin.recipe import to_plain
+from flowpin.signing import Signer, load_signer
+
+CODE_SUFFIXES = (".py", ".json", ".yaml", ".yml", ".toml")
+
+
+def descriptor(d: ArtifactDigest, **annotations: Any) -> dict[str, Any]:
+    """An in-toto ResourceDescriptor for a digested artifact."""
+    ann: dict[str, Any] = {"flowpin.type": d.kind, "flowpin.size": d.size, **annotations}
+    if d.files:
+        ann["flowpin.files"] = {f.path: f.digest for f in d.files}
+    return {"name": d.name, "digest": {d.algorithm: d.digest}, "annotations": ann}
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def dvc_code_deps(root: Path, stage: str) -> list[str] | None:
+    """The code deps (paths under ``stages/`` or ``src/``) of ``stage`` in ``dvc.yaml``, or None.
+
+    The manifest pins exactly the code DVC watches, so ``flowpin verify`` and ``dvc repro`` agree
+    about when a stage is stale (a test checks these deps cover every module the stage imports).
+    """
+    path = root / "dvc.yaml"
+    if not path.is_file():
+        return None
+    try:
+        doc = yaml.safe_load(path.read_text("utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"{path}: not valid YAML ({exc}); fix dvc.yaml") from exc
+    entry = (doc.get("stages") or {}).get(stage)
+    if not isinstance(entry, dict):
+        return None
+    deps: list[str] = []
+    for dep in entry.get("deps") or []:
+        name = dep if isinstance(dep, str) else next(iter(dep), "")
+        if name.startswith(("stages/", "src/")):
+            deps.append(name.rstrip("/"))
+    return deps
+
+
+def source_files(directory: Path) -> list[str]:
+    """Source files under ``directory`` (relative POSIX paths), skipping caches and bytecode."""
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(directory):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
+        for f in filenames:
+            if f.endswith(CODE_SUFFIXES):
+                found.append((Path(dirpath) / f).relative_to(directory).as_posix())
+    return sorted(found)
+
+
+class StageRecorder:
+    """Collects what a stage used and produced; see :func:`record`."""
+
+    def __init__(self, stage: str, root: Path, hasher: Hasher) -> None:
+        self.stage = stage
+        self.root = root
+        self.hasher = hasher
+        self._deps: dict[str, dict[str, Any]] = {}
+        self._outputs: list[str] = []
+        self._byproducts: list[str] = []
+        self._extra_byproducts: list[dict[str, Any]] = []
+
+    def _add_dep(self, entry: dict[str, Any]) -> None:
+        if entry["name"] in self._deps:
+            raise DuplicateSubjectError(f"stage {self.stage}: input {entry['name']!r} declared twice")
+        self._deps[entry["name"]] = entry
+
+    def input(self, path: str | os.PathLike[str], *, kind: str = "dataset") -> ArtifactDigest:
+        """Declare a repository file or directory the stage reads (digested now)."""
+        d = self.hasher.digest(to_name(path, self.root))
+        self._add_dep(descriptor(d, kind=kind))
+        return d
+
+    def fileset(
+        self, name: str, *, base: Path, files: Sequence[str], kind: str, uri: str | None = None
+    ) -> ArtifactDigest:
+        """Declare an explicit set of files under ``base`` (may be outside the repository)."""
+        d = self.hasher.digest_fileset(name, base, files)
+        entry = descriptor(d, kind=kind)
+        if uri is not None:
+            entry["uri"] = uri
+        self._add_dep(entry)
+        return d
+
+    def code(self, path: str | os.PathLike[str]) -> ArtifactDigest:
+        """Declare code the stage ran: a file, or the source files under a directory."""
+        name = to_name(path, self.root)
+        full = self.root / name
+        if full.is_dir():
+            return self.fileset(name, base=full, files=source_files(full), kind="code")
+        return self.input(name, kind="code")
+
+    def parent(self, manifest_path: str | os.PathLike[str]) -> None:
+        """Declare an upstream stage's manifest (its file digest pins it; lineage walks it)."""
+        name = to_name(manifest_path, self.root)
+        parent = load_manifest(self.root / name)
+        d = self.hasher.digest(name)
+        self._add_dep(descriptor(d, kind="manifest", **{"flowpin.stage": parent.stage}))
+
+    def output(self, path: str | os.PathLike[str]) -> None:
+        """Declare a file or directory this stage produced (a subject of the manifest)."""
+        name = to_name(path, self.root)
+        if name in self._outputs:
+            raise DuplicateSubjectError(f"stage {self.stage}: output {name!r} declared twice")
+        self._outputs.append(name)
+
+    def byproduct(self, path: str | os.PathLike[str]) -> None:
+        """Declare a report/metrics file (pinned in runDetails.byproducts, not a subject)."""
+        self._byproducts.append(to_name(path, self.root))
+
+    def note(self, name: str, **annotations: Any) -> None:
+        """Attach a small JSON-able byproduct (e.g. the tracker's run id) to run metadata."""
+        self._extra_byproducts.append({"name": name, "annotations": annotations})
+
+    def _digest_all(self, names: list[str]) -> list[ArtifactDigest]:
+        results = self.hasher.digest_all(names)
+        out: list[ArtifactDigest] = []
+        for name in names:
+            r = results[name]
+            if isinstance(r, FlowpinError):
+                # keep the named error (PathError, ArtifactMissingError...) so callers can tell them apart
+                raise type(r)(f"stage {self.stage}: cannot pin {name}: {r}") from r
+            out.append(r)
+        return out
+
+
+@contextlib.contextmanager
+def record(
+    stage: str,
+    *,
+    recipe: Any,
+    overrides: Sequence[str] = (),
+    config_files: Sequence[str | os.PathLike[str]] = (),
+    code: Sequence[str | os.PathLike[str]] | None = None,
+    root: Path | None = None,
+    manifest: str | os.PathLike[str] | None = None,
+    signer: Signer | None = None,
+    algorithm: str | None = None,
+) -> Iterator[StageRecorder]:
+    """Record one stage run; see the module docstring.
+
+    ``recipe`` is the stage's typed config (a dataclass) or a plain mapping; ``code`` defaults to the
+    stage's code deps in ``dvc.yaml`` (see :func:`dvc_code_deps`), or, for a stage not in ``dvc.yaml``,
+    the stage script ``stages/<stage>.py`` and the ``src/flowpin`` sources.
+    """
+    root = root or find_root()
+    signer = signer or load_signer(root)  # fail before any work when no key is available
+    algorithm = algorithm or os.environ.get("FLOWPIN_DIGEST_ALGORITHM", DEFAULT_ALGORITHM)
+    manifest_path = root / (manifest if manifest is not None else Path(MANIFEST_DIR) / f"{stage}.json")
+    manifest_path.unlink(missing_ok=True)
+    started, t0 = _now(), time.monotonic()
+    cache = default_cache(root)
+    try:
+        hasher = Hasher(root, algorithm, cache=cache)
+        rec = StageRecorder(stage, root, hasher)
+        environment = fingerprint(root)
+        for path in config_files:
+            rec.input(path, kind="config")
+        if code is None:
+            code = dvc_code_deps(root, stage)
+        if code is None:
+            script = root / "stages" / f"{stage}.py"
+            code = [p for p in (script, root / "src" / "flowpin") if p.exists()]
+        for path in code:
+            rec.code(path)
+        yield rec
+        subjects = rec._digest_all(rec._outputs)
+        byproducts = [descriptor(d) for d in rec._digest_all(rec._byproducts)]
+    finally:
+        cache.close()
+    if not subjects:
+        raise ManifestError(f"stage {stage}: declared no outputs; call rec.output(...) for what it produced")
+    context = {**run_context(), "durationSeconds": round(time.monotonic() - t0, 3)}
+    statement = {
+        "_type": STATEMENT_TYPE,
+        "subject": [descriptor(d) for d in subjects],
+        "predicateType": PREDICATE_TYPE,
+        "predicate": {
+            "buildDefinition": {
+                "buildType": BUILD_TYPE,
+                "externalParameters": {
+                    "stage": stage,
+                    "recipe": to_plain(recipe),
+                    "overrides": list(overrides),
+                },
+                "internalParameters": {
+                    "manifestVersion": MANIFEST_VERSION,
+                    "digestAlgorithm": algorithm,
+                    "environment": environment,
+                },
+                "resolvedDependencies": list(rec._deps.values()),
+            },
+            "runDetails": {
+                "builder": {"id": BUILDER_ID, "version": {"flowpin": __version__}},
+                "metadata": {"invocationId": str(uuid.uuid4()), "startedOn": started, "finishedOn": _now()},
+                "byproducts": [
+                    *byproducts,
+                    {"name": "run-context", "annotations": context},
+                    *rec._extra_byproducts,
+                ],
+            },
+        },
+    }
+    write_manifest(manifest_path, statement, signer)
+
+
+__all__ = ["StageRecorder", "descriptor", "record"]

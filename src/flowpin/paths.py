@@ -1,0 +1,82 @@
+"""Artifact names and the repository they live in.
+
+An artifact name is a repository-relative POSIX path (``data/ingest/shard-00000.jsonl.zst``). It is
+what gets hashed and signed, so it must not depend on where the checkout lives: absolute paths,
+``..`` components, backslashes and empty names are refused, and so is any path that (through
+symlinks) resolves outside the repository.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path, PurePosixPath
+
+from flowpin.errors import PathError
+
+_ROOT_MARKERS = (".dvc", ".git")
+
+
+def find_root(start: Path | None = None) -> Path:
+    """The flowpin project root: the nearest ancestor holding ``.dvc`` or ``.git``.
+
+    ``FLOWPIN_ROOT`` overrides the search.
+    """
+    env = os.environ.get("FLOWPIN_ROOT")
+    if env:
+        return Path(env).resolve()
+    here = (start or Path.cwd()).resolve()
+    for candidate in (here, *here.parents):
+        if any((candidate / marker).exists() for marker in _ROOT_MARKERS):
+            return candidate
+    raise PathError(
+        f"no flowpin project found at or above {here} (looked for .dvc/ or .git/); "
+        "run inside the project or set FLOWPIN_ROOT"
+    )
+
+
+def check_name(name: str) -> str:
+    """Validate an artifact name and return it in normal form (no ``./``, no trailing ``/``)."""
+    if not isinstance(name, str) or not name.strip():
+        raise PathError(f"artifact name {name!r} is empty; use a repository-relative path such as data/x")
+    if "\\" in name or "\x00" in name:
+        raise PathError(f"artifact name {name!r} contains a backslash or NUL; use '/' separated POSIX paths")
+    pure = PurePosixPath(name)
+    if pure.is_absolute():
+        raise PathError(f"artifact name {name!r} is absolute; name it relative to the repository root")
+    if any(part == ".." for part in pure.parts):
+        raise PathError(f"artifact name {name!r} contains '..'; artifacts must stay inside the repository")
+    normal = pure.as_posix()
+    if normal in ("", "."):
+        raise PathError(f"artifact name {name!r} names the repository root itself; name a file or directory in it")
+    return normal
+
+
+def to_name(path: str | os.PathLike[str], root: Path) -> str:
+    """Turn a filesystem path (absolute or relative to ``root``) into a checked artifact name."""
+    p = Path(path)
+    if p.is_absolute():
+        try:
+            p = p.relative_to(root)
+        except ValueError:
+            try:
+                p = p.resolve().relative_to(root.resolve())
+            except ValueError as exc:
+                raise PathError(f"{path} is outside the repository {root}; artifacts must live inside it") from exc
+    return check_name(p.as_posix())
+
+
+def resolve_inside(name: str, root: Path) -> Path:
+    """Map an artifact name to its path under ``root``, refusing symlinks that escape ``root``."""
+    normal = check_name(name)
+    path = root / normal
+    real_root = root.resolve()
+    try:
+        real = path.resolve()
+    except (OSError, RuntimeError) as exc:  # symlink loop
+        raise PathError(f"{normal}: cannot resolve ({exc}); remove the symlink loop") from exc
+    if real != real_root and real_root not in real.parents:
+        raise PathError(
+            f"{normal} resolves to {real}, outside the repository {real_root}; "
+            "replace the symlink with the file itself or move the target into the repository"
+        )
+    return path

@@ -1,0 +1,202 @@
+"""Ed25519 keys and DSSE envelopes.
+
+* **Envelope** (DSSE v1): ``{"payloadType", "payload": base64(body), "signatures": [{"keyid", "sig"}]}``.
+  Signatures are over the pre-authentication encoding ``PAE(type, body) = "DSSEv1" SP len(type) SP type
+  SP len(body) SP body`` (lengths as ASCII decimal byte counts), never over the raw payload.
+* **Keys**: Ed25519 only; a signature is accepted only from an Ed25519 public key (no algorithm is read
+  from the envelope, so no algorithm confusion). ``keyid`` = lowercase hex sha256 of the 32 raw public
+  key bytes.
+* **Private key**: PKCS#8 PEM, created with mode 0600 (``flowpin key init``); refused when group- or
+  world-accessible. Default location ``.flowpin/keys/signing.key`` (gitignored); ``FLOWPIN_SIGNING_KEY``
+  overrides it.
+* **Trust store**: the committed ``keys/`` directory; every ``*.pub`` file in it is a PEM
+  SubjectPublicKeyInfo Ed25519 key that flowpin trusts.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from flowpin.atomic import atomic_write_bytes
+from flowpin.errors import (
+    BadSignatureError,
+    KeyFileError,
+    MissingSignatureError,
+    UntrustedKeyError,
+)
+
+PAYLOAD_TYPE = "application/vnd.in-toto+json"
+TRUST_DIR = "keys"
+DEFAULT_KEY_PATH = Path(".flowpin") / "keys" / "signing.key"
+
+
+def pae(payload_type: str, body: bytes) -> bytes:
+    """DSSE v1 pre-authentication encoding."""
+    t = payload_type.encode("utf-8")
+    return b"DSSEv1 %d %s %d %s" % (len(t), t, len(body), body)
+
+
+def keyid_of(public: Ed25519PublicKey) -> str:
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class Signer:
+    """An Ed25519 private key and its keyid."""
+
+    private: Ed25519PrivateKey
+    keyid: str
+
+    def sign(self, payload_type: str, body: bytes) -> dict[str, object]:
+        """A DSSE envelope over ``body`` signed with this key."""
+        sig = self.private.sign(pae(payload_type, body))
+        return {
+            "payloadType": payload_type,
+            "payload": base64.b64encode(body).decode("ascii"),
+            "signatures": [{"keyid": self.keyid, "sig": base64.b64encode(sig).decode("ascii")}],
+        }
+
+    def public_pem(self) -> bytes:
+        return self.private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+
+def default_key_path(root: Path) -> Path:
+    env = os.environ.get("FLOWPIN_SIGNING_KEY")
+    return Path(env) if env else root / DEFAULT_KEY_PATH
+
+
+def init_key(root: Path, *, key_path: Path | None = None, force: bool = False) -> Signer:
+    """Create a new signing key (0600) and add its public key to the trust store ``keys/``."""
+    path = key_path or default_key_path(root)
+    if path.exists() and not force:
+        raise KeyFileError(f"{path} already exists; use it, or pass --force to replace it (old signatures stay valid)")
+    private = Ed25519PrivateKey.generate()
+    pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    atomic_write_bytes(path, pem, mode=0o600)
+    signer = Signer(private, keyid_of(private.public_key()))
+    trust_public_key(root, signer.public_pem())
+    return signer
+
+
+def trust_public_key(root: Path, pem: bytes) -> Path:
+    """Add a PEM public key to ``keys/`` as ``<keyid>.pub``; returns its path."""
+    public = _load_public(pem, "<given key>")
+    target = root / TRUST_DIR / f"{keyid_of(public)}.pub"
+    atomic_write_bytes(target, pem)
+    return target
+
+
+def load_signer(root: Path, key_path: Path | None = None) -> Signer:
+    """Load the private signing key, refusing unsafe permissions and non-Ed25519 keys."""
+    path = key_path or default_key_path(root)
+    try:
+        st = path.stat()
+    except FileNotFoundError as exc:
+        raise KeyFileError(f"no signing key at {path}; create one with `flowpin key init`") from exc
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyFileError(
+            f"signing key {path} is accessible by group/others (mode {stat.S_IMODE(st.st_mode):o}); "
+            f"run `chmod 600 {path}`"
+        )
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise KeyFileError(
+            f"{path} is not an unencrypted PEM private key ({exc}); recreate with `flowpin key init`"
+        ) from exc
+    except OSError as exc:
+        raise KeyFileError(f"cannot read signing key {path}: {exc.strerror}") from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise KeyFileError(f"{path} holds a {type(key).__name__}; flowpin signs with Ed25519 keys only")
+    return Signer(key, keyid_of(key.public_key()))
+
+
+def _load_public(pem: bytes, where: str) -> Ed25519PublicKey:
+    try:
+        key = serialization.load_pem_public_key(pem)
+    except (ValueError, TypeError) as exc:
+        raise KeyFileError(f"{where} is not a PEM public key ({exc})") from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise KeyFileError(f"{where} holds a {type(key).__name__}; flowpin trusts Ed25519 keys only")
+    return key
+
+
+def load_trust_store(root: Path, extra_dirs: tuple[Path, ...] = ()) -> dict[str, Ed25519PublicKey]:
+    """keyid → public key for every ``*.pub`` under ``keys/`` (and any extra directories)."""
+    store: dict[str, Ed25519PublicKey] = {}
+    for directory in (root / TRUST_DIR, *extra_dirs):
+        if not directory.is_dir():
+            continue
+        for path in sorted(directory.glob("*.pub")):
+            key = _load_public(path.read_bytes(), str(path))
+            store[keyid_of(key)] = key
+    return store
+
+
+def decode_b64(text: object, where: str) -> bytes:
+    """Strict base64 (standard alphabet, padding required)."""
+    from flowpin.errors import ManifestParseError
+
+    if not isinstance(text, str):
+        raise ManifestParseError(f"{where} is not a base64 string")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ManifestParseError(f"{where} is not valid base64 ({exc}); the envelope is corrupt or truncated") from exc
+
+
+def verify_envelope(envelope: dict[str, object], trusted: dict[str, Ed25519PublicKey], where: str) -> str:
+    """Check that a trusted key signed this envelope; returns the keyid that verified.
+
+    Threshold 1: one valid signature by a trusted key suffices. A signature whose keyid is trusted but
+    which does not verify is an error even if another one verifies: a trusted key never signs garbage.
+    """
+    signatures = envelope.get("signatures")
+    if not isinstance(signatures, list) or not signatures:
+        raise MissingSignatureError(f"{where}: envelope has no signatures; sign it with `flowpin` (record)")
+    payload_type = envelope.get("payloadType")
+    if not isinstance(payload_type, str):
+        raise BadSignatureError(f"{where}: payloadType missing")
+    body = decode_b64(envelope.get("payload"), f"{where}: payload")
+    message = pae(payload_type, body)
+    verified: str | None = None
+    seen: list[str] = []
+    for i, entry in enumerate(signatures):
+        if not isinstance(entry, dict):
+            raise BadSignatureError(f"{where}: signatures[{i}] is not an object")
+        keyid = entry.get("keyid")
+        seen.append(str(keyid))
+        if not isinstance(keyid, str) or keyid not in trusted:
+            continue
+        key = trusted[keyid]
+        sig = decode_b64(entry.get("sig"), f"{where}: signatures[{i}].sig")
+        try:
+            key.verify(sig, message)
+        except InvalidSignature as exc:
+            raise BadSignatureError(
+                f"{where}: signature by trusted key {keyid[:16]}… does not verify — the payload or its type "
+                "was changed after signing; restore the original or re-run the stage"
+            ) from exc
+        verified = keyid
+    if verified is None:
+        raise UntrustedKeyError(
+            f"{where}: signed by {', '.join(k[:16] + '…' for k in seen)}, none of which is in the trust store "
+            f"({TRUST_DIR}/); add the signer's public key there if you trust it"
+        )
+    return verified
