@@ -71,9 +71,7 @@ def test_fingerprint_is_canonical_and_stable(repo: Path) -> None:
     assert set(first) >= {"python", "os", "cpu", "packages", "transformerEngine", "envVars", "git"}
     assert first["git"]["commit"] == git(repo, "rev-parse", "HEAD")
     assert first["packages"]["numpy"] == metadata.version("numpy")
-    assert first["packages"]["transformer-engine"] is None or isinstance(
-        first["packages"]["transformer-engine"], str
-    )
+    assert first["packages"]["transformer-engine"] is None or isinstance(first["packages"]["transformer-engine"], str)
 
 
 def test_fingerprint_holds_no_host_or_location(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -241,9 +239,7 @@ class _FakeTE(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def __init__(self, error: Exception | None) -> None:
         self.error = error
 
-    def find_spec(
-        self, fullname: str, path: Any, target: Any = None
-    ) -> importlib.machinery.ModuleSpec | None:
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
         return importlib.machinery.ModuleSpec(fullname, self) if fullname == "transformer_engine" else None
 
     def exec_module(self, module: ModuleType) -> None:
@@ -262,9 +258,7 @@ def te_installed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delitem(sys.modules, "transformer_engine", raising=False)
 
 
-def test_te_probe_reports_runtime_error_without_gpu(
-    te_installed: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_te_probe_reports_runtime_error_without_gpu(te_installed: None, monkeypatch: pytest.MonkeyPatch) -> None:
     error = RuntimeError("libcuda.so.1 not found in /usr/local/cuda/lib64\nsecond line")
     monkeypatch.setattr(sys, "meta_path", [_FakeTE(error), *sys.meta_path])
     probe = probe_transformer_engine()

@@ -170,9 +170,9 @@ def test_dvc_code_deps_cover_every_module_the_stage_imports(tmp_path: Path) -> N
     make `dvc repro` rerun the stage, and `flowpin verify` would not see it either.
     """
     probe = (
-        "import atexit, runpy, sys\n"
-        "atexit.register(lambda: print('MODULES', sorted(m.__file__ for n, m in sys.modules.items() "
-        "if n.startswith('flowpin') and getattr(m, '__file__', None))))\n"
+        "import atexit, json, runpy, sys\n"
+        "atexit.register(lambda: print('MODULES', json.dumps(sorted(m.__file__ for n, m in sys.modules.items() "
+        "if n.startswith('flowpin') and getattr(m, '__file__', None)))))\n"
         "sys.argv = ['stages/ingest.py', 'paths.out=" + str(tmp_path / "out") + "', "
         "'paths.report=" + str(tmp_path / "r.json") + "', 'paths.manifest=" + str(tmp_path / "m.json") + "']\n"
         "runpy.run_path('stages/ingest.py', run_name='__main__')\n"
@@ -180,7 +180,7 @@ def test_dvc_code_deps_cover_every_module_the_stage_imports(tmp_path: Path) -> N
     proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=False)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("MODULES")), None)
     assert line is not None, proc.stdout + proc.stderr
-    modules = {Path(p).resolve().relative_to(REPO).as_posix() for p in eval(line[len("MODULES ") :])}  # noqa: S307
+    modules = {Path(p).resolve().relative_to(REPO).as_posix() for p in json.loads(line[len("MODULES ") :])}
     deps = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["ingest"]["deps"]
     recording = (
         "src/flowpin/manifest/",

@@ -114,8 +114,8 @@ def git_state(root: Path) -> dict[str, Any]:
     """Commit and a location-independent digest of uncommitted changes of the checkout at ``root``.
 
     Dirty paths are what ``git status`` reports against HEAD (staged or not) plus untracked, non-ignored
-    files, outside ``manifests/``, ``reports/``, ``keys/``, ``dvc.lock`` and ``.dvc/tmp``. The digest covers each dirty path
-    (relative to the repository top) with the sha256 of its current bytes, its executable bit, or its
+    files, outside ``manifests/``, ``reports/``, ``keys/``, ``dvc.lock`` and ``.dvc/tmp``. The digest covers
+    each dirty path (relative to the repository top) with the sha256 of its current bytes, its executable bit, or its
     deletion, sorted by path. It hashes content rather than ``git diff`` text, whose bytes depend on user
     git config (diff.algorithm, indentHeuristic, abbrev, noprefix, renames), not only on the tree.
     """

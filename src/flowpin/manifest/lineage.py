@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from flowpin.errors import FlowpinError, LineageError
+from flowpin.hashing import hash_file
 from flowpin.manifest.model import load_manifest
 
 
@@ -43,7 +44,8 @@ def lineage(path: Path, root: Path) -> Node:
     return _walk(path, root, stack=(), pinned=None)
 
 
-def _walk(path: Path, root: Path, stack: tuple[str, ...], pinned: str | None) -> Node:
+def _walk(path: Path, root: Path, stack: tuple[str, ...], pinned: tuple[str, str] | None) -> Node:
+    """``pinned`` is the (algorithm, digest) the child recorded for this manifest file."""
     name = path.relative_to(root).as_posix() if path.is_absolute() and root in path.parents else str(path)
     node = Node(manifest=name)
     if name in stack:
@@ -57,16 +59,19 @@ def _walk(path: Path, root: Path, stack: tuple[str, ...], pinned: str | None) ->
         return node
     node.stage = m.stage
     node.outputs = [s["name"] for s in m.subjects]
-    if pinned is not None and m.file_digest != pinned:
-        node.problem = (
-            f"changed since the child pinned it (sha256 {m.file_digest[:16]}…, pinned {pinned[:16]}…); "
-            "re-run the downstream stages"
-        )
+    if pinned is not None:
+        algo, want = pinned  # the child's digest algorithm, not necessarily sha256
+        have = m.file_digest if algo == "sha256" else hash_file(m.path, algo)
+        if have != want:
+            node.problem = (
+                f"changed since the child pinned it ({algo} {have[:16]}…, pinned {want[:16]}…); "
+                "re-run the downstream stages"
+            )
     for dep in m.dependencies:
         kind = dep["annotations"]["kind"]
         if kind == "manifest":
-            digest = dep["digest"].get("sha256")
-            node.parents.append(_walk(root / dep["name"], root, (*stack, name), digest))
+            algo, digest = next(iter(sorted(dep["digest"].items())))
+            node.parents.append(_walk(root / dep["name"], root, (*stack, name), (algo, digest)))
         elif kind != "code" and kind != "config":
             algo, value = next(iter(sorted(dep["digest"].items())))
             node.raw_inputs.append({"name": dep["name"], "kind": kind, "digest": f"{algo}:{value}"})

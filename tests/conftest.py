@@ -1,0 +1,89 @@
+"""Shared pytest fixtures.
+
+Fixtures are grouped by the area they serve; add new groups below the existing ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from flowpin.hashing import Hasher
+from flowpin.manifest.record import record
+from flowpin.manifest.verify import VerifyReport, verify_manifest
+from flowpin.signing import Signer, init_key, load_trust_store
+
+# --- signed-manifest projects (tests/test_manifest_errors.py, test_cli.py, test_interop.py) -------
+
+
+@dataclasses.dataclass
+class Project:
+    """A throw-away flowpin project: a root with ``.dvc/``, a signing key and its trusted public key."""
+
+    root: Path
+    signer: Signer
+    """Its public key is in ``root/keys/``."""
+
+    def manifest_path(self, stage: str) -> Path:
+        return self.root / "manifests" / f"{stage}.json"
+
+    def trusted(self) -> dict[str, Ed25519PublicKey]:
+        return load_trust_store(self.root)
+
+    def write_outputs(self, stage: str) -> tuple[str, str]:
+        """Write one file output and one directory output of ``stage``; returns their artifact names."""
+        base = self.root / "artifacts" / stage
+        (base / "shards" / "sub").mkdir(parents=True, exist_ok=True)
+        (base / "model.bin").write_bytes(b"weights of " + stage.encode() + b"\n")
+        (base / "shards" / "a.txt").write_text("alpha\n")
+        (base / "shards" / "sub" / "b.txt").write_text("beta\n")
+        return f"artifacts/{stage}/model.bin", f"artifacts/{stage}/shards"
+
+    def record_stage(
+        self,
+        stage: str = "train",
+        *,
+        recipe: dict[str, Any] | None = None,
+        inputs: Sequence[str] = (),
+        parents: Sequence[str] = (),
+        manifest: str | None = None,
+        algorithm: str | None = None,
+    ) -> Path:
+        """Record ``stage`` (file + directory output) and return the manifest path it wrote."""
+        file_out, dir_out = self.write_outputs(stage)
+        with record(
+            stage,
+            recipe=recipe if recipe is not None else {"lr": 0.1, "model": {"layers": 2}},
+            code=[],
+            root=self.root,
+            manifest=manifest,
+            signer=self.signer,
+            algorithm=algorithm,
+        ) as rec:
+            for name in inputs:
+                rec.input(name)
+            for parent in parents:
+                rec.parent(parent)
+            rec.output(file_out)
+            rec.output(dir_out)
+        return self.root / manifest if manifest is not None else self.manifest_path(stage)
+
+    def verify(self, path: Path) -> VerifyReport:
+        """``verify_manifest`` against this project's trust store (no stat cache)."""
+        return verify_manifest(path, root=self.root, trusted=self.trusted(), hasher=Hasher(self.root, workers=1))
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Project]:
+    """A fresh project root (``.dvc/`` marker, Ed25519 key in ``.flowpin/keys``, trusted in ``keys/``)."""
+    for var in ("FLOWPIN_ROOT", "FLOWPIN_SIGNING_KEY", "FLOWPIN_DIGEST_ALGORITHM"):
+        monkeypatch.delenv(var, raising=False)
+    root = (tmp_path / "proj").resolve()
+    (root / ".dvc").mkdir(parents=True)
+    signer = init_key(root, key_path=root / ".flowpin" / "keys" / "signing.key")
+    yield Project(root=root, signer=signer)

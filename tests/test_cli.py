@@ -1,0 +1,310 @@
+"""Tests for the ``flowpin`` command line: verify, diff, lineage, show, key (exit codes and output)."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import json
+import re
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import Project
+from flowpin import hashing
+from flowpin.canonical import canonical_json
+from flowpin.cli import main
+from flowpin.manifest.model import load_manifest, write_manifest
+from flowpin.manifest.record import record
+
+
+@pytest.fixture
+def cli(project: Project, monkeypatch: pytest.MonkeyPatch) -> Project:
+    """``project`` as the current flowpin root (what ``find_root`` answers)."""
+    monkeypatch.setenv("FLOWPIN_ROOT", str(project.root))
+    monkeypatch.chdir(project.root)
+    return project
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def record_prep_and_train(p: Project, **kwargs: Any) -> tuple[Path, Path]:
+    """A two-stage flow: ``prep`` reads a raw file, ``train`` declares prep's manifest as its parent."""
+    raw = p.root / "data" / "raw.txt"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text("raw corpus\n")
+    prep = p.record_stage("prep", inputs=["data/raw.txt"], **kwargs)
+    train = p.record_stage("train", parents=["manifests/prep.json"], **kwargs)
+    return prep, train
+
+
+# --- verify -------------------------------------------------------------------------------------------
+
+
+def test_verify_all_ok(cli: Project, capsys: pytest.CaptureFixture[str]) -> None:
+    record_prep_and_train(cli)
+    code, out, _ = run(capsys, "verify", "--all")
+    assert code == 0, out
+    assert out.count("OK   ") == 2
+    assert "2 verified, 0 failed" in out
+
+
+def test_verify_all_fails_after_tampering_and_names_the_artifact(
+    cli: Project, capsys: pytest.CaptureFixture[str]
+) -> None:
+    record_prep_and_train(cli)
+    (cli.root / "artifacts" / "train" / "shards" / "a.txt").write_text("tampered\n")
+    code, out, _ = run(capsys, "verify", "--all")
+    assert code == 1
+    assert "FAIL" in out and "[train]" in out
+    assert "artifacts/train/shards: DigestMismatchError" in out
+    assert "a.txt" in out
+    assert "1 verified, 1 failed" in out
+
+
+def test_verify_tampered_raw_input_fails_the_consumer(cli: Project, capsys: pytest.CaptureFixture[str]) -> None:
+    record_prep_and_train(cli)
+    (cli.root / "data" / "raw.txt").write_text("other corpus\n")
+    code, out, _ = run(capsys, "verify", cli.manifest_path("prep"))
+    assert code == 1
+    assert "data/raw.txt: DigestMismatchError" in out
+
+
+def test_verify_second_run_is_answered_by_the_stat_cache(
+    cli: Project, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record_prep_and_train(cli)
+    # files younger than the racy window are never cached: verify as if 10 s had passed since writing
+    real = time.time_ns
+    monkeypatch.setattr(hashing, "time", types.SimpleNamespace(time_ns=lambda: real() + 10**10))
+    code, out, _ = run(capsys, "verify", "--all")
+    assert code == 0
+    hashed = int(re.search(r"(\d+) files hashed, 0 from the stat cache", out).group(1))  # type: ignore[union-attr]
+    assert hashed > 0
+
+    code, out, _ = run(capsys, "verify", "--all")
+    assert code == 0
+    assert f"0 files hashed, {hashed} from the stat cache" in out
+
+    code, out, _ = run(capsys, "verify", "--all", "--no-cache")
+    assert code == 0
+    assert f"{hashed} files hashed, 0 from the stat cache" in out
+
+
+def test_verify_without_manifests_is_an_input_error(cli: Project, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "verify")
+    assert code == 2
+    assert "nothing to verify" in err
+
+
+# --- diff ---------------------------------------------------------------------------------------------
+
+
+def test_diff_reports_the_changed_recipe_key(cli: Project, capsys: pytest.CaptureFixture[str]) -> None:
+    a = cli.record_stage("train", recipe={"lr": 0.1, "model": {"layers": 2}}, manifest="runs/a/train.json")
+    b = cli.record_stage("train", recipe={"lr": 0.1, "model": {"layers": 4}}, manifest="runs/b/train.json")
+
+    code, out, _ = run(capsys, "diff", a, b)
+    assert code == 1
+    assert "1 difference(s)" in out
+    assert "[recipe]" in out
+    assert "model.layers: 2 → 4" in out
+
+    code, out, _ = run(capsys, "diff", a, b, "--json")
+    assert code == 1
+    (result,) = json.loads(out)
+    assert result["identical"] is False
+    assert result["changes"] == [{"section": "recipe", "key": "model.layers", "old": 2, "new": 4, "note": ""}]
+
+
+def test_diff_of_rerun_with_same_inputs_is_identical(cli: Project, capsys: pytest.CaptureFixture[str]) -> None:
+    a = cli.record_stage("train", manifest="runs/a/train.json")
+    b = cli.record_stage("train", manifest="runs/b/train.json")
+    assert load_manifest(a).run_details != load_manifest(b).run_details  # times/invocation ids differ
+
+    code, out, _ = run(capsys, "diff", a, b)
+    assert code == 0
+    assert "identical in identity" in out
+    code, out, _ = run(capsys, "diff", a, b, "--include-run")
+    assert code == 1
+    assert "[run]" in out
+
+
+def test_diff_reports_changed_output_digest(cli: Project, capsys: pytest.CaptureFixture[str]) -> None:
+    a = cli.record_stage("train", manifest="runs/a/train.json")
+    cli.write_outputs("train")
+    (cli.root / "artifacts" / "train" / "shards" / "a.txt").write_text("ALPHA\n")
+    recipe = {"lr": 0.1, "model": {"layers": 2}}  # as in record_stage: only the output differs
+    with record("train", recipe=recipe, code=[], root=cli.root, manifest="runs/b/train.json", signer=cli.signer) as rec:
+        rec.output("artifacts/train/model.bin")
+        rec.output("artifacts/train/shards")
+    code, out, _ = run(capsys, "diff", a, cli.root / "runs/b/train.json", "--json")
+    assert code == 1
+    (result,) = json.loads(out)
+    assert [(c["section"], c["key"]) for c in result["changes"]] == [("output", "artifacts/train/shards")]
+    assert "a.txt" in result["changes"][0]["note"]
+
+
+def test_diff_of_two_manifest_directories(cli: Project, capsys: pytest.CaptureFixture[str]) -> None:
+    cli.record_stage("prep", manifest="runs/a/prep.json")
+    cli.record_stage("prep", manifest="runs/b/prep.json")
+    cli.record_stage("train", recipe={"lr": 0.1}, manifest="runs/a/train.json")
+    cli.record_stage("train", recipe={"lr": 0.2}, manifest="runs/b/train.json")
+    cli.record_stage("eval", manifest="runs/b/eval.json")
+
+    code, out, _ = run(capsys, "diff", cli.root / "runs/a", cli.root / "runs/b", "--json")
+    assert code == 1
+    by_file = {Path(d["b"]).name if d["b"] != "<absent>" else Path(d["a"]).name: d for d in json.loads(out)}
+    assert set(by_file) == {"eval.json", "prep.json", "train.json"}
+    assert by_file["prep.json"]["identical"] is True
+    assert by_file["train.json"]["changes"] == [{"section": "recipe", "key": "lr", "old": 0.1, "new": 0.2, "note": ""}]
+    assert by_file["eval.json"]["changes"][0]["note"] == "manifest only on one side"
+
+    code, out, _ = run(capsys, "diff", cli.root / "runs/a", cli.root / "runs/a")
+    assert code == 0
+
+
+def test_diff_of_unreadable_manifest_is_an_input_error(cli: Project, capsys: pytest.CaptureFixture[str]) -> None:
+    a = cli.record_stage("train")
+    bad = cli.root / "bad.json"
+    bad.write_text("{")
+    code, _, err = run(capsys, "diff", a, bad)
+    assert code == 2
+    assert "ManifestParseError" in err
+
+
+# --- lineage ------------------------------------------------------------------------------------------
+
+
+def test_lineage_walks_to_the_parent(cli: Project, capsys: pytest.CaptureFixture[str]) -> None:
+    _, train = record_prep_and_train(cli)
+    code, out, err = run(capsys, "lineage", train)
+    assert code == 0, err
+    assert "manifests/train.json [train]" in out
+    assert "manifests/prep.json [prep]" in out
+    assert "data/raw.txt" in out
+
+    code, out, _ = run(capsys, "lineage", train, "--json")
+    assert code == 0
+    node = json.loads(out)
+    assert (node["manifest"], node["stage"], node["problem"]) == ("manifests/train.json", "train", None)
+    assert node["outputs"] == ["artifacts/train/model.bin", "artifacts/train/shards"]
+    assert node["rawInputs"] == []
+    (parent,) = node["parents"]
+    assert (parent["manifest"], parent["stage"], parent["problem"], parent["parents"]) == (
+        "manifests/prep.json",
+        "prep",
+        None,
+        [],
+    )
+    raw_digest = hashlib.sha256(b"raw corpus\n").hexdigest()
+    assert parent["rawInputs"] == [{"name": "data/raw.txt", "kind": "dataset", "digest": f"sha256:{raw_digest}"}]
+
+
+def test_lineage_reports_a_missing_parent(cli: Project, capsys: pytest.CaptureFixture[str]) -> None:
+    prep, train = record_prep_and_train(cli)
+    prep.unlink()
+    code, _, err = run(capsys, "lineage", train)
+    assert code == 1
+    assert "manifests/prep.json" in err
+    assert "missing parent" in err
+
+
+@pytest.mark.parametrize("algorithm", ["sha256", "blake3"])
+def test_lineage_reports_a_changed_parent(cli: Project, capsys: pytest.CaptureFixture[str], algorithm: str) -> None:
+    _, train = record_prep_and_train(cli, algorithm=algorithm)
+    assert run(capsys, "lineage", train)[0] == 0
+    cli.record_stage("prep", recipe={"lr": 0.5}, inputs=["data/raw.txt"], algorithm=algorithm)
+    code, _, err = run(capsys, "lineage", train)
+    assert code == 1
+    assert "changed since the child pinned it" in err
+    assert "manifests/prep.json" in err
+
+
+def test_lineage_reports_a_cycle_and_terminates(cli: Project, capsys: pytest.CaptureFixture[str]) -> None:
+    _, train = record_prep_and_train(cli)
+    template = load_manifest(train).statement
+    deps = template["predicate"]["buildDefinition"]["resolvedDependencies"]
+    parent_dep = next(d for d in deps if d["annotations"]["kind"] == "manifest")
+
+    def crafted(stage: str, parent: str) -> dict[str, Any]:
+        statement = copy.deepcopy(template)
+        build = statement["predicate"]["buildDefinition"]
+        build["externalParameters"]["stage"] = stage
+        dep = copy.deepcopy(parent_dep)
+        dep["name"] = f"manifests/{parent}.json"
+        dep["annotations"]["flowpin.stage"] = parent
+        build["resolvedDependencies"] = [dep]
+        return statement
+
+    write_manifest(cli.root / "manifests" / "a.json", crafted("a", "b"), cli.signer)
+    write_manifest(cli.root / "manifests" / "b.json", crafted("b", "a"), cli.signer)
+
+    code, out, err = run(capsys, "lineage", cli.root / "manifests" / "a.json", "--json")
+    assert code == 1
+    assert "cycle: manifests/a.json → manifests/b.json → manifests/a.json" in err
+    node = json.loads(out)
+    assert node["stage"] == "a"
+    assert node["parents"][0]["stage"] == "b"
+    assert node["parents"][0]["parents"][0]["problem"].startswith("cycle")
+
+
+# --- show ---------------------------------------------------------------------------------------------
+
+
+def test_show_prints_stage_and_identity(cli: Project, capsys: pytest.CaptureFixture[str]) -> None:
+    path = cli.record_stage("train")
+    statement = json.loads(base64.b64decode(json.loads(path.read_text())["payload"]))
+    identity = {"subject": statement["subject"], "buildDefinition": statement["predicate"]["buildDefinition"]}
+    expected = hashlib.sha256(canonical_json(identity)).hexdigest()
+
+    code, out, _ = run(capsys, "show", path)
+    assert code == 0
+    assert "stage      train" in out.splitlines()
+    assert f"identity   sha256:{expected}" in out.splitlines()
+    assert "artifacts/train/model.bin" in out and "artifacts/train/shards" in out
+
+    code, out, _ = run(capsys, "show", path, "--json")
+    assert code == 0
+    assert json.loads(out) == statement
+
+
+def test_show_identity_ignores_run_metadata_but_not_recipe(cli: Project, capsys: pytest.CaptureFixture[str]) -> None:
+    def identity_line(path: Path) -> str:
+        out = run(capsys, "show", path)[1]
+        return next(line for line in out.splitlines() if line.startswith("identity"))
+
+    a = identity_line(cli.record_stage("train", manifest="runs/a.json"))
+    b = identity_line(cli.record_stage("train", manifest="runs/b.json"))
+    c = identity_line(cli.record_stage("train", recipe={"lr": 0.3}, manifest="runs/c.json"))
+    assert a == b
+    assert a != c
+
+
+def test_show_of_missing_manifest_is_an_input_error(cli: Project, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "show", cli.root / "manifests" / "nope.json")
+    assert code == 2
+    assert "ManifestParseError" in err
+
+
+# --- key ----------------------------------------------------------------------------------------------
+
+
+def test_key_init_and_list(cli: Project, capsys: pytest.CaptureFixture[str]) -> None:
+    key_path = cli.root / "second.key"
+    code, out, _ = run(capsys, "key", "init", "--path", key_path)
+    assert code == 0
+    keyid = next(line.split()[1] for line in out.splitlines() if line.startswith("keyid"))
+    assert run(capsys, "key", "init", "--path", key_path)[0] == 2  # exists: refused
+    assert run(capsys, "key", "init", "--path", key_path, "--if-missing")[0] == 0
+    code, out, _ = run(capsys, "key", "list")
+    assert code == 0
+    assert sorted(out.split()) == sorted([keyid, cli.signer.keyid])
