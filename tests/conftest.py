@@ -6,6 +6,8 @@ Fixtures are grouped by the area they serve; add new groups below the existing o
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -87,3 +89,22 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Project
     (root / ".dvc").mkdir(parents=True)
     signer = init_key(root, key_path=root / ".flowpin" / "keys" / "signing.key")
     yield Project(root=root, signer=signer)
+
+
+# --- unreadable files ----------------------------------------------------------------------------
+
+
+def make_unreadable(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make reading ``path`` fail with EACCES. Tests run as root, which reads mode-000 files anyway, so
+    as root ``os.open`` is made to fail for this one path instead of changing its mode."""
+    if os.geteuid() != 0:
+        path.chmod(0)
+        return
+    real_open = os.open
+
+    def guarded_open(target: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if os.fspath(target) == str(path):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(target))
+        return real_open(target, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", guarded_open)

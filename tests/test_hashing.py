@@ -19,6 +19,7 @@ import blake3
 import pytest
 import zstandard
 
+from conftest import make_unreadable
 from flowpin import hashing
 from flowpin.errors import (
     ArtifactMissingError,
@@ -362,18 +363,7 @@ def _running_as_root() -> bool:
 
 def test_unreadable_file(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_tree(root / "d", {"ok.txt": b"ok", "locked.bin": b"secret"})
-    locked = root / "d" / "locked.bin"
-    if _running_as_root():  # root reads mode-000 files anyway: make open() fail for this one path
-        real_open = os.open
-
-        def guarded_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
-            if os.fspath(path) == str(locked):
-                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
-            return real_open(path, flags, *args, **kwargs)
-
-        monkeypatch.setattr(os, "open", guarded_open)
-    else:
-        locked.chmod(0)
+    make_unreadable(root / "d" / "locked.bin", monkeypatch)
     with pytest.raises(ArtifactUnreadableError, match=r"d/locked\.bin.*(Permission denied|permission)"):
         Hasher(root, workers=1).digest("d")
 

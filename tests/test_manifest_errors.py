@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from conftest import Project
+from conftest import Project, make_unreadable
 from flowpin.canonical import canonical_json
 from flowpin.errors import (
     ArtifactMissingError,
@@ -219,18 +219,7 @@ def test_file_added_to_directory_subject_is_named(project: Project, recorded: Pa
 
 
 def test_unreadable_subject_file(project: Project, recorded: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    locked = project.root / DIR_OUT / "a.txt"
-    if os.geteuid() == 0:  # root reads mode-000 files: make open() fail for this one path instead
-        real_open = os.open
-
-        def guarded_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
-            if os.fspath(path) == str(locked):
-                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
-            return real_open(path, flags, *args, **kwargs)
-
-        monkeypatch.setattr(os, "open", guarded_open)
-    else:
-        locked.chmod(0)
+    make_unreadable(project.root / DIR_OUT / "a.txt", monkeypatch)
     artifact, error = only_finding(project.verify(recorded))
     assert (artifact, type(error)) == (DIR_OUT, ArtifactUnreadableError)
     assert "a.txt" in str(error)
