@@ -136,3 +136,23 @@ class CorpusTooLargeError(DataError):
 
 class SourceFormatError(DataError):
     """A source file does not have the structure its source kind expects (e.g. no literal topics dict)."""
+
+
+class EvalSetError(DataError):
+    """An evaluation set needed for decontamination is missing or empty."""
+
+
+class NoSurvivorsError(DataError):
+    """Under this recipe no document survives a curation stage (dedup, decontaminate, mix)."""
+
+
+class UnknownTopicError(RecipeError):
+    """A recipe names a topic the mix's classifier does not produce."""
+
+
+class TokenizerError(DataError):
+    """The tokenizer cannot be trained, loaded, or does not match the data it is used with."""
+
+
+class DataOrderError(DataError):
+    """A batch/step request cannot be answered (step out of range, dataset and order do not match)."""

@@ -8,12 +8,15 @@ which recipe files were composed, so that the manifest can pin them.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
-from collections.abc import Iterable, Mapping
+import types
+import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from omegaconf import Container, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from flowpin.errors import RecipeError
@@ -24,31 +27,77 @@ T = TypeVar("T")
 def to_config(cls: type[T], cfg: DictConfig | Mapping[str, Any], *, where: str = "recipe") -> T:
     """Validate ``cfg`` against the dataclass ``cls`` and return an instance of it.
 
-    ``where`` prefixes key names in errors (e.g. ``ingest`` gives ``ingest.limits.max_doc_bytes``).
+    Interpolations are resolved, then the dataclass tree is built from the plain values with strict
+    checks: unknown keys, missing required keys and wrong types raise :class:`RecipeError` naming the
+    full key (``where`` prefixes it, e.g. ``ingest.limits.max_doc_bytes``). Built directly rather than by
+    OmegaConf's structured merge, which marks nodes of frozen dataclasses read-only as it creates them
+    (so a ``dict[str, FrozenDataclass]`` field could never be filled).
     """
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
-    schema = OmegaConf.structured(cls)
-    _make_writable(schema)  # frozen dataclasses make every node read-only; merge needs them writable
-    try:
-        merged = OmegaConf.merge(schema, cfg)
-        obj = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or "?"
-        msg = str(exc).splitlines()[0]
-        raise RecipeError(f"{where}.{key}: {msg}; fix this key in params/ or in your override") from exc
-    assert isinstance(obj, cls)
-    return obj
+    if isinstance(cfg, DictConfig):
+        try:
+            plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        except OmegaConfBaseException as exc:
+            key = getattr(exc, "full_key", None) or "?"
+            raise RecipeError(f"{where}.{key}: {str(exc).splitlines()[0]}; fix this key in params/") from exc
+    else:
+        plain = cfg
+    return _build(cls, plain, where)  # type: ignore[no-any-return]
 
 
-def _make_writable(node: Container) -> None:
-    """Clear the read-only flag recursively (set_readonly only clears the node it is given)."""
-    node._set_flag("readonly", False)
-    keys: Iterable[Any] = node.keys() if isinstance(node, DictConfig) else range(len(node))  # type: ignore[arg-type]
-    for key in keys:
-        child = node._get_node(key)
-        if isinstance(child, Container):
-            _make_writable(child)
+def _build(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _build(option, value, where)
+            except RecipeError as exc:
+                errors.append(str(exc))
+        raise RecipeError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {tp}")
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, Mapping):
+            raise RecipeError(f"{where}: expected a mapping for {tp.__name__}, got {type(value).__name__}")
+        hints = typing.get_type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp) if f.init}
+        unknown = sorted(set(value) - set(fields))
+        if unknown:
+            raise RecipeError(
+                f"{where}.{unknown[0]}: unknown key (known: {', '.join(sorted(fields))}); fix the spelling or remove it"
+            )
+        kwargs: dict[str, Any] = {}
+        for name, field in fields.items():
+            if name in value:
+                kwargs[name] = _build(hints[name], value[name], f"{where}.{name}")
+            elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                raise RecipeError(f"{where}.{name}: missing required key; add it to the recipe")
+        return tp(**kwargs)
+    if origin in (list, tuple, collections.abc.Sequence):
+        if not isinstance(value, list | tuple):
+            raise RecipeError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        (item_tp, *_rest) = typing.get_args(tp) or (Any,)
+        items = [_build(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin in (dict, collections.abc.Mapping):
+        if not isinstance(value, Mapping):
+            raise RecipeError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        key_tp, val_tp = typing.get_args(tp) or (Any, Any)
+        return {_build(key_tp, k, where): _build(val_tp, v, f"{where}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp in (int, str, bool):
+        if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+            return value
+    else:
+        raise TypeError(f"{where}: unsupported recipe field type {tp!r}")
+    raise RecipeError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
 
 
 def to_plain(cfg: DictConfig | Any) -> Any:
@@ -92,8 +141,21 @@ def hydra_sources(config_dir: Path) -> HydraSources:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class StageInput:
+    """An upstream stage's dataset a stage reads (repository-relative)."""
+
+    data: str
+    """The upstream output directory (a DVC dep of this stage)."""
+    manifest: str
+    """The upstream stage's signed manifest (recorded as this stage's parent)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class StagePaths:
-    """Where a stage writes (repository-relative); the ``paths`` block of a stage's primary config."""
+    """Where a stage reads and writes (repository-relative); the ``paths`` block of its primary config."""
+
+    inputs: dict[str, StageInput] = dataclasses.field(default_factory=dict)
+    """Upstream datasets by role (e.g. ``corpus``, ``heldout``)."""
 
     out: str
     """The stage's main output (file or directory), a DVC ``out``."""

@@ -22,7 +22,7 @@ from typing import Any
 
 import zstandard
 
-from flowpin.atomic import atomic_open
+from flowpin.atomic import atomic_open, atomic_write_bytes
 from flowpin.canonical import canonical_json
 from flowpin.errors import ShardError
 
@@ -212,3 +212,51 @@ def read_shard(
         if not isinstance(obj, dict):
             raise ShardError(f"shard {path} line {lineno} is a JSON {type(obj).__name__}, not an object")
         yield obj
+
+
+INDEX_NAME = "index.json"
+"""The file next to a dataset's shards that lists them (with their uncompressed sha256) and its stats."""
+INDEX_FORMAT = {"version": 1, "records": "jsonl", "compression": "zstd"}
+
+
+def write_dataset(
+    records: Iterable[Mapping[str, Any]],
+    out_dir: Path,
+    *,
+    docs_per_shard: int,
+    level: int,
+    meta: Mapping[str, Any] | None = None,
+) -> list[ShardInfo]:
+    """Write ``records`` as shards plus ``index.json`` (``format``, ``shards``, and ``meta``'s keys).
+
+    This is the layout every data stage reads and writes; :func:`read_dataset` reads it back.
+    """
+    infos = write_shards(records, out_dir, docs_per_shard=docs_per_shard, level=level)
+    index: dict[str, Any] = {**(meta or {}), "format": INDEX_FORMAT, "shards": [i.to_json() for i in infos]}
+    atomic_write_bytes(out_dir / INDEX_NAME, canonical_json(index) + b"\n")
+    return infos
+
+
+def read_index(data_dir: Path) -> dict[str, Any]:
+    """Load and sanity-check a dataset's ``index.json``."""
+    path = data_dir / INDEX_NAME
+    try:
+        index = json.loads(path.read_bytes())
+    except FileNotFoundError as exc:
+        raise ShardError(f"{path} is missing: {data_dir} is not a dataset; run the stage that writes it") from exc
+    except (OSError, ValueError) as exc:
+        raise ShardError(f"{path} cannot be read as JSON ({exc}); rerun the stage that writes it") from exc
+    shards = index.get("shards") if isinstance(index, dict) else None
+    if not isinstance(shards, list) or not all(
+        isinstance(s, dict) and isinstance(s.get("name"), str) and _SHARD_NAME.fullmatch(s["name"]) for s in shards
+    ):
+        raise ShardError(f"{path} has no valid 'shards' list; rerun the stage that writes it")
+    return index  # type: ignore[no-any-return]
+
+
+def read_dataset(data_dir: Path, *, max_content_size: int = DEFAULT_MAX_CONTENT_SIZE) -> Iterator[dict[str, Any]]:
+    """Yield every record of a dataset directory in order, checking each shard against ``index.json``."""
+    for shard in read_index(data_dir)["shards"]:
+        yield from read_shard(
+            data_dir / shard["name"], max_content_size=max_content_size, expected_sha256=shard.get("sha256")
+        )

@@ -145,6 +145,11 @@ class StageRecorder:
         d = self.hasher.digest(name)
         self._add_dep(descriptor(d, kind="manifest", **{"flowpin.stage": parent.stage}))
 
+    def upstream(self, *, data: str | os.PathLike[str], manifest: str | os.PathLike[str]) -> ArtifactDigest:
+        """Declare an upstream stage's output directory (a dataset input) and its manifest (a parent)."""
+        self.parent(manifest)
+        return self.input(data, kind="dataset")
+
     def output(self, path: str | os.PathLike[str]) -> None:
         """Declare a file or directory this stage produced (a subject of the manifest)."""
         name = to_name(path, self.root)
