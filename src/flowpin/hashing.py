@@ -196,8 +196,12 @@ class ArtifactDigest:
 @dataclasses.dataclass
 class HashStats:
     files: int = 0
+    """Files read and hashed."""
     bytes_read: int = 0
     cache_hits: int = 0
+    """Files answered by the stat cache without reading."""
+    seconds: float = 0.0
+    """Wall time spent digesting (planning, reading, hashing, assembling)."""
 
 
 class StatCache:
@@ -347,6 +351,15 @@ class Hasher:
     # -- execution ------------------------------------------------------------------------------
 
     def _run(
+        self, plans: dict[str, tuple[str, list[tuple[str, _Job]]] | FlowpinError]
+    ) -> dict[str, ArtifactDigest | FlowpinError]:
+        started = time.perf_counter()
+        try:
+            return self._run_plans(plans)
+        finally:
+            self.stats.seconds += time.perf_counter() - started
+
+    def _run_plans(
         self, plans: dict[str, tuple[str, list[tuple[str, _Job]]] | FlowpinError]
     ) -> dict[str, ArtifactDigest | FlowpinError]:
         unique: dict[str, _Job] = {}

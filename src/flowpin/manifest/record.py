@@ -206,7 +206,9 @@ def record(
     try:
         hasher = Hasher(root, algorithm, cache=cache)
         rec = StageRecorder(stage, root, hasher)
+        t_env = time.monotonic()
         environment = fingerprint(root)
+        fingerprint_seconds = time.monotonic() - t_env
         for path in config_files:
             rec.input(path, kind="config")
         if code is None:
@@ -223,7 +225,17 @@ def record(
         cache.close()
     if not subjects:
         raise ManifestError(f"stage {stage}: declared no outputs; call rec.output(...) for what it produced")
-    context = {**run_context(), "durationSeconds": round(time.monotonic() - t0, 3)}
+    stats = rec.hasher.stats
+    context = {
+        **run_context(),
+        "durationSeconds": round(time.monotonic() - t0, 3),
+        # What pinning cost inside this run (the rest is the stage's own work):
+        "hashingSeconds": round(stats.seconds, 3),
+        "hashedFiles": stats.files,
+        "hashedBytes": stats.bytes_read,
+        "statCacheHits": stats.cache_hits,
+        "fingerprintSeconds": round(fingerprint_seconds, 3),
+    }
     statement = {
         "_type": STATEMENT_TYPE,
         "subject": [descriptor(d) for d in subjects],
