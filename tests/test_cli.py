@@ -84,7 +84,9 @@ def test_verify_second_run_is_answered_by_the_stat_cache(
     record_prep_and_train(cli)
     # files younger than the racy window are never cached: verify as if 10 s had passed since writing
     real = time.time_ns
-    monkeypatch.setattr(hashing, "time", types.SimpleNamespace(time_ns=lambda: real() + 10**10))
+    monkeypatch.setattr(
+        hashing, "time", types.SimpleNamespace(time_ns=lambda: real() + 10**10, perf_counter=time.perf_counter)
+    )
     code, out, _ = run(capsys, "verify", "--all")
     assert code == 0
     hashed = int(re.search(r"(\d+) files hashed, 0 from the stat cache", out).group(1))  # type: ignore[union-attr]

@@ -171,7 +171,11 @@ def _hash_as_if_later(monkeypatch: pytest.MonkeyPatch, seconds: float = 10.0) ->
     max(mtime, ctime).
     """
     real = time.time_ns
-    monkeypatch.setattr(hashing, "time", types.SimpleNamespace(time_ns=lambda: real() + int(seconds * 1e9)))
+    monkeypatch.setattr(
+        hashing,
+        "time",
+        types.SimpleNamespace(time_ns=lambda: real() + int(seconds * 1e9), perf_counter=time.perf_counter),
+    )
 
 
 def _no_reads(monkeypatch: pytest.MonkeyPatch) -> None:
