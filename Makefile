@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test lint typecheck pytest bench clean-venv
+.PHONY: install run test lint typecheck pytest bench data-full clean-venv
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,18 @@ run: install
 	$(BIN)/flowpin key init --if-missing
 	$(BIN)/dvc repro
 	$(BIN)/flowpin verify --all
+
+# The data stages on the whole standard library (params/*_full.yaml), outside DVC's reference flow:
+# writes data/full/, reports/full/, manifests/full/ (gitignored). synth is shared with the reference.
+data-full: install
+	$(BIN)/flowpin key init --if-missing
+	$(BIN)/dvc repro synth
+	$(BIN)/python stages/ingest.py --config-name ingest_full
+	$(BIN)/python stages/dedup.py --config-name dedup_full
+	$(BIN)/python stages/decontaminate.py --config-name decontaminate_full
+	$(BIN)/python stages/mix.py --config-name mix_full
+	$(BIN)/python stages/tokenize_corpus.py --config-name tokenize_full
+	$(BIN)/flowpin verify manifests/full/*.json
 
 lint: install
 	$(BIN)/ruff check .

@@ -8,6 +8,9 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -108,3 +111,49 @@ def make_unreadable(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         return real_open(target, flags, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", guarded_open)
+
+
+# --- scratch DVC projects (end-to-end tests of the real stage scripts) ----------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+_PROJECT_FILES = ("dvc.yaml", "params", "stages", "src", "keys", ".dvcignore", ".gitignore")
+
+
+def scratch_env(root: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(DVC_NO_ANALYTICS="1", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", FLOWPIN_ROOT=str(root))
+    env.pop("FLOWPIN_SIGNING_KEY", None)
+    return env
+
+
+def run_in(root: Path, *cmd: str) -> subprocess.CompletedProcess[str]:
+    """Run a command in a scratch project (venv tools on PATH); never raises on failure."""
+    return subprocess.run(list(cmd), cwd=root, env=scratch_env(root), capture_output=True, text=True, check=False)
+
+
+def checked(root: Path, *cmd: str) -> str:
+    proc = run_in(root, *cmd)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+def make_project(dest: Path) -> Path:
+    """A scratch flowpin project: the flow's files, a fresh git repo, DVC initialised, a new key."""
+    dest.mkdir(parents=True)
+    for name in _PROJECT_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        elif src.exists():
+            shutil.copy2(src, dest / name)
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "config", "user.email", "test@flowpin.invalid"],
+        ["git", "config", "user.name", "flowpin test"],
+        [str(BIN / "dvc"), "init", "-q"],
+        [str(BIN / "dvc"), "config", "core.analytics", "false"],
+        [str(BIN / "flowpin"), "key", "init"],
+    ):
+        checked(dest, *cmd)
+    return dest

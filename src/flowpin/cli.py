@@ -1,4 +1,4 @@
-"""The ``flowpin`` command line: key, verify, diff, lineage, show.
+"""The ``flowpin`` command line: key, verify, diff, lineage, show, batch.
 
 Exit status: 0 success; 1 a verification failed / manifests differ; 2 usage or input error (a
 :class:`FlowpinError` that prevents the command from giving an answer).
@@ -143,6 +143,52 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from flowpin.data.order import batch_target, describe_samples, order_digest, order_for
+    from flowpin.data.tokenize import TokenizedDataset
+
+    root = find_root()
+    target = batch_target(Path(args.path), root)
+    data = TokenizedDataset.open(target.data_dir)
+    order = order_for(
+        data,
+        order_seed=target.order.seed if args.order_seed is None else args.order_seed,
+        batch_size=target.order.batch_size if args.batch_size is None else args.batch_size,
+        dataset_digest=order_digest(target),
+    )
+    samples = describe_samples(data, order, args.step)
+    head = {
+        "dataset": target.name,
+        "dataset_digest": order.dataset_digest,
+        "n_sequences": data.n_sequences,
+        "seq_len": data.seq_len,
+        "order_seed": order.order_seed,
+        "batch_size": order.batch_size,
+        "step": args.step,
+    }
+    if args.json:
+        print(json.dumps({**head, "samples": [s.to_json() for s in samples]}, indent=2, sort_keys=True))
+        return 0
+    first = args.step * order.batch_size
+    print(
+        f"dataset  {target.name}  sha256:{order.dataset_digest[:16]}…  "
+        f"({data.n_sequences} sequences x {data.seq_len} tokens)"
+    )
+    print(
+        f"order    seed {order.order_seed}, batch size {order.batch_size}, step {args.step}: "
+        f"positions {first}..{first + order.batch_size - 1}, epoch {order.epoch(args.step)}"
+    )
+    for s in samples:
+        print(f"[{s.position}] sequence {s.sequence}  (epoch {s.epoch})")
+        for d in s.documents:
+            print(f"     {d.id}  [doc {d.document}] tokens {d.doc_start}..{d.doc_end} -> positions {d.start}..{d.end}")
+        if s.pad_tokens:
+            print(f"     <pad> x {s.pad_tokens}")
+        text = s.text if len(s.text) <= args.width else s.text[: args.width] + "…"
+        print(f"     text {json.dumps(text, ensure_ascii=False)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowpin", description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--version", action="version", version=f"flowpin {__version__}")
@@ -181,6 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path")
     s.add_argument("--json", action="store_true", help="print the decoded statement")
     s.set_defaults(func=_cmd_show)
+
+    b = sub.add_parser("batch", help="which sequences, documents and text the batch at a training step holds")
+    b.add_argument("path", help="the tokenize manifest (manifests/tokenize.json) or its recipe (params/tokenize.yaml)")
+    b.add_argument("--step", type=int, required=True, help="training step (0-based; epochs wrap)")
+    b.add_argument("--batch-size", type=int, help="sequences per step (default: the recipe's tokenize.order)")
+    b.add_argument("--order-seed", type=int, help="order seed (default: the recipe's tokenize.order.seed)")
+    b.add_argument("--width", type=int, default=160, help="characters of text shown per sample (text mode)")
+    b.add_argument("--json", action="store_true", help="full samples (untruncated text) as JSON")
+    b.set_defaults(func=_cmd_batch)
     return p
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from flowpin.errors import FlowpinError, LineageError
-from flowpin.hashing import hash_file
 from flowpin.manifest.model import load_manifest
 
 
@@ -61,10 +60,10 @@ def _walk(path: Path, root: Path, stack: tuple[str, ...], pinned: tuple[str, str
     node.outputs = [s["name"] for s in m.subjects]
     if pinned is not None:
         algo, want = pinned  # the child's digest algorithm, not necessarily sha256
-        have = m.file_digest if algo == "sha256" else hash_file(m.path, algo)
+        have = m.identity_digest(algo)
         if have != want:
             node.problem = (
-                f"changed since the child pinned it ({algo} {have[:16]}…, pinned {want[:16]}…); "
+                f"identity changed since the child pinned it ({algo} {have[:16]}…, pinned {want[:16]}…); "
                 "re-run the downstream stages"
             )
     for dep in m.dependencies:

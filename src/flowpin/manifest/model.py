@@ -127,8 +127,9 @@ class Manifest:
     def identity(self) -> dict[str, Any]:
         return identity_of(self.statement)
 
-    def identity_digest(self) -> str:
-        return hash_bytes(canonical_json(self.identity()))
+    def identity_digest(self, algorithm: str = "sha256") -> str:
+        """Digest of the canonical identity: what children pin (reproducible across clean runs)."""
+        return hash_bytes(canonical_json(self.identity()), algorithm)
 
 
 def identity_of(statement: dict[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import sys
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -42,7 +43,7 @@ from flowpin.manifest.model import (
     load_manifest,
     write_manifest,
 )
-from flowpin.paths import find_root, to_name
+from flowpin.paths import find_root, resolve_inside, to_name
 from flowpin.recipe import to_plain
 from flowpin.signing import Signer, load_signer
 
@@ -83,6 +84,15 @@ def dvc_code_deps(root: Path, stage: str) -> list[str] | None:
         if name.startswith(("stages/", "src/")):
             deps.append(name.rstrip("/"))
     return deps
+
+
+def _main_script(root: Path) -> Path | None:
+    """The script this process runs (the stage entry point), if it lies inside the repository."""
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if not main_file:
+        return None
+    path = Path(main_file).resolve()
+    return path if root.resolve() in path.parents else None
 
 
 def source_files(directory: Path) -> list[str]:
@@ -139,11 +149,23 @@ class StageRecorder:
         return self.input(name, kind="code")
 
     def parent(self, manifest_path: str | os.PathLike[str]) -> None:
-        """Declare an upstream stage's manifest (its file digest pins it; lineage walks it)."""
+        """Declare an upstream stage's manifest; lineage walks it.
+
+        The pin is the digest of the parent's *identity* (subjects + build definition), not of its file:
+        the file also holds run times and a machine-specific signature, so two clean replays of a flow
+        would otherwise never agree on any child's identity. Any change of what the parent produced or
+        how still changes the pin.
+        """
         name = to_name(manifest_path, self.root)
-        parent = load_manifest(self.root / name)
-        d = self.hasher.digest(name)
-        self._add_dep(descriptor(d, kind="manifest", **{"flowpin.stage": parent.stage}))
+        parent = load_manifest(resolve_inside(name, self.root))
+        algorithm = self.hasher.algorithm
+        self._add_dep(
+            {
+                "name": name,
+                "digest": {algorithm: parent.identity_digest(algorithm)},
+                "annotations": {"flowpin.type": "manifest", "flowpin.stage": parent.stage, "kind": "manifest"},
+            }
+        )
 
     def upstream(self, *, data: str | os.PathLike[str], manifest: str | os.PathLike[str]) -> ArtifactDigest:
         """Declare an upstream stage's output directory (a dataset input) and its manifest (a parent)."""
@@ -194,7 +216,7 @@ def record(
 
     ``recipe`` is the stage's typed config (a dataclass) or a plain mapping; ``code`` defaults to the
     stage's code deps in ``dvc.yaml`` (see :func:`dvc_code_deps`), or, for a stage not in ``dvc.yaml``,
-    the stage script ``stages/<stage>.py`` and the ``src/flowpin`` sources.
+    the running script and the ``src/flowpin`` sources.
     """
     root = root or find_root()
     signer = signer or load_signer(root)  # fail before any work when no key is available
@@ -214,8 +236,7 @@ def record(
         if code is None:
             code = dvc_code_deps(root, stage)
         if code is None:
-            script = root / "stages" / f"{stage}.py"
-            code = [p for p in (script, root / "src" / "flowpin") if p.exists()]
+            code = [p for p in (_main_script(root), root / "src" / "flowpin") if p is not None and p.exists()]
         for path in code:
             rec.code(path)
         yield rec

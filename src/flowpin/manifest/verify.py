@@ -12,10 +12,17 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from flowpin.errors import DigestMismatchError, FlowpinError, ManifestError
+from flowpin.errors import (
+    ArtifactMissingError,
+    DigestMismatchError,
+    FlowpinError,
+    ManifestError,
+    ManifestParseError,
+)
 from flowpin.hashing import ArtifactDigest, Hasher
 from flowpin.manifest.model import MANIFEST_DIR, Manifest, load_manifest
 from flowpin.manifest.resolve import fileset_base
+from flowpin.paths import resolve_inside
 from flowpin.signing import verify_envelope
 
 
@@ -68,13 +75,17 @@ def check_subjects(manifest: Manifest, root: Path, hasher: Hasher) -> list[Findi
     """Re-hash subjects and dependencies; one finding per artifact that is missing or differs."""
     findings: list[Finding] = []
     in_repo = [s for s in manifest.subjects] + [
-        d for d in manifest.dependencies if d["annotations"]["flowpin.type"] != "fileset"
+        d for d in manifest.dependencies if d["annotations"]["flowpin.type"] not in ("fileset", "manifest")
     ]
     actual = hasher.digest_all([e["name"] for e in in_repo])
     for entry in in_repo:
         _compare(entry, actual[entry["name"]], hasher.algorithm, findings)
     for dep in manifest.dependencies:
-        if dep["annotations"]["flowpin.type"] != "fileset":
+        kind = dep["annotations"]["flowpin.type"]
+        if kind == "manifest":
+            findings.extend(_check_parent(dep, root, hasher.algorithm))
+            continue
+        if kind != "fileset":
             continue
         result: ArtifactDigest | FlowpinError
         try:
@@ -85,6 +96,29 @@ def check_subjects(manifest: Manifest, root: Path, hasher: Hasher) -> list[Findi
             result = exc
         _compare(dep, result, hasher.algorithm, findings)
     return findings
+
+
+def _check_parent(dep: dict[str, Any], root: Path, algorithm: str) -> list[Finding]:
+    """A parent manifest must still exist and still have the identity this manifest pinned."""
+    name = dep["name"]
+    try:
+        parent = load_manifest(resolve_inside(name, root))
+    except FlowpinError as exc:
+        missing = ArtifactMissingError(f"parent manifest cannot be read ({exc}); restore it or re-run {name}'s stage")
+        return [Finding(name, missing if isinstance(exc, ManifestParseError) else exc)]
+    pinned = dep["digest"].get(algorithm)
+    actual = parent.identity_digest(algorithm)
+    if pinned == actual:
+        return []
+    return [
+        Finding(
+            name,
+            DigestMismatchError(
+                f"parent identity is {actual[:16]}…, this manifest pins {pinned and pinned[:16]}…: the upstream "
+                "stage was re-run with different inputs, recipe, code or environment — re-run this stage (dvc repro)"
+            ),
+        )
+    ]
 
 
 def _compare(entry: dict[str, Any], actual: ArtifactDigest | FlowpinError, algorithm: str, out: list[Finding]) -> None:

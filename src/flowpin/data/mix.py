@@ -1,0 +1,812 @@
+"""Stage 4, mix: topic x quality buckets and quality-aware upsampling to an (estimated) token budget.
+
+This module owns *how much of each document* goes into the pretraining mix, after OLMo 3's Dolma 3 mix
+(topic x quality buckets, quality-aware upsampling with the top tier repeated up to 7x, the bottom tier
+dropped). Everything is decided by the recipe (``mix`` in ``params/mix.yaml``) and is deterministic:
+
+1. **Topic.** An ordered list of declarative rules (:class:`TopicRule`); each rule ANDs its conditions
+   (globs on ``source.origin`` / ``source.generator`` / ``source.path`` / ``task.kind``, a regex on the
+   text); the first rule that matches names the topic, else ``default_topic``.
+2. **Quality score** in [0, 1]: a weighted mean of per-feature scores (:class:`FeaturesConfig` documents
+   each feature). A feature's raw measurement is mapped to [0, 1] by a trapezoid ``band``; weights can
+   be overridden per topic (``quality.topic_weights``). The score is rounded to 4 decimals, then the
+   document gets the first tier (best first) whose ``min_score`` it reaches.
+3. **Repetition factors.** Token counts are *estimates*, ``ceil(utf8_bytes / bytes_per_token)``, until
+   the tokenizer exists. Per group (the whole corpus, or each topic when ``target_shares`` is set, with
+   budget ``token_budget x share``), with base tokens ``B_i`` and caps ``m_i`` per tier
+   (``upsampling.tier_max_factors``; 0 drops a tier): every tier starts at ``min(1, m_i)``. Under budget,
+   tiers with ``m_i > 1`` move together along ``f_i = 1 + s·(m_i - 1)`` with the one ``s ∈ [0, 1]`` that
+   meets the budget (``s = 1``, every tier at its cap, when the data cannot reach it: an undershoot the
+   report shows). Over budget, the worst kept tier is thinned first, then the next (quality-aware
+   downsampling). The planned factors are the same for every topic in a group.
+4. **Copies.** A bucket (topic, tier) with factor ``f`` gives every document ``floor(f)`` copies; the
+   fractional part goes, as one more copy, to the bucket's best documents (score descending, then id)
+   while each addition brings the bucket's tokens closer to ``f x B``. Repeats are distinct records: copy
+   ``k ≥ 2`` has id ``<id>#r<k>``; every record gets ``"mix": {topic, tier, score, repeat}``.
+5. **Order.** Records are sorted by ``sha256("flowpin.mix.order\\0<seed>\\0<id>")``: the order depends on
+   the seed and the set of records only, never on input order; a different seed reorders the same
+   multiset (no choice above uses the seed).
+
+Documents whose text is blank are always dropped (they carry no tokens). :func:`mix_records` is pure
+(records in, records and report out); :func:`run_mix` reads and writes datasets
+(:mod:`flowpin.data.shards`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import hashlib
+import itertools
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from flowpin.data.shards import ShardInfo, read_dataset, write_dataset
+from flowpin.errors import DataError, EmptyCorpusError, NoSurvivorsError, RecipeError, UnknownTopicError
+
+FACTOR_CAP = 16.0
+"""Largest repetition factor any recipe may ask for (OLMo 3 caps at 7; beyond 16 is surely a typo)."""
+FEATURES = (
+    "length_bytes",
+    "alpha_fraction",
+    "mean_line_chars",
+    "long_line_fraction",
+    "duplicate_line_fraction",
+    "comment_fraction",
+)
+"""Quality features, in report order (see :class:`FeaturesConfig`)."""
+SCORE_DECIMALS = 4
+"""Scores are rounded to this many decimals before tiering (the recorded score is the one tiered)."""
+ESTIMATE_NOTE = "estimated: ceil(utf8_bytes / bytes_per_token) per document copy; no tokenizer exists before this stage"
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_DOC_START = re.compile(r"(?i:[rbuf]{0,2})(\"\"\"|''')")
+_MAX_EXAMPLES = 10
+_SHARE_TOLERANCE = 1e-6
+_MAX_ZSTD_LEVEL = 22
+
+
+# --- configs --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TopicRule:
+    """One classifier rule (``mix.topics.rules[i]``): all given conditions must hold (AND).
+
+    Globs use :func:`fnmatch.fnmatchcase` (``*`` also matches ``/``); a condition on a field the record
+    lacks does not match.
+    """
+
+    topic: str
+    """Topic assigned when the rule matches. ``[A-Za-z0-9_.-]``."""
+    origin: str | None = None
+    """Glob on ``source.origin`` (``python-stdlib *``, ``flowpin-synth``)."""
+    generator: str | None = None
+    """Glob on ``source.generator`` (synthetic data: ``arithmetic``, ``word_problem``)."""
+    path: str | None = None
+    """Glob on ``source.path`` (``*.py``, ``pydoc_data/topics.py#*``)."""
+    task_kind: str | None = None
+    """Glob on ``task.kind`` (records with a ``task`` field)."""
+    text_regex: str | None = None
+    """Python regex searched (``re.search``) in the text; put flags inline (``(?m)``, ``(?i)``)."""
+
+    def validate(self, where: str) -> None:
+        """Raise :class:`RecipeError` naming ``where.<key>`` for the first invalid value."""
+        _check_name(self.topic, f"{where}.topic")
+        conditions = {
+            "origin": self.origin,
+            "generator": self.generator,
+            "path": self.path,
+            "task_kind": self.task_kind,
+            "text_regex": self.text_regex,
+        }
+        if all(v is None for v in conditions.values()):
+            raise RecipeError(
+                f"{where}: a rule needs at least one condition ({', '.join(conditions)}); "
+                "use mix.topics.default_topic for documents no rule matches"
+            )
+        for key, value in conditions.items():
+            if value is not None and not value:
+                raise RecipeError(f"{where}.{key}: must be a non-empty string or null")
+        if self.text_regex is not None:
+            try:
+                re.compile(self.text_regex)
+            except re.error as exc:
+                raise RecipeError(f"{where}.text_regex: {self.text_regex!r} is not a valid regex ({exc})") from exc
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TopicsConfig:
+    """The topic classifier (``mix.topics``)."""
+
+    rules: list[TopicRule]
+    """Rules in priority order; the first match wins."""
+    default_topic: str
+    """Topic of a document no rule matches."""
+
+    def produced(self) -> list[str]:
+        """Every topic the classifier can produce, sorted."""
+        return sorted({r.topic for r in self.rules} | {self.default_topic})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FeatureConfig:
+    """How one feature enters the score: its weight and its band."""
+
+    weight: float
+    """Weight in the score's weighted mean (>= 0; 0 ignores the feature)."""
+    band: list[float]
+    """Trapezoid ``[zero_below, full_from, full_to, zero_above]`` (non-decreasing) mapping the raw value to
+    [0, 1]: 0 at or below ``zero_below``, rising linearly to 1 at ``full_from``, 1 up to ``full_to``,
+    falling linearly to 0 at ``zero_above`` and beyond. Equal neighbours make a step."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FeaturesConfig:
+    """The quality features (``mix.quality.features``); all are measured on the document text.
+
+    "Lines" are the text split on ``\\n``; "non-blank lines" those with a non-whitespace character,
+    right-stripped.
+    """
+
+    length_bytes: FeatureConfig
+    """UTF-8 length of the text in bytes: too short carries little, huge files are often tables."""
+    alpha_fraction: FeatureConfig
+    """Letters (``str.isalpha``) / non-whitespace characters: low for numeric tables, encoded data."""
+    mean_line_chars: FeatureConfig
+    """Mean length of the non-blank lines in characters: very short or very long lines are unnatural."""
+    long_line_fraction: FeatureConfig
+    """Fraction of non-blank lines longer than ``quality.long_line_chars``: generated/minified text."""
+    duplicate_line_fraction: FeatureConfig
+    """Fraction of the stripped non-blank lines of at least ``quality.duplicate_min_chars`` characters
+    that repeat an earlier such line of the same document: boilerplate, copy-paste."""
+    comment_fraction: FeatureConfig
+    """Fraction of non-blank lines that are ``#`` comments or inside a triple-quoted string that starts a
+    line (docstrings): documentation density of code. A line heuristic, not a parser."""
+
+    def get(self, name: str) -> FeatureConfig:
+        """The config of feature ``name`` (one of :data:`FEATURES`)."""
+        value: FeatureConfig = getattr(self, name)
+        return value
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TierConfig:
+    """One quality tier (``mix.quality.tiers[i]``)."""
+
+    name: str
+    """Tier name (``high``, ``medium``, ``low``). ``[A-Za-z0-9_.-]``."""
+    min_score: float
+    """Lowest score in this tier; strictly decreasing down the list, and 0 for the last tier."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QualityConfig:
+    """The quality scorer and its tiers (``mix.quality``)."""
+
+    features: FeaturesConfig
+    """Weight and band of every feature."""
+    tiers: list[TierConfig]
+    """Tiers, best first; a document gets the first tier whose ``min_score`` its score reaches."""
+    long_line_chars: int
+    """A non-blank line longer than this many characters counts for ``long_line_fraction``."""
+    duplicate_min_chars: int
+    """Stripped lines shorter than this are ignored by ``duplicate_line_fraction`` (``else:``, ``)``...)."""
+    topic_weights: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    """Per-topic weight overrides: ``{topic: {feature: weight}}``; unlisted features keep their weight."""
+
+    def weights(self, topic: str) -> dict[str, float]:
+        """Effective feature weights for ``topic``."""
+        base = {name: self.features.get(name).weight for name in FEATURES}
+        return {**base, **self.topic_weights.get(topic, {})}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class UpsamplingConfig:
+    """Repetition factors and the token budget (``mix.upsampling``)."""
+
+    token_budget: int
+    """Target number of (estimated) tokens in the mix, repeats included."""
+    bytes_per_token: float
+    """Estimated UTF-8 bytes per token until the tokenizer exists (BPE on English/code: ~3-4.5)."""
+    tier_max_factors: dict[str, float]
+    """Repetition cap of every tier, by tier name: non-increasing from best to worst, each in
+    ``[0, max_factor]``; 0 drops the tier, a cap below 1 keeps at most that fraction of it."""
+    max_factor: float = 7.0
+    """Ceiling on every tier cap, in [1, 16] (OLMo 3 repeats its top tier up to 7x)."""
+    target_shares: dict[str, float] | None = None
+    """Optional target share of the budget per topic (must name every topic the classifier produces and
+    sum to 1; 0 drops a topic). ``None``: topics keep their natural proportions."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ShardsConfig:
+    """How the mixed records are cut into shards (``mix.shards``)."""
+
+    docs_per_shard: int
+    """Most records in one shard."""
+    zstd_level: int
+    """zstd compression level, 1..22."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MixConfig:
+    """The mix recipe (``mix`` in ``params/mix.yaml``). Validated on construction."""
+
+    topics: TopicsConfig
+    """The topic classifier."""
+    quality: QualityConfig
+    """The quality scorer and tiers."""
+    upsampling: UpsamplingConfig
+    """Token budget and repetition caps."""
+    shards: ShardsConfig
+    """Output shard size and compression."""
+    seed: int
+    """Seed of the output order (the only random choice; it never changes which records are written)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, where: str = "mix") -> None:
+        """Raise :class:`RecipeError` (or :class:`UnknownTopicError`) naming the first invalid key."""
+        _validate_topics(self.topics, f"{where}.topics")
+        produced = set(self.topics.produced())
+        _validate_quality(self.quality, produced, f"{where}.quality")
+        _validate_upsampling(self.upsampling, [t.name for t in self.quality.tiers], produced, f"{where}.upsampling")
+        _check_int(self.shards.docs_per_shard, f"{where}.shards.docs_per_shard", minimum=1)
+        _check_int(self.shards.zstd_level, f"{where}.shards.zstd_level", minimum=1)
+        if self.shards.zstd_level > _MAX_ZSTD_LEVEL:
+            raise RecipeError(f"{where}.shards.zstd_level: {self.shards.zstd_level} is above zstd's maximum 22")
+        _check_int(self.seed, f"{where}.seed", minimum=0)
+
+
+def _validate_topics(topics: TopicsConfig, where: str) -> None:
+    for i, rule in enumerate(topics.rules):
+        rule.validate(f"{where}.rules[{i}]")
+    _check_name(topics.default_topic, f"{where}.default_topic")
+
+
+def _validate_quality(quality: QualityConfig, produced: set[str], where: str) -> None:
+    for name in FEATURES:
+        feature = quality.features.get(name)
+        key = f"{where}.features.{name}"
+        _check_float(feature.weight, f"{key}.weight", minimum=0.0)
+        band = feature.band
+        if len(band) != 4 or not all(math.isfinite(b) for b in band):
+            raise RecipeError(
+                f"{key}.band: {band!r} must be 4 finite numbers [zero_below, full_from, full_to, zero_above]"
+            )
+        if any(a > b for a, b in itertools.pairwise(band)):
+            raise RecipeError(f"{key}.band: {band!r} must be non-decreasing")
+    for topic, overrides in quality.topic_weights.items():
+        if topic not in produced:
+            raise UnknownTopicError(
+                f"{where}.topic_weights.{topic}: no rule produces topic {topic!r} "
+                f"(produced: {', '.join(sorted(produced))}); fix the name or add a rule to mix.topics.rules"
+            )
+        for name, weight in overrides.items():
+            if name not in FEATURES:
+                raise RecipeError(
+                    f"{where}.topic_weights.{topic}.{name}: unknown feature (known: {', '.join(FEATURES)})"
+                )
+            _check_float(weight, f"{where}.topic_weights.{topic}.{name}", minimum=0.0)
+    for overridden in [None, *sorted(quality.topic_weights)]:
+        weights = quality.weights(overridden or "")
+        if sum(weights.values()) <= 0:
+            key = f"{where}.topic_weights.{overridden}" if overridden else f"{where}.features"
+            raise RecipeError(f"{key}: every feature weight is 0; give at least one feature a positive weight")
+    if not quality.tiers:
+        raise RecipeError(f"{where}.tiers: list at least one tier, e.g. {{name: high, min_score: 0}}")
+    seen: set[str] = set()
+    previous = math.inf
+    for i, tier in enumerate(quality.tiers):
+        key = f"{where}.tiers[{i}]"
+        _check_name(tier.name, f"{key}.name")
+        if tier.name in seen:
+            raise RecipeError(f"{key}.name: tier {tier.name!r} is listed twice")
+        seen.add(tier.name)
+        _check_float(tier.min_score, f"{key}.min_score", minimum=0.0, maximum=1.0)
+        if tier.min_score >= previous:
+            raise RecipeError(f"{key}.min_score: {tier.min_score} must be below the previous tier's {previous}")
+        previous = tier.min_score
+    if quality.tiers[-1].min_score != 0:
+        raise RecipeError(
+            f"{where}.tiers[{len(quality.tiers) - 1}].min_score: the last tier must start at 0 so that "
+            "every document gets a tier"
+        )
+    _check_int(quality.long_line_chars, f"{where}.long_line_chars", minimum=1)
+    _check_int(quality.duplicate_min_chars, f"{where}.duplicate_min_chars", minimum=0)
+
+
+def _validate_upsampling(up: UpsamplingConfig, tiers: list[str], produced: set[str], where: str) -> None:
+    _check_int(up.token_budget, f"{where}.token_budget", minimum=1)
+    _check_float(up.bytes_per_token, f"{where}.bytes_per_token", minimum=0.0, maximum=64.0)
+    if up.bytes_per_token <= 0:
+        raise RecipeError(f"{where}.bytes_per_token: must be > 0 (about 4 for English and code)")
+    _check_float(up.max_factor, f"{where}.max_factor", minimum=-math.inf)
+    if not 1 <= up.max_factor <= FACTOR_CAP:
+        raise RecipeError(
+            f"{where}.max_factor: {up.max_factor:g} is outside 1..{FACTOR_CAP:g} (OLMo 3 repeats its top tier "
+            "at most 7x); set it within that range"
+        )
+    for name in up.tier_max_factors:
+        if name not in tiers:
+            raise RecipeError(f"{where}.tier_max_factors.{name}: not a tier (tiers: {', '.join(tiers)}); fix the name")
+    previous: tuple[str, float] | None = None
+    for name in tiers:
+        key = f"{where}.tier_max_factors.{name}"
+        if name not in up.tier_max_factors:
+            raise RecipeError(f"{key}: missing; give every tier a cap (0 drops it)")
+        factor = up.tier_max_factors[name]
+        _check_float(factor, key, minimum=-math.inf)
+        if not 0 <= factor <= up.max_factor:
+            raise RecipeError(
+                f"{key}: {factor:g} is outside 0..{up.max_factor:g} (mix.upsampling.max_factor); use 0 to drop the tier"
+            )
+        if previous is not None and factor > previous[1]:
+            raise RecipeError(
+                f"{key}: {factor:g} is above the better tier {previous[0]!r}'s {previous[1]:g}; "
+                "caps must not increase as quality falls"
+            )
+        previous = (name, factor)
+    if up.target_shares is not None:
+        for topic, share in up.target_shares.items():
+            key = f"{where}.target_shares.{topic}"
+            if topic not in produced:
+                raise UnknownTopicError(
+                    f"{key}: no rule produces topic {topic!r} (produced: {', '.join(sorted(produced))}); "
+                    "fix the name or add a rule to mix.topics.rules"
+                )
+            _check_float(share, key, minimum=0.0, maximum=1.0)
+        missing = sorted(produced - set(up.target_shares))
+        if missing:
+            raise RecipeError(
+                f"{where}.target_shares.{missing[0]}: missing; list every produced topic "
+                f"({', '.join(sorted(produced))}), 0 to drop one"
+            )
+        total = math.fsum(up.target_shares.values())
+        if abs(total - 1.0) > _SHARE_TOLERANCE:
+            raise RecipeError(f"{where}.target_shares: the shares sum to {total:g}, not 1; rescale them")
+
+
+def _check_name(value: object, key: str) -> None:
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise RecipeError(f"{key}: {value!r} must start with a letter or digit and use only letters, digits, _ . -")
+
+
+def _check_int(value: object, key: str, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RecipeError(f"{key}: {value!r} must be an integer")
+    if value < minimum:
+        raise RecipeError(f"{key}: {value} must be >= {minimum}")
+
+
+def _check_float(value: object, key: str, *, minimum: float, maximum: float = math.inf) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise RecipeError(f"{key}: {value!r} must be a finite number")
+    if not minimum <= value <= maximum:
+        raise RecipeError(f"{key}: {value} must be within {minimum:g}..{maximum:g}")
+
+
+# --- features and scores ---------------------------------------------------------------------------
+
+
+def measure(text: str, *, long_line_chars: int, duplicate_min_chars: int) -> dict[str, float]:
+    """The raw value of every feature of :data:`FEATURES` for ``text`` (see :class:`FeaturesConfig`)."""
+    nonspace = len(text) - sum(map(str.isspace, text))
+    letters = sum(map(str.isalpha, text))
+    lines = [line.rstrip() for line in text.split("\n") if line.strip()]
+    n = len(lines)
+    seen: set[str] = set()
+    eligible = repeats = 0
+    for line in lines:
+        stripped = line.strip()
+        if len(stripped) >= duplicate_min_chars:
+            eligible += 1
+            if stripped in seen:
+                repeats += 1
+            seen.add(stripped)
+    return {
+        "length_bytes": float(len(text.encode("utf-8"))),
+        "alpha_fraction": letters / nonspace if nonspace else 0.0,
+        "mean_line_chars": sum(map(len, lines)) / n if n else 0.0,
+        "long_line_fraction": sum(1 for line in lines if len(line) > long_line_chars) / n if n else 0.0,
+        "duplicate_line_fraction": repeats / eligible if eligible else 0.0,
+        "comment_fraction": _comment_lines(lines) / n if n else 0.0,
+    }
+
+
+def _comment_lines(lines: Sequence[str]) -> int:
+    """Non-blank lines that are ``#`` comments or inside a triple-quoted string opened at a line start."""
+    count = 0
+    quote: str | None = None
+    for line in lines:
+        s = line.strip()
+        if quote is not None:
+            count += 1
+            if s.count(quote) % 2 == 1:
+                quote = None
+            continue
+        if s.startswith("#"):
+            count += 1
+            continue
+        m = _DOC_START.match(s)
+        if m:
+            count += 1
+            if s.count(m.group(1)) % 2 == 1:
+                quote = m.group(1)
+    return count
+
+
+def band_score(value: float, band: Sequence[float]) -> float:
+    """Map ``value`` to [0, 1] by the trapezoid ``band`` (see :attr:`FeatureConfig.band`)."""
+    zero_below, full_from, full_to, zero_above = band
+    if full_from <= value <= full_to:
+        return 1.0
+    if value < full_from:
+        return 0.0 if value <= zero_below else (value - zero_below) / (full_from - zero_below)
+    return 0.0 if value >= zero_above else (zero_above - value) / (zero_above - full_to)
+
+
+def score(raw: Mapping[str, float], quality: QualityConfig, topic: str) -> float:
+    """Quality score in [0, 1] (rounded to :data:`SCORE_DECIMALS`) of a document of ``topic``."""
+    weights = quality.weights(topic)
+    total = math.fsum(weights.values())
+    value = math.fsum(weights[n] * band_score(raw[n], quality.features.get(n).band) for n in FEATURES) / total
+    return round(value, SCORE_DECIMALS)
+
+
+# --- classification --------------------------------------------------------------------------------
+
+
+class _Classifier:
+    def __init__(self, topics: TopicsConfig) -> None:
+        self.default = topics.default_topic
+        self.rules = [(r, re.compile(r.text_regex) if r.text_regex is not None else None) for r in topics.rules]
+
+    def topic(self, record: Mapping[str, Any]) -> str:
+        source = record.get("source")
+        task = record.get("task")
+        origin, generator, path = _field(source, "origin"), _field(source, "generator"), _field(source, "path")
+        task_kind = _field(task, "kind")
+        for rule, rx in self.rules:
+            ok = (
+                _glob(origin, rule.origin)
+                and _glob(generator, rule.generator)
+                and _glob(path, rule.path)
+                and _glob(task_kind, rule.task_kind)
+            )
+            if ok and (rx is None or rx.search(record["text"])):
+                return rule.topic
+        return self.default
+
+
+def _glob(value: str | None, pattern: str | None) -> bool:
+    """A rule condition: no pattern always holds; a pattern needs a value it matches."""
+    return pattern is None or (value is not None and fnmatch.fnmatchcase(value, pattern))
+
+
+def _field(obj: Any, key: str) -> str | None:
+    """``obj[key]`` when ``obj`` is a mapping and the value a string, else None."""
+    value = obj.get(key) if isinstance(obj, Mapping) else None
+    return value if isinstance(value, str) else None
+
+
+# --- planning --------------------------------------------------------------------------------------
+
+
+def plan_factors(base: Sequence[int], caps: Sequence[float], budget: float) -> list[float]:
+    """Repetition factor per tier (best first) for base tokens ``base`` under ``caps`` and ``budget``.
+
+    See the module docstring (step 3). Pure arithmetic; the result is never above a cap.
+    """
+    factors = [min(1.0, cap) for cap in caps]
+    total = math.fsum(b * f for b, f in zip(base, factors, strict=True))
+    if total < budget:
+        room = math.fsum(b * (c - 1.0) for b, c in zip(base, caps, strict=True) if c > 1.0)
+        if room > 0:
+            s = min(1.0, (budget - total) / room)
+            factors = [1.0 + s * (c - 1.0) if c > 1.0 else f for c, f in zip(caps, factors, strict=True)]
+    elif total > budget:
+        for i in reversed(range(len(factors))):
+            if base[i] == 0 or factors[i] == 0:
+                continue
+            cut = min(factors[i], (total - budget) / base[i])
+            factors[i] -= cut
+            total -= cut * base[i]
+            if total <= budget:
+                break
+    return factors
+
+
+@dataclasses.dataclass(kw_only=True)
+class _Doc:
+    record: Mapping[str, Any]
+    id: str
+    topic: str
+    tier: int
+    score: float
+    tokens: int
+    copies: int = 0
+    reason: str = ""
+
+
+def _copies(docs: list[_Doc], factor: float) -> None:
+    """Set ``copies`` of one bucket's documents for ``factor`` (module docstring, step 4)."""
+    whole = math.floor(factor)
+    target = (factor - whole) * sum(d.tokens for d in docs)
+    extra = 0
+    for doc in sorted(docs, key=lambda d: (-d.score, d.id)):
+        doc.copies = whole
+        if extra + doc.tokens / 2 <= target:
+            doc.copies += 1
+            extra += doc.tokens
+
+
+# --- the mix ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MixResult:
+    """What :func:`mix_records` returns."""
+
+    records: tuple[dict[str, Any], ...]
+    """The mixed records in output order (repeats included)."""
+    report: dict[str, Any]
+    """Canonical-JSON-safe report: estimate note, input, budget, per topic x tier table, dropped, scores."""
+
+
+def mix_records(records: Iterable[Mapping[str, Any]], cfg: MixConfig) -> MixResult:
+    """Classify, score, plan and repeat ``records`` under ``cfg``; no I/O (see the module docstring).
+
+    Raises :class:`EmptyCorpusError` for no input record, :class:`DataError` for a malformed or duplicate
+    record, :class:`NoSurvivorsError` (naming the recipe key to change) when nothing is left to write.
+    """
+    classifier = _Classifier(cfg.topics)
+    quality, up = cfg.quality, cfg.upsampling
+    tiers = [t.name for t in quality.tiers]
+    caps = [up.tier_max_factors[t] for t in tiers]
+    docs: list[_Doc] = []
+    empty: list[str] = []
+    ids: set[str] = set()
+    for n, record in enumerate(records, start=1):
+        doc_id = _check_record(record, n)
+        if doc_id in ids:
+            raise DataError(f"record {n}: id {doc_id!r} occurs twice in the input; ids must be unique (run dedup)")
+        ids.add(doc_id)
+        text: str = record["text"]
+        if not text.strip():
+            empty.append(doc_id)
+            continue
+        topic = classifier.topic(record)
+        raw = measure(text, long_line_chars=quality.long_line_chars, duplicate_min_chars=quality.duplicate_min_chars)
+        value = score(raw, quality, topic)
+        tier = next(i for i, t in enumerate(quality.tiers) if value >= t.min_score)
+        tokens = math.ceil(len(text.encode("utf-8")) / up.bytes_per_token)
+        docs.append(_Doc(record=record, id=doc_id, topic=topic, tier=tier, score=value, tokens=tokens))
+    if not ids:
+        raise EmptyCorpusError("mix: the input holds no document; check the upstream stage's output")
+
+    topics = cfg.topics.produced()
+    buckets: dict[tuple[str, int], list[_Doc]] = {}
+    for doc in docs:
+        buckets.setdefault((doc.topic, doc.tier), []).append(doc)
+    base = {key: sum(d.tokens for d in bucket) for key, bucket in buckets.items()}
+    factors: dict[tuple[str, int], float] = {}
+    budgets: dict[str, float] = {}
+    if up.target_shares is None:
+        groups = [(topics, float(up.token_budget))]
+    else:
+        groups = [([t], up.token_budget * up.target_shares[t]) for t in topics]
+    for group, budget in groups:
+        tier_base = [sum(base.get((t, i), 0) for t in group) for i in range(len(tiers))]
+        planned = plan_factors(tier_base, caps, budget)
+        for t in group:
+            budgets[t] = budget
+            for i, f in enumerate(planned):
+                factors[(t, i)] = f
+    for key, bucket in buckets.items():
+        _copies(bucket, factors[key])
+    for doc in docs:
+        if doc.copies == 0:
+            if up.target_shares is not None and up.target_shares[doc.topic] == 0:
+                doc.reason = "share"
+            elif caps[doc.tier] == 0:
+                doc.reason = "tier"
+            else:
+                doc.reason = "budget"
+
+    out: list[dict[str, Any]] = []
+    for doc in docs:
+        for k in range(1, doc.copies + 1):
+            mixed = dict(doc.record)
+            mixed["id"] = doc.id if k == 1 else f"{doc.id}#r{k}"
+            mixed["mix"] = {"topic": doc.topic, "tier": tiers[doc.tier], "score": doc.score, "repeat": k}
+            out.append(mixed)
+    if not out:
+        raise NoSurvivorsError(_no_survivors_message(docs, empty, tiers, caps, up))
+    clash = next((i for i, c in Counter(r["id"] for r in out).items() if c > 1), None)
+    if clash is not None:
+        raise DataError(f"mix: output id {clash!r} is both an input id and a repeat's id; rename the input document")
+    out.sort(key=lambda r: _order_key(cfg.seed, r["id"]))
+    report = _report(docs, empty, cfg, tiers, factors, budgets, base)
+    return MixResult(records=tuple(out), report=report)
+
+
+def _check_record(record: Any, n: int) -> str:
+    if not isinstance(record, Mapping):
+        raise DataError(f"record {n}: expected a JSON object, got {type(record).__name__}")
+    doc_id = record.get("id")
+    if not isinstance(doc_id, str) or not doc_id:
+        raise DataError(f"record {n}: 'id' must be a non-empty string, got {doc_id!r}")
+    if not isinstance(record.get("text"), str):
+        raise DataError(f"record {n} ({doc_id}): 'text' must be a string")
+    if not isinstance(record.get("source"), Mapping):
+        raise DataError(f"record {n} ({doc_id}): 'source' must be an object")
+    if "mix" in record:
+        raise DataError(f"record {n} ({doc_id}) already has a 'mix' field: the input was mixed already")
+    return doc_id
+
+
+def _order_key(seed: int, record_id: str) -> bytes:
+    return hashlib.sha256(f"flowpin.mix.order\0{seed}\0{record_id}".encode()).digest()
+
+
+def _no_survivors_message(
+    docs: list[_Doc], empty: list[str], tiers: list[str], caps: list[float], up: UpsamplingConfig
+) -> str:
+    if not docs:
+        return f"mix: all {len(empty)} input documents are blank; nothing to mix"
+    per_tier = Counter(tiers[d.tier] for d in docs)
+    shown = ", ".join(f"{t}: {per_tier.get(t, 0)} docs, cap {c:g}" for t, c in zip(tiers, caps, strict=True))
+    if all(caps[d.tier] == 0 for d in docs):
+        kept = [t for t, c in zip(tiers, caps, strict=True) if c > 0]
+        fix = (
+            f"lower mix.quality.tiers[*].min_score so that documents reach a kept tier ({', '.join(kept)})"
+            if kept
+            else "give at least one tier a cap > 0"
+        )
+        return f"mix.upsampling.tier_max_factors: every document falls in a dropped tier ({shown}); {fix}"
+    if up.target_shares is not None:
+        return (
+            "mix.upsampling.target_shares: every topic with kept documents has share 0 "
+            f"({shown}); give those topics a share"
+        )
+    return f"mix.upsampling.token_budget: {up.token_budget} tokens leave no document ({shown}); raise the budget"
+
+
+def _round(value: float) -> float:
+    return round(value, 4)
+
+
+def _report(
+    docs: list[_Doc],
+    empty: list[str],
+    cfg: MixConfig,
+    tiers: list[str],
+    factors: Mapping[tuple[str, int], float],
+    budgets: Mapping[str, float],
+    base: Mapping[tuple[str, int], int],
+) -> dict[str, Any]:
+    up = cfg.upsampling
+    total_tokens = sum(d.tokens * d.copies for d in docs)
+    records = sum(d.copies for d in docs)
+    table = []
+    for topic in cfg.topics.produced():
+        for i, tier in enumerate(tiers):
+            bucket = [d for d in docs if d.topic == topic and d.tier == i]
+            if not bucket:
+                continue
+            tokens = sum(d.tokens * d.copies for d in bucket)
+            table.append(
+                {
+                    "topic": topic,
+                    "tier": tier,
+                    "documents": len(bucket),
+                    "kept_documents": sum(1 for d in bucket if d.copies),
+                    "records": sum(d.copies for d in bucket),
+                    "base_tokens": base[(topic, i)],
+                    "tokens": tokens,
+                    "share": _round(tokens / total_tokens) if total_tokens else 0,
+                    "factor": _round(factors[(topic, i)]),
+                    "effective_factor": _round(tokens / base[(topic, i)]),
+                }
+            )
+    topics: dict[str, Any] = {}
+    for topic in cfg.topics.produced():
+        mine = [d for d in docs if d.topic == topic]
+        tokens = sum(d.tokens * d.copies for d in mine)
+        entry: dict[str, Any] = {
+            "documents": len(mine),
+            "base_tokens": sum(d.tokens for d in mine),
+            "records": sum(d.copies for d in mine),
+            "tokens": tokens,
+            "share": _round(tokens / total_tokens) if total_tokens else 0,
+        }
+        if up.target_shares is not None:
+            entry["target_share"] = up.target_shares[topic]
+            entry["budget"] = round(budgets[topic])
+        topics[topic] = entry
+    tiers_report = {
+        tier: {
+            "min_score": cfg.quality.tiers[i].min_score,
+            "max_factor": up.tier_max_factors[tier],
+            "documents": sum(1 for d in docs if d.tier == i),
+            "records": sum(d.copies for d in docs if d.tier == i),
+            "tokens": sum(d.tokens * d.copies for d in docs if d.tier == i),
+        }
+        for i, tier in enumerate(tiers)
+    }
+    dropped: dict[str, Any] = {"empty": {"documents": len(empty), "examples": sorted(empty)[:_MAX_EXAMPLES]}}
+    for reason in ("tier", "budget", "share"):
+        gone = sorted((d for d in docs if d.reason == reason), key=lambda d: d.id)
+        dropped[reason] = {
+            "documents": len(gone),
+            "tokens": sum(d.tokens for d in gone),
+            "examples": [{"id": d.id, "topic": d.topic, "score": d.score} for d in gone[:_MAX_EXAMPLES]],
+        }
+    scores: dict[str, Any] = {}
+    for topic in cfg.topics.produced():
+        values = sorted(d.score for d in docs if d.topic == topic)
+        if values:
+            scores[topic] = {
+                q: values[round(p * (len(values) - 1))]
+                for q, p in (("min", 0.0), ("p10", 0.1), ("p50", 0.5), ("p90", 0.9), ("max", 1.0))
+            }
+    return {
+        "tokens_estimate": {"bytes_per_token": up.bytes_per_token, "note": ESTIMATE_NOTE},
+        "input": {
+            "documents": len(docs) + len(empty),
+            "tokens": sum(d.tokens for d in docs),
+        },
+        "budget": {
+            "token_budget": up.token_budget,
+            "tokens": total_tokens,
+            "delta": total_tokens - up.token_budget,
+            "delta_fraction": _round((total_tokens - up.token_budget) / up.token_budget),
+        },
+        "output": {"records": records, "documents": sum(1 for d in docs if d.copies)},
+        "table": table,
+        "topics": topics,
+        "tiers": tiers_report,
+        "dropped": dropped,
+        "scores": scores,
+    }
+
+
+# --- dataset I/O -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MixRun:
+    """What :func:`run_mix` wrote."""
+
+    records: int
+    """Records written (repeats included)."""
+    tokens: int
+    """Estimated tokens written."""
+    shards: tuple[ShardInfo, ...]
+    """The shards written, in order."""
+    report: dict[str, Any]
+    """The :class:`MixResult` report plus ``output.shards``; also stored in the output's ``index.json``."""
+
+
+def run_mix(cfg: MixConfig, input_dir: Path, out_dir: Path) -> MixRun:
+    """Mix the dataset in ``input_dir`` into ``out_dir`` (shards + ``index.json``; must hold no shards)."""
+    result = mix_records(read_dataset(input_dir), cfg)
+    report = dict(result.report)
+    report["output"] = {**report["output"], "shards": math.ceil(len(result.records) / cfg.shards.docs_per_shard)}
+    shards = write_dataset(
+        result.records,
+        out_dir,
+        docs_per_shard=cfg.shards.docs_per_shard,
+        level=cfg.shards.zstd_level,
+        meta={"mix": report},
+    )
+    if len(shards) != report["output"]["shards"]:
+        raise AssertionError("shard count differs from the planned count")  # internal invariant
+    return MixRun(records=len(result.records), tokens=report["budget"]["tokens"], shards=tuple(shards), report=report)

@@ -1,0 +1,485 @@
+"""Exact data order: which packed sequences make up the batch at any training step.
+
+The order is a pure function of ``(dataset digest, order seed, batch size, step)`` and the number of
+sequences, computable for any step without replaying the steps before it:
+
+* sample ``i`` of step ``s`` sits at stream position ``p = s * batch_size + i``;
+* its epoch is ``e = p // n_sequences`` and its offset in that epoch ``p % n_sequences``;
+* epoch ``e`` visits the sequences in the order of :func:`epoch_permutation`, a permutation seeded by
+  ``sha256(canonical_json({"dataset", "epoch", "scheme", "seed"}))`` -- so every epoch is a fresh
+  shuffle, every sequence appears exactly once per epoch, and epochs wrap (no step is "out of range").
+
+The permutation is ``argsort`` (stable) of ``n`` raw 64-bit outputs of numpy's ``PCG64`` bit generator
+seeded through ``SeedSequence``. Both are covered by numpy's stream-compatibility promise (NEP 19),
+whereas ``Generator.permutation``/``shuffle`` may change between numpy releases; the stable sort makes
+even a (vanishingly rare) tie between two raw keys deterministic.
+
+The dataset digest is the sha256 *directory digest* (:mod:`flowpin.hashing`) of the tokenize stage's
+output directory -- the digest its manifest pins as the subject -- so the order changes whenever the
+data, the tokenizer or the packing does, and a batch can only be recovered against the exact bytes it
+was drawn from. This module also answers "what is in this batch" (:func:`describe_batch`), gives the
+training loop its token tensor (:func:`load_batch`), and resolves what ``flowpin batch`` is pointed at
+(:func:`batch_target`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from flowpin.canonical import canonical_json
+from flowpin.errors import DataOrderError, FlowpinError, RecipeError
+
+if TYPE_CHECKING:
+    from flowpin.data.tokenize import TokenizedDataset
+
+ORDER_SCHEME = "flowpin.order/v1"
+"""Names the seed-derivation and permutation rule; part of every epoch's seed."""
+ORDER_DIGEST_ALGORITHM = "sha256"
+"""The directory digest that keys the order (whatever algorithm a manifest was recorded with)."""
+MAX_POSITION = 2**53 - 1
+"""Largest stream position (``step * batch_size + i``) the order answers (canonical JSON integers)."""
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+# --- recipe ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OrderConfig:
+    """The global data order (``tokenize.order``); training recipes reuse it. Validated on construction."""
+
+    seed: int
+    """Order seed, ``0 <= seed < 2**53``; with the dataset digest it seeds every epoch's permutation."""
+    batch_size: int
+    """Default number of sequences per step (``flowpin batch --batch-size`` overrides it)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, where: str = "tokenize.order") -> None:
+        """Raise :class:`RecipeError` naming ``where.<key>`` for the first invalid value."""
+        for key, value, minimum in (("seed", self.seed, 0), ("batch_size", self.batch_size, 1)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise RecipeError(f"{where}.{key}: {value!r} must be an integer")
+            if not minimum <= value <= MAX_POSITION:
+                raise RecipeError(f"{where}.{key}: {value} must be in {minimum}..{MAX_POSITION}")
+
+
+# --- the order ------------------------------------------------------------------------------------
+
+
+def keyed_permutation(n: int, key: bytes) -> npt.NDArray[np.int64]:
+    """A permutation of ``range(n)`` that depends only on ``n`` and ``key`` (see the module docstring)."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    entropy = int.from_bytes(hashlib.sha256(key).digest(), "big")
+    raw = np.random.PCG64(np.random.SeedSequence(entropy)).random_raw(n)
+    return np.argsort(raw, kind="stable").astype(np.int64, copy=False)
+
+
+def _check_int(value: object, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise DataOrderError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise DataOrderError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_digest(value: object) -> str:
+    if not isinstance(value, str) or not _HEX64.fullmatch(value):
+        raise DataOrderError(
+            f"dataset digest {value!r} is not a lower-case hex sha256; pass the sha256 directory digest of the "
+            "tokenize output (the subject digest in manifests/tokenize.json)"
+        )
+    return value
+
+
+def _epoch_key(dataset_digest: str, order_seed: int, epoch: int) -> bytes:
+    return canonical_json({"dataset": dataset_digest, "epoch": epoch, "scheme": ORDER_SCHEME, "seed": order_seed})
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_permutation(n_sequences: int, dataset_digest: str, order_seed: int, epoch: int) -> npt.NDArray[np.int64]:
+    perm = keyed_permutation(n_sequences, _epoch_key(dataset_digest, order_seed, epoch))
+    perm.flags.writeable = False  # shared by the cache: nobody may shuffle it in place
+    return perm
+
+
+def epoch_permutation(*, n_sequences: int, dataset_digest: str, order_seed: int, epoch: int) -> npt.NDArray[np.int64]:
+    """The order in which epoch ``epoch`` visits the ``n_sequences`` sequences (a read-only array)."""
+    n = _check_int(n_sequences, "n_sequences", 1)
+    seed = _check_int(order_seed, "order_seed", 0)
+    e = _check_int(epoch, "epoch", 0)
+    if seed > MAX_POSITION or e > MAX_POSITION:
+        raise DataOrderError(f"order_seed and epoch must be at most {MAX_POSITION}")
+    return _cached_permutation(n, _check_digest(dataset_digest), seed, e)
+
+
+def batch_indices(*, n_sequences: int, dataset_digest: str, order_seed: int, batch_size: int, step: int) -> list[int]:
+    """Sequence indices of the batch at ``step``: sample ``i`` is stream position ``step * batch_size + i``.
+
+    Pure: the same arguments always give the same list, on any machine, without replaying earlier
+    steps. Raises :class:`DataOrderError` for a negative step, ``batch_size < 1``, ``n_sequences < 1``
+    or a digest that is not a sha256 hex string.
+    """
+    return _positions_to_sequences(
+        n_sequences=n_sequences,
+        dataset_digest=dataset_digest,
+        order_seed=order_seed,
+        batch_size=batch_size,
+        step=step,
+    )[0]
+
+
+def _positions_to_sequences(
+    *, n_sequences: int, dataset_digest: str, order_seed: int, batch_size: int, step: int
+) -> tuple[list[int], list[int]]:
+    """(sequence index, epoch) of every sample of ``step``."""
+    n = _check_int(n_sequences, "n_sequences", 1)
+    b = _check_int(batch_size, "batch_size", 1)
+    s = _check_int(step, "step", 0)
+    seed = _check_int(order_seed, "order_seed", 0)
+    digest = _check_digest(dataset_digest)
+    first = s * b
+    if first + b - 1 > MAX_POSITION or seed > MAX_POSITION:
+        raise DataOrderError(
+            f"step {s} with batch_size {b} (or order seed {seed}) is beyond position {MAX_POSITION}; "
+            "no training run is that long"
+        )
+    positions = np.arange(first, first + b, dtype=np.int64)
+    epochs = positions // n
+    offsets = positions % n
+    out = np.empty(b, dtype=np.int64)
+    for epoch in np.unique(epochs).tolist():
+        mask = epochs == epoch
+        out[mask] = _cached_permutation(n, digest, seed, int(epoch))[offsets[mask]]
+    return [int(x) for x in out], [int(x) for x in epochs]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataOrder:
+    """The global order over one tokenized dataset for one (seed, batch size). Validated on construction."""
+
+    n_sequences: int
+    """Packed sequences in the dataset (``index.json`` ``n_sequences``)."""
+    dataset_digest: str
+    """sha256 directory digest of the tokenized dataset (see :func:`dataset_digest`)."""
+    order_seed: int
+    """The order seed (``tokenize.order.seed``)."""
+    batch_size: int
+    """Sequences per step."""
+
+    def __post_init__(self) -> None:
+        _check_int(self.n_sequences, "n_sequences", 1)
+        _check_int(self.batch_size, "batch_size", 1)
+        _check_int(self.order_seed, "order_seed", 0)
+        _check_digest(self.dataset_digest)
+
+    def batch(self, step: int) -> list[int]:
+        """Sequence indices of the batch at ``step`` (see :func:`batch_indices`)."""
+        return batch_indices(
+            n_sequences=self.n_sequences,
+            dataset_digest=self.dataset_digest,
+            order_seed=self.order_seed,
+            batch_size=self.batch_size,
+            step=step,
+        )
+
+    def epoch(self, step: int) -> int:
+        """The epoch of the first sample of ``step``."""
+        return _check_int(step, "step", 0) * self.batch_size // self.n_sequences
+
+    @property
+    def steps_per_epoch(self) -> float:
+        """``n_sequences / batch_size`` (an epoch need not end on a step boundary)."""
+        return self.n_sequences / self.batch_size
+
+
+def dataset_digest(data_dir: Path, *, algorithm: str = ORDER_DIGEST_ALGORITHM) -> str:
+    """The directory digest of ``data_dir`` by flowpin's hashing rule (what a manifest pins for it)."""
+    from flowpin.hashing import Hasher
+
+    path = data_dir.resolve()
+    if not path.is_dir():
+        raise DataOrderError(f"{data_dir} is not a directory; run the tokenize stage or name its output directory")
+    try:
+        return Hasher(path.parent, algorithm).digest(path.name).digest
+    except FlowpinError as exc:
+        raise DataOrderError(f"cannot digest {data_dir}: {exc}") from exc
+
+
+def order_for(
+    data: TokenizedDataset, *, order_seed: int, batch_size: int, dataset_digest: str | None = None
+) -> DataOrder:
+    """The :class:`DataOrder` of ``data``; a given ``dataset_digest`` (e.g. a manifest's) must match it."""
+    digest = dataset_digest
+    actual = data.digest()
+    if digest is not None and _check_digest(digest) != actual:
+        raise DataOrderError(
+            f"{data.path} has directory digest sha256:{actual}, but the order was asked for dataset "
+            f"sha256:{digest}; the data changed since it was pinned (rerun the tokenize stage or restore the "
+            "data, e.g. dvc checkout)"
+        )
+    return DataOrder(n_sequences=data.n_sequences, dataset_digest=actual, order_seed=order_seed, batch_size=batch_size)
+
+
+# --- reading batches ------------------------------------------------------------------------------
+
+
+def load_batch(data: TokenizedDataset, order: DataOrder, step: int) -> npt.NDArray[np.int32]:
+    """The ``int32 [batch_size, seq_len]`` token ids of ``step`` (``torch.from_numpy`` shares it).
+
+    ``order`` must have been made for ``data``: its sequence count and digest are checked (the digest
+    of ``data`` is computed once per :class:`TokenizedDataset`).
+    """
+    if order.n_sequences != data.n_sequences or order.dataset_digest != data.digest():
+        raise DataOrderError(
+            f"the order was made for {order.n_sequences} sequences of dataset sha256:{order.dataset_digest}, "
+            f"but {data.path} holds {data.n_sequences} sequences with digest sha256:{data.digest()}; "
+            "build the DataOrder from this dataset"
+        )
+    input_ids, _ = data.sequences(order.batch(step))
+    return input_ids
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DocumentSpan:
+    """The tokens of one source document inside one packed sequence."""
+
+    document: int
+    """Index in the dataset's document table (``documents.jsonl.zst``)."""
+    id: str
+    """The document's id (as the upstream record gave it; repeats share an id, not an index)."""
+    source: Any
+    """The upstream record's ``source`` field (``None`` when it had none)."""
+    start: int
+    """First position of the span in the sequence."""
+    end: int
+    """One past its last position."""
+    doc_start: int
+    """Offset of the span's first token within the document's tokens (its EOS is the last token)."""
+    doc_end: int
+    """One past the offset of its last token within the document."""
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict of this span."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Sample:
+    """One sample of a batch: which sequence, from which documents, and what it says."""
+
+    position: int
+    """Index of the sample within its batch."""
+    sequence: int
+    """Index of the packed sequence in the dataset."""
+    epoch: int
+    """The epoch this sample belongs to."""
+    documents: tuple[DocumentSpan, ...]
+    """The documents whose tokens the sequence holds, in sequence order."""
+    pad_tokens: int
+    """Padding tokens at the end (only in the last sequence of a ``tail: pad`` dataset)."""
+    text: str
+    """The sequence's tokens decoded (special tokens such as EOS shown; padding left out)."""
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict of this sample."""
+        return {**dataclasses.asdict(self), "documents": [d.to_json() for d in self.documents]}
+
+
+def describe_batch(
+    data_dir: Path, *, order_seed: int, batch_size: int, step: int, dataset_digest: str | None = None
+) -> list[Sample]:
+    """What the batch at ``step`` holds: sequence indices, their source documents (ids + token spans), text.
+
+    ``dataset_digest`` (sha256) is the digest the order is keyed by; when given (e.g. from the manifest)
+    the directory is checked against it and a mismatch raises :class:`DataOrderError`; when omitted it
+    is computed from ``data_dir``.
+    """
+    from flowpin.data.tokenize import TokenizedDataset
+
+    data = TokenizedDataset.open(data_dir)
+    order = order_for(data, order_seed=order_seed, batch_size=batch_size, dataset_digest=dataset_digest)
+    return describe_samples(data, order, step)
+
+
+def describe_samples(data: TokenizedDataset, order: DataOrder, step: int) -> list[Sample]:
+    """:func:`describe_batch` for an opened dataset and its order (see :func:`order_for`)."""
+    if order.n_sequences != data.n_sequences:
+        raise DataOrderError(
+            f"the order covers {order.n_sequences} sequences, {data.path} holds {data.n_sequences}; "
+            "build it with order_for(data, ...)"
+        )
+    sequences, epochs = _positions_to_sequences(
+        n_sequences=order.n_sequences,
+        dataset_digest=order.dataset_digest,
+        order_seed=order.order_seed,
+        batch_size=order.batch_size,
+        step=step,
+    )
+    input_ids, doc_index = data.sequences(sequences)
+    table = data.documents()
+    tokenizer = data.tokenizer()
+    samples: list[Sample] = []
+    for i, (seq, epoch) in enumerate(zip(sequences, epochs, strict=True)):
+        docs_row = doc_index[i]
+        spans: list[DocumentSpan] = []
+        change = np.flatnonzero(np.diff(docs_row)) + 1
+        starts = [0, *change.tolist()]
+        ends = [*change.tolist(), len(docs_row)]
+        for start, end in zip(starts, ends, strict=True):
+            doc = int(docs_row[start])
+            if doc < 0:
+                continue  # padding
+            entry = table[doc]
+            first = seq * data.seq_len + start - entry.first_token
+            spans.append(
+                DocumentSpan(
+                    document=doc,
+                    id=entry.id,
+                    source=entry.record.get("source"),
+                    start=start,
+                    end=end,
+                    doc_start=first,
+                    doc_end=first + (end - start),
+                )
+            )
+        real = docs_row >= 0
+        text = tokenizer.decode(input_ids[i][real].tolist(), skip_special_tokens=False)
+        samples.append(
+            Sample(
+                position=i,
+                sequence=seq,
+                epoch=epoch,
+                documents=tuple(spans),
+                pad_tokens=int((~real).sum()),
+                text=text,
+            )
+        )
+    return samples
+
+
+# --- what `flowpin batch` is pointed at -----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BatchTarget:
+    """A tokenized dataset and its order parameters, as named by a manifest or a recipe."""
+
+    data_dir: Path
+    """The tokenize output directory (absolute)."""
+    name: str
+    """Its repository-relative name (e.g. ``data/tokenize``)."""
+    order: OrderConfig
+    """Order seed and default batch size from the recipe."""
+    pinned: tuple[str, str] | None
+    """(algorithm, digest) the manifest pins for the directory; ``None`` for a recipe."""
+
+
+def batch_target(path: Path, root: Path) -> BatchTarget:
+    """Read the output directory and ``tokenize.order`` from a tokenize manifest or a params YAML.
+
+    A manifest (``manifests/tokenize.json``) gives the directory as the subject named by its recipe's
+    ``paths.out`` and pins its digest; a recipe (``params/tokenize.yaml``) gives ``paths.out`` and the
+    order, and the digest is computed from the directory as it is.
+    """
+    if path.suffix in (".yaml", ".yml"):
+        return _target_from_recipe(path, root)
+    return _target_from_manifest(path, root)
+
+
+def _order_block(recipe: Any, where: str) -> OrderConfig:
+    from flowpin.recipe import to_config
+
+    block = recipe.get("tokenize", {}).get("order") if isinstance(recipe, dict) else None
+    if not isinstance(block, dict):
+        raise DataOrderError(f"{where} has no tokenize.order block; name a tokenize manifest or params/tokenize*.yaml")
+    try:
+        return to_config(OrderConfig, block, where="tokenize.order")
+    except RecipeError as exc:
+        raise DataOrderError(f"{where}: {exc}") from exc
+
+
+def _target_from_manifest(path: Path, root: Path) -> BatchTarget:
+    from flowpin.manifest.model import load_manifest
+    from flowpin.paths import resolve_inside
+
+    m = load_manifest(path)
+    recipe = m.build["externalParameters"]["recipe"]
+    order = _order_block(recipe, str(path))
+    out = recipe.get("paths", {}).get("out") if isinstance(recipe, dict) else None
+    subjects = {s["name"]: s for s in m.subjects}
+    subject = subjects.get(out) if isinstance(out, str) else None
+    if subject is None:
+        if len(subjects) != 1:
+            raise DataOrderError(f"{path}: no subject named by paths.out ({out!r}); is this a tokenize manifest?")
+        subject = next(iter(subjects.values()))
+    name = subject["name"]
+    algorithm, digest = next(iter(subject["digest"].items()))
+    return BatchTarget(data_dir=resolve_inside(name, root), name=name, order=order, pinned=(algorithm, digest))
+
+
+def _target_from_recipe(path: Path, root: Path) -> BatchTarget:
+    import yaml
+
+    from flowpin.paths import resolve_inside
+
+    try:
+        recipe = yaml.safe_load(path.read_text("utf-8"))
+    except FileNotFoundError as exc:
+        raise DataOrderError(f"{path}: no such recipe; name params/tokenize.yaml or a tokenize manifest") from exc
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise DataOrderError(f"{path}: cannot read it as YAML ({exc})") from exc
+    order = _order_block(recipe, str(path))
+    out = recipe.get("paths", {}).get("out") if isinstance(recipe.get("paths"), dict) else None
+    if not isinstance(out, str) or "${" in out:
+        raise DataOrderError(f"{path}: paths.out must be a plain repository-relative path, got {out!r}")
+    return BatchTarget(data_dir=resolve_inside(out, root), name=out, order=order, pinned=None)
+
+
+def order_digest(target: BatchTarget) -> str | None:
+    """The sha256 digest to key the order by: the manifest's (checked later by :func:`describe_batch`)
+    when it pinned sha256; for another algorithm the directory is checked against the pin here and its
+    sha256 computed; ``None`` for a recipe (computed from the directory)."""
+    if target.pinned is None:
+        return None
+    algorithm, digest = target.pinned
+    if algorithm == ORDER_DIGEST_ALGORITHM:
+        return digest
+    actual = dataset_digest(target.data_dir, algorithm=algorithm)
+    if actual != digest:
+        raise DataOrderError(
+            f"{target.name} has {algorithm} digest {actual}, but the manifest pins {digest}; the data changed "
+            "since the stage ran (restore it with dvc checkout or rerun the tokenize stage)"
+        )
+    return dataset_digest(target.data_dir)
+
+
+__all__ = [
+    "ORDER_SCHEME",
+    "BatchTarget",
+    "DataOrder",
+    "DocumentSpan",
+    "OrderConfig",
+    "Sample",
+    "batch_indices",
+    "batch_target",
+    "dataset_digest",
+    "describe_batch",
+    "describe_samples",
+    "epoch_permutation",
+    "keyed_permutation",
+    "load_batch",
+    "order_digest",
+    "order_for",
+]
