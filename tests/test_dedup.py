@@ -18,14 +18,13 @@ from flowpin.data.dedup import (
     FuzzyConfig,
     NormalizeConfig,
     ReportConfig,
-    ShardsConfig,
     Shingler,
     dedup_records,
     jaccard,
     normalize,
     run_dedup,
 )
-from flowpin.data.shards import read_dataset, read_index, write_dataset
+from flowpin.data.shards import ShardConfig, read_dataset, read_index, write_dataset
 from flowpin.errors import DataError, EmptyCorpusError, RecipeError
 from flowpin.recipe import to_config
 
@@ -53,7 +52,7 @@ def config(*, norm: tuple[bool, bool, bool] = (True, True, True), max_examples: 
     return DedupConfig(
         normalize=NormalizeConfig(lowercase=lowercase, collapse_whitespace=collapse, strip=strip),
         fuzzy=fuzzy(**kw),
-        shards=ShardsConfig(docs_per_shard=2, zstd_level=3),
+        shards=ShardConfig(docs_per_shard=2, zstd_level=3),
         report=ReportConfig(max_examples=max_examples),
     )
 

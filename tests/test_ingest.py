@@ -17,14 +17,13 @@ from flowpin.data.ingest import (
     IngestConfig,
     IngestResult,
     LimitsConfig,
-    ShardConfig,
     SourceConfig,
     default_stdlib_root,
     glob_regex,
     load_topics,
     run_ingest,
 )
-from flowpin.data.shards import read_shard
+from flowpin.data.shards import ShardConfig, read_shard
 from flowpin.errors import (
     CorpusTooLargeError,
     DocumentEncodingError,

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from flowpin.canonical import canonical_json
 from flowpin.data.decontaminate import EvalItem, NgramConfig, build_eval_table, detect, tokenize
-from flowpin.data.shards import read_dataset, read_index, write_dataset
+from flowpin.data.shards import ShardConfig, read_dataset, read_index, write_dataset
 from flowpin.data.synth import (
     GENERATORS,
     TEMPLATES,
@@ -22,7 +22,6 @@ from flowpin.data.synth import (
     BinOp,
     Num,
     RangeConfig,
-    ShardConfig,
     SynthConfig,
     Task,
     WordProblemConfig,

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import math
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -98,6 +99,39 @@ def _build(tp: Any, value: Any, where: str) -> Any:
     else:
         raise TypeError(f"{where}: unsupported recipe field type {tp!r}")
     raise RecipeError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+
+
+def check_int(value: object, key: str, *, minimum: int, maximum: int | None = None) -> int:
+    """Recipe validation: an integer (not a bool) within bounds, else :class:`RecipeError` naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RecipeError(f"{key}: {value!r} must be an integer")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+        raise RecipeError(f"{key}: {value} must be {bound}")
+    return value
+
+
+def check_float(value: object, key: str, *, minimum: float, maximum: float = math.inf) -> float:
+    """Recipe validation: a finite number within bounds, else :class:`RecipeError` naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise RecipeError(f"{key}: {value!r} must be a finite number")
+    if not minimum <= value <= maximum:
+        raise RecipeError(f"{key}: {value} must be within {minimum:g}..{maximum:g}")
+    return float(value)
+
+
+def check_choice(value: object, choices: Sequence[str], key: str) -> str:
+    """Recipe validation: one of ``choices``, else :class:`RecipeError` naming ``key``."""
+    if not isinstance(value, str) or value not in choices:
+        raise RecipeError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def check_str(value: object, key: str) -> str:
+    """Recipe validation: a non-empty string, else :class:`RecipeError` naming ``key``."""
+    if not isinstance(value, str) or not value:
+        raise RecipeError(f"{key}: {value!r} must be a non-empty string")
+    return value
 
 
 def to_plain(cfg: DictConfig | Any) -> Any:

@@ -33,8 +33,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from flowpin.data.shards import ShardInfo, read_dataset, write_dataset
-from flowpin.data.synth import ShardConfig, load_tasks
+from flowpin.data.shards import ShardConfig, ShardInfo, read_dataset, write_dataset
+from flowpin.data.synth import load_tasks
 from flowpin.errors import (
     ArtifactMissingError,
     DataError,
@@ -45,7 +45,7 @@ from flowpin.errors import (
     ShardError,
 )
 from flowpin.manifest.resolve import python_package_root, python_package_uri
-from flowpin.recipe import StageInput, StagePaths
+from flowpin.recipe import StageInput, StagePaths, check_int
 
 EVAL_KINDS = ("humaneval", "synth_heldout")
 """Evaluation set kinds this module can read."""
@@ -114,10 +114,10 @@ class NgramConfig:
 
     def validate(self, where: str) -> None:
         """Raise :class:`RecipeError` naming ``where.<key>`` for the first invalid value."""
-        _check_int(self.n, f"{where}.n", minimum=1, maximum=MAX_N)
+        check_int(self.n, f"{where}.n", minimum=1, maximum=MAX_N)
         if self.tokenizer not in TOKENIZERS:
             raise RecipeError(f"{where}.tokenizer: {self.tokenizer!r} is not one of {', '.join(TOKENIZERS)}")
-        _check_int(self.min_matches, f"{where}.min_matches", minimum=1)
+        check_int(self.min_matches, f"{where}.min_matches", minimum=1)
         if self.short_eval_policy not in SHORT_EVAL_POLICIES:
             raise RecipeError(
                 f"{where}.short_eval_policy: {self.short_eval_policy!r} is not one of {', '.join(SHORT_EVAL_POLICIES)}"
@@ -125,7 +125,7 @@ class NgramConfig:
         if not isinstance(self.also_report, list):
             raise RecipeError(f"{where}.also_report: must be a list of n-gram lengths")
         for j, n in enumerate(self.also_report):
-            _check_int(n, f"{where}.also_report[{j}]", minimum=1, maximum=MAX_N)
+            check_int(n, f"{where}.also_report[{j}]", minimum=1, maximum=MAX_N)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -143,7 +143,7 @@ class ExpansionConfig:
 
     def validate(self, where: str) -> None:
         """Raise :class:`RecipeError` naming ``where.<key>`` for the first invalid value."""
-        _check_int(self.shingle, f"{where}.shingle", minimum=1, maximum=MAX_SHINGLE)
+        check_int(self.shingle, f"{where}.shingle", minimum=1, maximum=MAX_SHINGLE)
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, int | float):
             raise RecipeError(f"{where}.threshold: {self.threshold!r} must be a number")
         if not 0 < self.threshold <= 1:
@@ -159,7 +159,7 @@ class ReportConfig:
 
     def validate(self, where: str) -> None:
         """Raise :class:`RecipeError` naming ``where.<key>`` for the first invalid value."""
-        _check_int(self.max_examples, f"{where}.max_examples", minimum=0)
+        check_int(self.max_examples, f"{where}.max_examples", minimum=0)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -196,14 +196,6 @@ class DecontaminateConfig:
         self.expansion.validate(f"{where}.expansion")
         self.report.validate(f"{where}.report")
         self.shards.validate(f"{where}.shards")
-
-
-def _check_int(value: object, key: str, *, minimum: int, maximum: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise RecipeError(f"{key}: {value!r} must be an integer")
-    if value < minimum or (maximum is not None and value > maximum):
-        bounds = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
-        raise RecipeError(f"{key}: {value} must be {bounds}")
 
 
 # --- pure functions -------------------------------------------------------------------------------

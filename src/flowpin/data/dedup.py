@@ -43,8 +43,9 @@ import numpy as np
 import numpy.typing as npt
 from datasketch import MinHash, MinHashLSH
 
-from flowpin.data.shards import ShardInfo, read_dataset, read_index, write_dataset
+from flowpin.data.shards import ShardConfig, ShardInfo, read_dataset, read_index, write_dataset
 from flowpin.errors import DataError, EmptyCorpusError, RecipeError
+from flowpin.recipe import check_int
 
 SHINGLE_KINDS = ("word", "char")
 """Shingle kinds: n-grams of ``\\w+`` word tokens, or of characters."""
@@ -57,7 +58,6 @@ MAX_SEED = 2**32 - 1
 MINHASH_SCHEME = "affine64"
 """datasketch permutation scheme used for every MinHash (pinned, not datasketch's default)."""
 
-_MAX_ZSTD_LEVEL = 22
 _WORD = re.compile(r"\w+")
 _WHITESPACE = re.compile(r"\s+")
 _CHUNK = 8192  # shingles per MinHash.update_batch call: bounds its (chunk x num_perm) temporary
@@ -124,41 +124,26 @@ class FuzzyConfig:
             raise RecipeError(f"{where}.enabled: {self.enabled!r} must be true or false")
         if self.shingle not in SHINGLE_KINDS:
             raise RecipeError(f"{where}.shingle: {self.shingle!r} is not one of {', '.join(SHINGLE_KINDS)}")
-        _check_int(self.shingle_size, f"{where}.shingle_size", minimum=1)
-        _check_int(self.num_perm, f"{where}.num_perm", minimum=MIN_NUM_PERM, maximum=MAX_NUM_PERM)
+        check_int(self.shingle_size, f"{where}.shingle_size", minimum=1)
+        check_int(self.num_perm, f"{where}.num_perm", minimum=MIN_NUM_PERM, maximum=MAX_NUM_PERM)
         threshold = self.threshold
         if isinstance(threshold, bool) or not isinstance(threshold, float | int) or not 0 < threshold <= 1:
             raise RecipeError(
                 f"{where}.threshold: {threshold!r} must be a Jaccard similarity in (0, 1], e.g. 0.8; "
                 "higher drops fewer documents"
             )
-        _check_int(self.seed, f"{where}.seed", minimum=0, maximum=MAX_SEED)
-        _check_int(self.min_tokens, f"{where}.min_tokens", minimum=0)
+        check_int(self.seed, f"{where}.seed", minimum=0, maximum=MAX_SEED)
+        check_int(self.min_tokens, f"{where}.min_tokens", minimum=0)
         if (self.bands is None) != (self.rows is None):
             raise RecipeError(f"{where}.bands/rows: set both (to pin the LSH layout) or neither (to derive it)")
         if self.bands is not None and self.rows is not None:
-            _check_int(self.bands, f"{where}.bands", minimum=2)
-            _check_int(self.rows, f"{where}.rows", minimum=1)
+            check_int(self.bands, f"{where}.bands", minimum=2)
+            check_int(self.rows, f"{where}.rows", minimum=1)
             if self.bands * self.rows > self.num_perm:
                 raise RecipeError(
                     f"{where}.bands: bands * rows = {self.bands} * {self.rows} exceeds {where}.num_perm = "
                     f"{self.num_perm}; lower them or raise num_perm"
                 )
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class ShardsConfig:
-    """How surviving documents are cut into shards (``dedup.shards``); validated by :class:`DedupConfig`."""
-
-    docs_per_shard: int
-    """Most documents in one shard."""
-    zstd_level: int
-    """zstd compression level, 1..22 (shards are compressed one-shot, single-threaded)."""
-
-    def validate(self, where: str) -> None:
-        """Raise :class:`RecipeError` naming ``where.<key>`` for the first invalid value."""
-        _check_int(self.docs_per_shard, f"{where}.docs_per_shard", minimum=1)
-        _check_int(self.zstd_level, f"{where}.zstd_level", minimum=1, maximum=_MAX_ZSTD_LEVEL)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -171,7 +156,7 @@ class ReportConfig:
 
     def validate(self, where: str) -> None:
         """Raise :class:`RecipeError` naming ``where.<key>`` for the first invalid value."""
-        _check_int(self.max_examples, f"{where}.max_examples", minimum=0)
+        check_int(self.max_examples, f"{where}.max_examples", minimum=0)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -182,7 +167,7 @@ class DedupConfig:
     """Text normalisation applied before the exact digest and before shingling."""
     fuzzy: FuzzyConfig
     """The MinHash LSH near-duplicate pass (runs after exact dedup)."""
-    shards: ShardsConfig
+    shards: ShardConfig
     """Shard size and compression of the output dataset."""
     report: ReportConfig
     """How many examples the report lists."""
@@ -195,21 +180,13 @@ class DedupConfig:
         for key, cls in (
             ("normalize", NormalizeConfig),
             ("fuzzy", FuzzyConfig),
-            ("shards", ShardsConfig),
+            ("shards", ShardConfig),
             ("report", ReportConfig),
         ):
             value = getattr(self, key)
             if not isinstance(value, cls):
                 raise RecipeError(f"{where}.{key}: expected a {cls.__name__}, got {type(value).__name__}")
             value.validate(f"{where}.{key}")
-
-
-def _check_int(value: object, key: str, *, minimum: int, maximum: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise RecipeError(f"{key}: {value!r} must be an integer")
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
-        raise RecipeError(f"{key}: {value} must be {bound}")
 
 
 # --- text → shingles → MinHash --------------------------------------------------------------------

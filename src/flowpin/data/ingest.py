@@ -30,13 +30,13 @@ import platform
 import random
 import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 from flowpin.atomic import atomic_write_bytes
 from flowpin.canonical import canonical_json
-from flowpin.data.shards import ShardInfo, write_shards
+from flowpin.data.shards import ShardConfig, ShardInfo, write_shards
 from flowpin.errors import (
     CorpusTooLargeError,
     DataError,
@@ -47,6 +47,7 @@ from flowpin.errors import (
     SourceFormatError,
 )
 from flowpin.manifest.resolve import python_stdlib_root
+from flowpin.recipe import check_choice, check_int, check_str
 
 KINDS = ("python_stdlib", "pydoc_topics")
 """Source kinds this module can read."""
@@ -63,7 +64,6 @@ _PRUNED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 _SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _MAX_SKIP_EXAMPLES = 10
 _MAX_TOPICS_FILE_BYTES = 64 << 20
-_MAX_ZSTD_LEVEL = 22
 
 T = TypeVar("T")
 
@@ -93,19 +93,19 @@ class SourceConfig:
 
     def validate(self, where: str) -> None:
         """Raise :class:`RecipeError` naming ``where.<key>`` for the first invalid value."""
-        _check_str(self.name, f"{where}.name")
+        check_str(self.name, f"{where}.name")
         if not _SOURCE_NAME.fullmatch(self.name):
             raise RecipeError(
                 f"{where}.name: {self.name!r} must start with a letter or digit and use only "
                 "letters, digits, '_', '.', '-'"
             )
-        _check_choice(self.kind, KINDS, f"{where}.kind")
-        _check_str(self.license, f"{where}.license")
+        check_choice(self.kind, KINDS, f"{where}.kind")
+        check_str(self.license, f"{where}.license")
         for key, patterns in (("include", self.include), ("exclude", self.exclude)):
             if not isinstance(patterns, list):
                 raise RecipeError(f"{where}.{key}: must be a list of glob patterns")
             for j, pattern in enumerate(patterns):
-                _check_str(pattern, f"{where}.{key}[{j}]")
+                check_str(pattern, f"{where}.{key}[{j}]")
                 try:
                     glob_regex(pattern)
                 except ValueError as exc:
@@ -120,7 +120,7 @@ class SourceConfig:
                 "(use max_docs to take a subset)"
             )
         if self.max_docs is not None:
-            _check_int(self.max_docs, f"{where}.max_docs", minimum=1)
+            check_int(self.max_docs, f"{where}.max_docs", minimum=1)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -138,28 +138,11 @@ class LimitsConfig:
 
     def validate(self, where: str) -> None:
         """Raise :class:`RecipeError` naming ``where.<key>`` for the first invalid value."""
-        _check_int(self.max_doc_bytes, f"{where}.max_doc_bytes", minimum=1)
-        _check_choice(self.on_oversize, POLICIES, f"{where}.on_oversize")
-        _check_choice(self.on_decode_error, POLICIES, f"{where}.on_decode_error")
+        check_int(self.max_doc_bytes, f"{where}.max_doc_bytes", minimum=1)
+        check_choice(self.on_oversize, POLICIES, f"{where}.on_oversize")
+        check_choice(self.on_decode_error, POLICIES, f"{where}.on_decode_error")
         if self.max_total_bytes is not None:
-            _check_int(self.max_total_bytes, f"{where}.max_total_bytes", minimum=1)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class ShardConfig:
-    """How documents are cut into shards (``ingest.shards``); validated by :class:`IngestConfig`."""
-
-    docs_per_shard: int
-    """Most documents in one shard."""
-    zstd_level: int
-    """zstd compression level, 1..22 (shards are compressed one-shot, single-threaded)."""
-
-    def validate(self, where: str) -> None:
-        """Raise :class:`RecipeError` naming ``where.<key>`` for the first invalid value."""
-        _check_int(self.docs_per_shard, f"{where}.docs_per_shard", minimum=1)
-        _check_int(self.zstd_level, f"{where}.zstd_level", minimum=1)
-        if self.zstd_level > _MAX_ZSTD_LEVEL:
-            raise RecipeError(f"{where}.zstd_level: {self.zstd_level} is above zstd's maximum {_MAX_ZSTD_LEVEL}")
+            check_int(self.max_total_bytes, f"{where}.max_total_bytes", minimum=1)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -195,24 +178,7 @@ class IngestConfig:
             seen[source.name] = i
         self.limits.validate(f"{where}.limits")
         self.shards.validate(f"{where}.shards")
-        _check_int(self.seed, f"{where}.seed", minimum=0)
-
-
-def _check_str(value: object, key: str) -> None:
-    if not isinstance(value, str) or not value:
-        raise RecipeError(f"{key}: {value!r} must be a non-empty string")
-
-
-def _check_int(value: object, key: str, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise RecipeError(f"{key}: {value!r} must be an integer")
-    if value < minimum:
-        raise RecipeError(f"{key}: {value} must be >= {minimum}")
-
-
-def _check_choice(value: object, choices: Sequence[str], key: str) -> None:
-    if value not in choices:
-        raise RecipeError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+        check_int(self.seed, f"{where}.seed", minimum=0)
 
 
 # --- globs ----------------------------------------------------------------------------------------

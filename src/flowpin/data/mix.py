@@ -45,8 +45,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from flowpin.data.shards import ShardInfo, read_dataset, write_dataset
+from flowpin.data.shards import ShardConfig, ShardInfo, read_dataset, write_dataset
 from flowpin.errors import DataError, EmptyCorpusError, NoSurvivorsError, RecipeError, UnknownTopicError
+from flowpin.recipe import check_float, check_int
 
 FACTOR_CAP = 16.0
 """Largest repetition factor any recipe may ask for (OLMo 3 caps at 7; beyond 16 is surely a typo)."""
@@ -67,7 +68,6 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _DOC_START = re.compile(r"(?i:[rbuf]{0,2})(\"\"\"|''')")
 _MAX_EXAMPLES = 10
 _SHARE_TOLERANCE = 1e-6
-_MAX_ZSTD_LEVEL = 22
 
 
 # --- configs --------------------------------------------------------------------------------------
@@ -224,16 +224,6 @@ class UpsamplingConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ShardsConfig:
-    """How the mixed records are cut into shards (``mix.shards``)."""
-
-    docs_per_shard: int
-    """Most records in one shard."""
-    zstd_level: int
-    """zstd compression level, 1..22."""
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
 class MixConfig:
     """The mix recipe (``mix`` in ``params/mix.yaml``). Validated on construction."""
 
@@ -243,7 +233,7 @@ class MixConfig:
     """The quality scorer and tiers."""
     upsampling: UpsamplingConfig
     """Token budget and repetition caps."""
-    shards: ShardsConfig
+    shards: ShardConfig
     """Output shard size and compression."""
     seed: int
     """Seed of the output order (the only random choice; it never changes which records are written)."""
@@ -257,11 +247,8 @@ class MixConfig:
         produced = set(self.topics.produced())
         _validate_quality(self.quality, produced, f"{where}.quality")
         _validate_upsampling(self.upsampling, [t.name for t in self.quality.tiers], produced, f"{where}.upsampling")
-        _check_int(self.shards.docs_per_shard, f"{where}.shards.docs_per_shard", minimum=1)
-        _check_int(self.shards.zstd_level, f"{where}.shards.zstd_level", minimum=1)
-        if self.shards.zstd_level > _MAX_ZSTD_LEVEL:
-            raise RecipeError(f"{where}.shards.zstd_level: {self.shards.zstd_level} is above zstd's maximum 22")
-        _check_int(self.seed, f"{where}.seed", minimum=0)
+        self.shards.validate(f"{where}.shards")
+        check_int(self.seed, f"{where}.seed", minimum=0)
 
 
 def _validate_topics(topics: TopicsConfig, where: str) -> None:
@@ -274,7 +261,7 @@ def _validate_quality(quality: QualityConfig, produced: set[str], where: str) ->
     for name in FEATURES:
         feature = quality.features.get(name)
         key = f"{where}.features.{name}"
-        _check_float(feature.weight, f"{key}.weight", minimum=0.0)
+        check_float(feature.weight, f"{key}.weight", minimum=0.0)
         band = feature.band
         if len(band) != 4 or not all(math.isfinite(b) for b in band):
             raise RecipeError(
@@ -293,7 +280,7 @@ def _validate_quality(quality: QualityConfig, produced: set[str], where: str) ->
                 raise RecipeError(
                     f"{where}.topic_weights.{topic}.{name}: unknown feature (known: {', '.join(FEATURES)})"
                 )
-            _check_float(weight, f"{where}.topic_weights.{topic}.{name}", minimum=0.0)
+            check_float(weight, f"{where}.topic_weights.{topic}.{name}", minimum=0.0)
     for overridden in [None, *sorted(quality.topic_weights)]:
         weights = quality.weights(overridden or "")
         if sum(weights.values()) <= 0:
@@ -309,7 +296,7 @@ def _validate_quality(quality: QualityConfig, produced: set[str], where: str) ->
         if tier.name in seen:
             raise RecipeError(f"{key}.name: tier {tier.name!r} is listed twice")
         seen.add(tier.name)
-        _check_float(tier.min_score, f"{key}.min_score", minimum=0.0, maximum=1.0)
+        check_float(tier.min_score, f"{key}.min_score", minimum=0.0, maximum=1.0)
         if tier.min_score >= previous:
             raise RecipeError(f"{key}.min_score: {tier.min_score} must be below the previous tier's {previous}")
         previous = tier.min_score
@@ -318,16 +305,16 @@ def _validate_quality(quality: QualityConfig, produced: set[str], where: str) ->
             f"{where}.tiers[{len(quality.tiers) - 1}].min_score: the last tier must start at 0 so that "
             "every document gets a tier"
         )
-    _check_int(quality.long_line_chars, f"{where}.long_line_chars", minimum=1)
-    _check_int(quality.duplicate_min_chars, f"{where}.duplicate_min_chars", minimum=0)
+    check_int(quality.long_line_chars, f"{where}.long_line_chars", minimum=1)
+    check_int(quality.duplicate_min_chars, f"{where}.duplicate_min_chars", minimum=0)
 
 
 def _validate_upsampling(up: UpsamplingConfig, tiers: list[str], produced: set[str], where: str) -> None:
-    _check_int(up.token_budget, f"{where}.token_budget", minimum=1)
-    _check_float(up.bytes_per_token, f"{where}.bytes_per_token", minimum=0.0, maximum=64.0)
+    check_int(up.token_budget, f"{where}.token_budget", minimum=1)
+    check_float(up.bytes_per_token, f"{where}.bytes_per_token", minimum=0.0, maximum=64.0)
     if up.bytes_per_token <= 0:
         raise RecipeError(f"{where}.bytes_per_token: must be > 0 (about 4 for English and code)")
-    _check_float(up.max_factor, f"{where}.max_factor", minimum=-math.inf)
+    check_float(up.max_factor, f"{where}.max_factor", minimum=-math.inf)
     if not 1 <= up.max_factor <= FACTOR_CAP:
         raise RecipeError(
             f"{where}.max_factor: {up.max_factor:g} is outside 1..{FACTOR_CAP:g} (OLMo 3 repeats its top tier "
@@ -342,7 +329,7 @@ def _validate_upsampling(up: UpsamplingConfig, tiers: list[str], produced: set[s
         if name not in up.tier_max_factors:
             raise RecipeError(f"{key}: missing; give every tier a cap (0 drops it)")
         factor = up.tier_max_factors[name]
-        _check_float(factor, key, minimum=-math.inf)
+        check_float(factor, key, minimum=-math.inf)
         if not 0 <= factor <= up.max_factor:
             raise RecipeError(
                 f"{key}: {factor:g} is outside 0..{up.max_factor:g} (mix.upsampling.max_factor); use 0 to drop the tier"
@@ -361,7 +348,7 @@ def _validate_upsampling(up: UpsamplingConfig, tiers: list[str], produced: set[s
                     f"{key}: no rule produces topic {topic!r} (produced: {', '.join(sorted(produced))}); "
                     "fix the name or add a rule to mix.topics.rules"
                 )
-            _check_float(share, key, minimum=0.0, maximum=1.0)
+            check_float(share, key, minimum=0.0, maximum=1.0)
         missing = sorted(produced - set(up.target_shares))
         if missing:
             raise RecipeError(
@@ -376,20 +363,6 @@ def _validate_upsampling(up: UpsamplingConfig, tiers: list[str], produced: set[s
 def _check_name(value: object, key: str) -> None:
     if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise RecipeError(f"{key}: {value!r} must start with a letter or digit and use only letters, digits, _ . -")
-
-
-def _check_int(value: object, key: str, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise RecipeError(f"{key}: {value!r} must be an integer")
-    if value < minimum:
-        raise RecipeError(f"{key}: {value} must be >= {minimum}")
-
-
-def _check_float(value: object, key: str, *, minimum: float, maximum: float = math.inf) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise RecipeError(f"{key}: {value!r} must be a finite number")
-    if not minimum <= value <= maximum:
-        raise RecipeError(f"{key}: {value} must be within {minimum:g}..{maximum:g}")
 
 
 # --- features and scores ---------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import zstandard
 from flowpin.atomic import atomic_open, atomic_write_bytes
 from flowpin.canonical import canonical_json
 from flowpin.errors import ShardError
+from flowpin.recipe import check_int
 
 SHARD_SUFFIX = ".jsonl.zst"
 """File name suffix of every shard."""
@@ -54,6 +55,21 @@ class ShardInfo:
     def to_json(self) -> dict[str, Any]:
         """A canonical-JSON-safe dict of this info (for ``index.json``)."""
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ShardConfig:
+    """How a stage cuts its JSONL dataset into shards (the ``shards`` block of a data stage's recipe)."""
+
+    docs_per_shard: int
+    """Most documents (records) in one shard."""
+    zstd_level: int
+    """zstd compression level, 1..22 (shards are compressed one-shot, single-threaded)."""
+
+    def validate(self, where: str) -> None:
+        """Raise :class:`RecipeError` naming ``where.<key>`` for the first invalid value."""
+        check_int(self.docs_per_shard, f"{where}.docs_per_shard", minimum=1)
+        check_int(self.zstd_level, f"{where}.zstd_level", minimum=1, maximum=zstandard.MAX_COMPRESSION_LEVEL)
 
 
 def shard_name(index: int) -> str:

@@ -30,8 +30,9 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol, TypeAlias
 
-from flowpin.data.shards import ShardInfo, read_dataset, write_dataset
+from flowpin.data.shards import ShardConfig, ShardInfo, read_dataset, write_dataset
 from flowpin.errors import DataError, RecipeError
+from flowpin.recipe import check_int
 
 SPLITS = ("heldout", "train")
 """Splits in generation order (held-out first, so that its problems never depend on the train size)."""
@@ -45,7 +46,6 @@ MAX_OPERATIONS = 8
 """Most binary operators in one arithmetic problem."""
 
 _PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
-_MAX_ZSTD_LEVEL = 22
 _MAX_SAMPLE_TRIES = 10_000
 _ANSWER_LINE = re.compile(r"-?(?:0|[1-9][0-9]*)")
 
@@ -293,8 +293,8 @@ class RangeConfig:
 
     def validate(self, where: str, *, lowest: int, highest: int | None = None) -> None:
         """Raise :class:`RecipeError` naming ``where.min``/``where.max`` for an invalid bound."""
-        _check_int(self.min, f"{where}.min", minimum=lowest)
-        _check_int(self.max, f"{where}.max", minimum=self.min)
+        check_int(self.min, f"{where}.min", minimum=lowest)
+        check_int(self.max, f"{where}.max", minimum=self.min)
         if highest is not None and self.max > highest:
             raise RecipeError(f"{where}.max: {self.max} is above the limit of {highest}")
 
@@ -321,8 +321,8 @@ class ArithmeticConfig:
 
     def validate(self, where: str) -> None:
         """Raise :class:`RecipeError` naming ``where.<key>`` for the first invalid value."""
-        _check_int(self.train, f"{where}.train", minimum=0)
-        _check_int(self.heldout, f"{where}.heldout", minimum=0)
+        check_int(self.train, f"{where}.train", minimum=0)
+        check_int(self.heldout, f"{where}.heldout", minimum=0)
         self.operands.validate(f"{where}.operands", lowest=0)
         self.operations.validate(f"{where}.operations", lowest=1, highest=MAX_OPERATIONS)
         if not isinstance(self.operators, list) or not self.operators:
@@ -333,7 +333,7 @@ class ArithmeticConfig:
         if len(set(self.operators)) != len(self.operators):
             raise RecipeError(f"{where}.operators: {self.operators} lists an operator twice")
         if self.max_value is not None:
-            _check_int(self.max_value, f"{where}.max_value", minimum=max(self.operands.max, 1))
+            check_int(self.max_value, f"{where}.max_value", minimum=max(self.operands.max, 1))
         if self.operators == ["/"] and self.operands.max == 0:
             raise RecipeError(f"{where}.operands.max: division needs a non-zero divisor; raise it above 0")
 
@@ -351,8 +351,8 @@ class WordProblemConfig:
 
     def validate(self, where: str) -> None:
         """Raise :class:`RecipeError` naming ``where.<key>`` for the first invalid value."""
-        _check_int(self.train, f"{where}.train", minimum=0)
-        _check_int(self.heldout, f"{where}.heldout", minimum=0)
+        check_int(self.train, f"{where}.train", minimum=0)
+        check_int(self.heldout, f"{where}.heldout", minimum=0)
         if not isinstance(self.templates, list):
             raise RecipeError(f"{where}.templates: must be a list of template names")
         for j, name in enumerate(self.templates):
@@ -360,23 +360,6 @@ class WordProblemConfig:
                 raise RecipeError(f"{where}.templates[{j}]: {name!r} is not one of {', '.join(TEMPLATES)}")
         if len(set(self.templates)) != len(self.templates):
             raise RecipeError(f"{where}.templates: a template is listed twice")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class ShardConfig:
-    """How records are cut into shards (``<stage>.shards``)."""
-
-    docs_per_shard: int
-    """Most records in one shard."""
-    zstd_level: int
-    """zstd compression level, 1..22 (one-shot, single-threaded: reproducible bytes)."""
-
-    def validate(self, where: str) -> None:
-        """Raise :class:`RecipeError` naming ``where.<key>`` for the first invalid value."""
-        _check_int(self.docs_per_shard, f"{where}.docs_per_shard", minimum=1)
-        _check_int(self.zstd_level, f"{where}.zstd_level", minimum=1)
-        if self.zstd_level > _MAX_ZSTD_LEVEL:
-            raise RecipeError(f"{where}.zstd_level: {self.zstd_level} is above zstd's maximum {_MAX_ZSTD_LEVEL}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -400,8 +383,8 @@ class SynthConfig:
 
     def validate(self, where: str = "synth") -> None:
         """Raise :class:`RecipeError` naming the first invalid key (``synth.arithmetic.operands.max`` ...)."""
-        _check_int(self.seed, f"{where}.seed", minimum=0)
-        _check_int(self.max_attempts, f"{where}.max_attempts", minimum=1)
+        check_int(self.seed, f"{where}.seed", minimum=0)
+        check_int(self.max_attempts, f"{where}.max_attempts", minimum=1)
         self.arithmetic.validate(f"{where}.arithmetic")
         self.word_problem.validate(f"{where}.word_problem")
         if sum(getattr(self, kind).train for kind in GENERATORS) == 0:
@@ -411,13 +394,6 @@ class SynthConfig:
     def size(self, kind: str, split: str) -> int:
         """How many problems of ``kind`` the recipe asks for in ``split``."""
         return int(getattr(getattr(self, kind), split))
-
-
-def _check_int(value: object, key: str, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise RecipeError(f"{key}: {value!r} must be an integer")
-    if value < minimum:
-        raise RecipeError(f"{key}: {value} must be >= {minimum}")
 
 
 # --- generators -----------------------------------------------------------------------------------

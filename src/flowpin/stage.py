@@ -1,0 +1,88 @@
+"""The shape every stage script shares, in one place.
+
+A stage composes its Hydra recipe, turns the stage's block into its typed config and the ``paths``
+block into :class:`~flowpin.recipe.StagePaths`, records a signed manifest (declaring every upstream
+input with its parent manifest), builds its output directory aside and swaps it in whole, writes its
+JSON report and declares output and report. :func:`stage_run` does all of that around the one library
+call that is the stage's own work::
+
+    @hydra.main(config_path="../params", config_name="dedup", version_base="1.3")
+    def main(cfg: DictConfig) -> None:
+        with stage_run("dedup", cfg, DedupConfig, root=ROOT, inputs=("corpus",)) as run:
+            result = run_dedup(run.recipe, run.input_dir("corpus"), run.out_dir)
+            run.report = result.report
+
+Nothing is recorded when the recipe is invalid (the previous manifest and outputs stay as they were);
+when the body raises, the stage's manifest is gone and its previous outputs are untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from omegaconf import DictConfig
+
+from flowpin.atomic import atomic_directory, atomic_write_bytes
+from flowpin.canonical import canonical_json
+from flowpin.errors import RecipeError
+from flowpin.manifest.record import StageRecorder, record
+from flowpin.recipe import StagePaths, hydra_sources, to_config, to_plain
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass
+class StageRun(Generic[T]):
+    """What the body of :func:`stage_run` works with."""
+
+    recipe: T
+    """The stage's typed config."""
+    paths: StagePaths
+    rec: StageRecorder
+    """For extra declarations (e.g. inputs outside the repository: ``rec.fileset``)."""
+    out_dir: Path
+    """An empty temporary directory that becomes ``paths.out`` when the body succeeds."""
+    root: Path
+    report: dict[str, Any] | None = None
+    """Set by the body: written (canonical JSON) to ``paths.report`` and pinned as a byproduct."""
+
+    def input_dir(self, role: str) -> Path:
+        """The upstream dataset directory for ``role`` (``paths.inputs.<role>.data``)."""
+        return self.root / self.paths.inputs[role].data
+
+
+@contextlib.contextmanager
+def stage_run(
+    stage: str, cfg: DictConfig, config_cls: type[T], *, root: Path, inputs: Sequence[str] = ()
+) -> Iterator[StageRun[T]]:
+    """Run one stage: see the module docstring. ``inputs`` are the roles ``paths.inputs`` must name."""
+    recipe = to_config(config_cls, cfg[stage], where=stage)
+    paths = to_config(StagePaths, cfg.paths, where="paths")
+    for role in inputs:
+        if role not in paths.inputs:
+            raise RecipeError(
+                f"paths.inputs.{role}: missing; name the upstream dataset for {role!r} (data: and manifest:)"
+            )
+    src = hydra_sources(root / "params")
+    with record(
+        stage,
+        recipe=to_plain(cfg),
+        overrides=src.overrides,
+        config_files=src.config_files,
+        root=root,
+        manifest=paths.manifest,
+    ) as rec:
+        for upstream in paths.inputs.values():
+            rec.upstream(data=upstream.data, manifest=upstream.manifest)
+        with atomic_directory(root / paths.out) as tmp:
+            run = StageRun(recipe=recipe, paths=paths, rec=rec, out_dir=tmp, root=root)
+            yield run
+        if run.report is None:
+            raise RecipeError(f"stage {stage}: produced no report (set run.report in the stage body)")
+        atomic_write_bytes(root / paths.report, canonical_json(run.report) + b"\n")
+        rec.output(paths.out)
+        rec.byproduct(paths.report)
