@@ -276,14 +276,21 @@ def _env_vars(environ: Mapping[str, str]) -> dict[str, str]:
 
 
 def _torch_state() -> dict[str, Any] | None:
-    try:
-        import torch
-    except Exception:  # not installed, or a broken build: no torch section
-        return None
+    """torch's numerics switches, read only when this process has already loaded torch.
+
+    A stage that never imports torch cannot be affected by its thread or determinism settings, and
+    importing it just to read them cost ~1 s per stage (a third of a small data stage); its version is
+    recorded under ``packages`` either way, and ``{"loaded": false}`` says the switches were not in play.
+    """
+    if "torch" not in sys.modules:
+        return {"loaded": False}
+    import torch  # already loaded: free
+
     cuda = torch.cuda.is_available()
     cudnn = torch.backends.cudnn
     cudnn_version = cudnn.version() if cudnn.is_available() else None  # type: ignore[no-untyped-call]
     return {
+        "loaded": True,
         "version": torch.__version__,
         "cuda": torch.version.cuda,
         "cudnn": cudnn_version,
