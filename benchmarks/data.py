@@ -67,7 +67,7 @@ def main() -> int:
     tcfg = to_config(TokenizeConfig, OmegaConf.load(ROOT / "params" / "tokenize_full.yaml").tokenize, where="tokenize")
     texts = [d["text"] for d in read_dataset(full / "mix")]
     index = data.index
-    n_tokens = int(index["n_tokens"])
+    n_tokens = sum(len(e.ids) for e in tok.encode_batch(texts)) + len(texts)  # all tokens encoded, + one EOS each
     t_raw = best(lambda: tok.encode_batch(texts), 2)
     t_pack = best(
         lambda: pack_texts(
