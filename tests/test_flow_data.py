@@ -1,7 +1,7 @@
 """The data half of the flow under DVC, end to end, in scratch copies of the project.
 
 One scratch project replays ingest → dedup → synth → decontaminate → mix → tokenize with `dvc repro`
-(about 30 s on 2 cores); the tests then check the promises of issue #3 on it: replay is a no-op, a
+(about 15 s on 2 cores); the tests then check the promises of issue #3 on it: replay is a no-op, a
 recipe change invalidates exactly the stages downstream of it, every manifest verifies, lineage walks
 back to the raw inputs, batches are recoverable, and a second clean project gets identical digests.
 """
