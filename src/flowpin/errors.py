@@ -156,3 +156,14 @@ class TokenizerError(DataError):
 
 class DataOrderError(DataError):
     """A batch/step request cannot be answered (step out of range, dataset and order do not match)."""
+
+
+# --- training -------------------------------------------------------------------------------------
+
+
+class PrecisionError(RecipeError):
+    """The recipe asks for a precision (e.g. FP8) this machine cannot run; refused before training."""
+
+
+class CompatibilityError(FlowpinError):
+    """An installed library differs from the version whose internals flowpin reviewed and patches."""

@@ -1,0 +1,15 @@
+"""Training engine: the model and the process around it (stages 6-8: pretrain, midtrain, long context).
+
+* :mod:`flowpin.train.model` -- :class:`~flowpin.train.model.ModelConfig` (recipe group ``model``), the
+  mapping onto megatron-core's ``TransformerConfig``, building the ``GPTModel`` (local spec on CPU,
+  Transformer Engine spec on GPU), parameter counts, and the precision rules (FP8 is refused where it
+  could not really be used; the effective precision is read back from the built model).
+* :mod:`flowpin.train.megatron_cpu` -- the reviewed replacements of megatron-core's CUDA-only code, applied
+  only without CUDA and named in the manifest; megatron's named RNG streams for checkpoints.
+* :mod:`flowpin.train.distributed` -- the only place with process-wide side effects: process group,
+  megatron parallel state (TP = PP = 1, data parallel), seeding and deterministic kernels; the only reader
+  of ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``.
+
+Nothing here imports megatron at import time (on a GPU machine that imports Transformer Engine and starts
+CUDA); the functions that need it import it.
+"""
