@@ -1,8 +1,12 @@
-"""Stage 5, tokenize: train a byte-level BPE, pack the mixed corpus into safetensors sequence shards.
+"""Stage 5, tokenize: train a byte-level BPE (or reuse one), pack a corpus into safetensors sequence shards.
 
-python stages/tokenize_corpus.py                              # the reference recipe, params/tokenize.yaml
-python stages/tokenize_corpus.py --config-name tokenize_full  # the full flow
-python stages/tokenize_corpus.py tokenize.packing.seq_len=128  # any Hydra override; recorded in the manifest
+python stages/tokenize_corpus.py                                    # the reference recipe, params/tokenize.yaml
+python stages/tokenize_corpus.py --config-name tokenize_full        # the full flow
+python stages/tokenize_corpus.py --config-name tokenize_midtrain    # reuses data/tokenize's tokenizer
+python stages/tokenize_corpus.py tokenize.packing.seq_len=128       # any Hydra override; recorded in the manifest
+
+A recipe with ``tokenize.tokenizer.source: input`` reuses the tokenizer of ``paths.inputs.tokenizer``
+(pinned like any input, its manifest a parent); the file itself is also declared with kind ``tokenizer``.
 
 (Not ``stages/tokenize.py``: run as a script, a file of that name in stages/ would shadow the standard
 library's ``tokenize`` module for *every* stage script, since their directory is ``sys.path[0]``.)
@@ -15,16 +19,24 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from flowpin.data.tokenize import TokenizeConfig, run_tokenize
+from flowpin.data.tokenize import TOKENIZER_NAME, TOKENIZER_ROLE, TokenizeConfig, check_tokenizer_source, run_tokenize
+from flowpin.recipe import StagePaths
 from flowpin.stage import stage_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _preflight(recipe: TokenizeConfig, paths: StagePaths) -> None:
+    check_tokenizer_source(recipe, has_input=TOKENIZER_ROLE in paths.inputs)
+
+
 @hydra.main(config_path="../params", config_name="tokenize", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    with stage_run("tokenize", cfg, TokenizeConfig, root=ROOT, inputs=("corpus",)) as run:
-        result = run_tokenize(run.recipe, run.input_dir("corpus"), run.out_dir)
+    with stage_run("tokenize", cfg, TokenizeConfig, root=ROOT, inputs=("corpus",), preflight=_preflight) as run:
+        reuse = run.input_dir(TOKENIZER_ROLE) if TOKENIZER_ROLE in run.paths.inputs else None
+        if reuse is not None:
+            run.rec.input(reuse / TOKENIZER_NAME, kind="tokenizer")
+        result = run_tokenize(run.recipe, run.input_dir("corpus"), run.out_dir, tokenizer_dir=reuse)
         run.report = result.report
     print(
         f"tokenize: {result.documents} documents, {result.tokens} tokens, "

@@ -224,10 +224,16 @@ def test_lineage_reports_a_missing_parent(cli: Project, capsys: pytest.CaptureFi
 def test_lineage_reports_a_changed_parent(cli: Project, capsys: pytest.CaptureFixture[str], algorithm: str) -> None:
     _, train = record_prep_and_train(cli, algorithm=algorithm)
     assert run(capsys, "lineage", train)[0] == 0
+    # A parent re-run that reproduces the same outputs leaves the child valid (DVC would skip it too) ...
     cli.record_stage("prep", recipe={"lr": 0.5}, inputs=["data/raw.txt"], algorithm=algorithm)
+    assert run(capsys, "lineage", train)[0] == 0
+    # ... one that records different outputs does not.
+    with record("prep", recipe={"lr": 0.5}, code=[], root=cli.root, signer=cli.signer, algorithm=algorithm) as rec:
+        (cli.root / "artifacts" / "prep" / "model.bin").write_bytes(b"other weights\n")
+        rec.output("artifacts/prep/model.bin")
     code, _, err = run(capsys, "lineage", train)
     assert code == 1
-    assert "changed since the child pinned it" in err
+    assert "outputs changed since the child pinned them" in err
     assert "manifests/prep.json" in err
 
 

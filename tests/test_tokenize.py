@@ -30,6 +30,7 @@ from flowpin.data.tokenize import (
     TOKENIZER_NAME,
     TokenizeConfig,
     TokenizedDataset,
+    check_tokenizer_source,
     encode_documents,
     load_tokenizer,
     pack_texts,
@@ -66,6 +67,7 @@ def corpus_records() -> list[dict[str, Any]]:
 def make_cfg(**changes: Any) -> TokenizeConfig:
     tok = {"vocab_size": 400, "min_frequency": 2, "special_tokens": list(SPECIALS), "seed": 7}
     tok.update(changes.pop("tokenizer", {}))
+    tok = {k: v for k, v in tok.items() if v is not None}  # None: leave the key out
     packing = {"seq_len": 32, "tail": "pad", **changes.pop("packing", {})}
     shards = {"sequences_per_shard": 100, "zstd_level": 3, **changes.pop("shards", {})}
     assert not changes
@@ -251,11 +253,141 @@ def test_pack_texts_is_the_pure_core(tokenized: Path) -> None:
 
 
 def test_reference_recipes_are_valid() -> None:
-    for name in ("tokenize", "tokenize_full"):
+    for name in ("tokenize", "tokenize_full", "tokenize_midtrain", "tokenize_longctx"):
         doc = yaml.safe_load((REPO / "params" / f"{name}.yaml").read_text())
         cfg = to_config(TokenizeConfig, doc["tokenize"], where="tokenize")
         assert cfg.packing.seq_len >= 2 and cfg.order.batch_size >= 1
         assert set(doc["paths"]) == {"inputs", "out", "report", "manifest"}
+        check_tokenizer_source(cfg, has_input="tokenizer" in doc["paths"]["inputs"])
+
+
+def test_later_stages_reuse_the_pretraining_tokenizer() -> None:
+    """Mid-training and long-context data are tokenized with data/tokenize's tokenizer, not a new one."""
+
+    def load(name: str) -> dict[str, Any]:
+        doc: dict[str, Any] = yaml.safe_load((REPO / "params" / f"{name}.yaml").read_text())
+        return doc
+
+    pretrain = load("tokenize")
+    for name, seq_len in (("tokenize_midtrain", 256), ("tokenize_longctx", 1024)):
+        doc = load(name)
+        assert doc["tokenize"]["tokenizer"]["source"] == "input"
+        assert doc["paths"]["inputs"]["tokenizer"] == {"data": "data/tokenize", "manifest": "manifests/tokenize.json"}
+        for key in ("vocab_size", "special_tokens", "eos_token", "pad_token"):
+            assert doc["tokenize"]["tokenizer"][key] == pretrain["tokenize"]["tokenizer"][key]
+        assert doc["tokenize"]["packing"]["seq_len"] == seq_len
+    assert load("tokenize_longctx")["tokenize"]["packing"]["seq_len"] == 4 * pretrain["tokenize"]["packing"]["seq_len"]
+
+
+# --- reusing a tokenizer --------------------------------------------------------------------------
+
+
+def reuse_cfg(**tokenizer: Any) -> TokenizeConfig:
+    """A recipe reusing a tokenizer: no training keys (``None`` drops a key)."""
+    return make_cfg(tokenizer={"source": "input", "min_frequency": None, "seed": None, **tokenizer})
+
+
+def test_reusing_the_tokenizer_copies_it_and_packs_like_training_did(
+    corpus: Path, tokenized: Path, tmp_path: Path
+) -> None:
+    """Same corpus, reused tokenizer: the very same sequences; only the index says where it came from."""
+    out = tmp_path / "reused"
+    out.mkdir()
+    report = run_tokenize(reuse_cfg(), corpus, out, tokenizer_dir=tokenized).report
+    assert (out / TOKENIZER_NAME).read_bytes() == (tokenized / TOKENIZER_NAME).read_bytes()
+    a, b = content(tokenized), content(out)
+    assert {k: v for k, v in a.items() if k != INDEX_NAME} == {k: v for k, v in b.items() if k != INDEX_NAME}
+    trained, reused = json.loads(a[INDEX_NAME]), json.loads(b[INDEX_NAME])
+    assert reused["tokenizer"] == {**trained["tokenizer"], "source": "input"}
+    sha256 = trained["tokenizer"]["sha256"]
+    del reused["tokenizer"], trained["tokenizer"]
+    assert reused == trained
+    assert report["tokenizer"] == {"source": "input", "sha256": sha256}
+    assert TokenizedDataset.open(out).tokenizer().get_vocab_size() == 400
+
+
+def test_reused_tokenizer_packs_another_corpus(tokenized: Path, tmp_path: Path) -> None:
+    records = synthetic_records()
+    other = write_corpus(tmp_path / "c", records)
+    out = tmp_path / "o"
+    out.mkdir()
+    run_tokenize(reuse_cfg(vocab_size=400), other, out, tokenizer_dir=tokenized)
+    data = TokenizedDataset.open(out)
+    assert data.tokenizer_json == TokenizedDataset.open(tokenized).tokenizer_json
+    tok = TokenizedDataset.open(tokenized).tokenizer()
+    ids, docs = data.sequences(range(data.n_sequences))
+    for i, rec in enumerate(records):
+        span = ids.reshape(-1)[docs.reshape(-1) == i]
+        assert span[:-1].tolist() == tok.encode(rec["text"], add_special_tokens=False).ids
+        assert tok.decode(span[:-1].tolist(), skip_special_tokens=False) == rec["text"]
+
+
+@pytest.mark.parametrize(
+    ("source", "has_input", "key"),
+    [("train", True, r"tokenize\.tokenizer\.source: 'train'"), ("input", False, r"paths\.inputs\.tokenizer: missing")],
+)
+def test_train_and_a_tokenizer_input_or_neither_is_refused(
+    source: str, has_input: bool, key: str, corpus: Path, tokenized: Path, tmp_path: Path
+) -> None:
+    cfg = make_cfg() if source == "train" else reuse_cfg()
+    with pytest.raises(RecipeError, match=key):
+        check_tokenizer_source(cfg, has_input=has_input)
+    (tmp_path / "o").mkdir()
+    with pytest.raises(RecipeError, match=key):  # run_tokenize checks it too, before any work
+        run_tokenize(cfg, corpus, tmp_path / "o", tokenizer_dir=tokenized if has_input else None)
+    assert not any((tmp_path / "o").iterdir())
+    check_tokenizer_source(cfg, has_input=not has_input)
+
+
+@pytest.mark.parametrize(
+    ("tokenizer", "key"),
+    [
+        ({"source": "file"}, r"tokenize\.tokenizer\.source: 'file' is not one of train, input"),
+        ({"source": "input"}, r"tokenize\.tokenizer\.min_frequency: only used to train"),
+        ({"source": "input", "min_frequency": None}, r"tokenize\.tokenizer\.seed: only used to train"),
+        ({"source": "input", "min_frequency": None, "seed": None, "train_max_bytes": 10}, r"train_max_bytes: only"),
+        ({"vocab_size": None}, r"tokenize\.tokenizer\.vocab_size: missing; required when .* 'train'"),
+        ({"seed": None}, r"tokenize\.tokenizer\.seed: missing"),
+    ],
+)
+def test_tokenizer_source_keys_are_checked(tokenizer: dict[str, Any], key: str) -> None:
+    with pytest.raises(RecipeError, match=key):
+        make_cfg(tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize(
+    ("tokenizer", "key"),
+    [
+        ({"special_tokens": ["<|endoftext|>", "<|pad|>", "<|im_start|>"]}, r"tokenize\.tokenizer\.special_tokens:"),
+        (
+            {"special_tokens": ["<|pad|>", "<|endoftext|>"]},
+            r"tokenize\.tokenizer\.special_tokens: \['<\|pad\|>', '<\|endoftext\|>'\], but .*\(in id order\)",
+        ),
+        ({"eos_token": "<|pad|>", "pad_token": "<|endoftext|>"}, r"tokenize\.tokenizer\.eos_token: '<\|pad\|>', but"),
+        ({"vocab_size": 8192}, r"tokenize\.tokenizer\.vocab_size: 8192, but the reused .* has 400 tokens"),
+    ],
+)
+def test_reused_tokenizer_must_match_the_recipe(
+    tokenizer: dict[str, Any], key: str, corpus: Path, tokenized: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "o").mkdir()
+    with pytest.raises(RecipeError, match=key):
+        run_tokenize(reuse_cfg(**tokenizer), corpus, tmp_path / "o", tokenizer_dir=tokenized)
+
+
+def test_reused_tokenizer_is_checked_against_its_index(corpus: Path, copy: Path, tmp_path: Path) -> None:
+    other = tokenizer_bytes(train_tokenizer(["something else entirely"], make_cfg().tokenizer))
+    (copy / TOKENIZER_NAME).write_bytes(other)
+    (tmp_path / "o").mkdir()
+    with pytest.raises(TokenizerError, match=r"tokenizer.json has sha256 .* does not belong"):
+        run_tokenize(reuse_cfg(), corpus, tmp_path / "o", tokenizer_dir=copy)
+    with pytest.raises(ShardError, match=r"index\.json is missing"):
+        run_tokenize(reuse_cfg(), corpus, tmp_path / "o", tokenizer_dir=tmp_path / "nowhere")
+
+
+def test_train_tokenizer_refuses_a_reuse_recipe() -> None:
+    with pytest.raises(RecipeError, match=r"tokenize\.tokenizer\.source"):
+        train_tokenizer(["abc"], reuse_cfg().tokenizer)
 
 
 # --- bad recipes and bad input --------------------------------------------------------------------
@@ -446,3 +578,59 @@ def test_stage_runs_verifies_and_answers_batch(
     assert flowpin_main(["verify", "manifests/tokenize.json"]) == 0
     assert flowpin_main(["batch", "manifests/tokenize.json", "--step", "12345"]) == 0
     assert "step 12345" in capsys.readouterr().out
+
+
+def test_stage_reuses_a_pinned_tokenizer_and_refuses_train_plus_input(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--config-name tokenize_midtrain` for real: the tokenizer is a pinned input; a bad recipe records nothing."""
+    root = project.root
+    (root / "stages").mkdir()
+    (root / "stages" / "tokenize_corpus.py").write_bytes((REPO / "stages" / "tokenize_corpus.py").read_bytes())
+    shutil.copytree(REPO / "params", root / "params")
+    write_corpus(root / "data" / "corpus", corpus_records())
+    write_corpus(root / "data" / "other", synthetic_records())
+    with record("mix", recipe={}, code=[], root=root, signer=project.signer) as rec:
+        rec.output("data/corpus")
+        rec.output("data/other")
+    env = {**os.environ, "FLOWPIN_ROOT": str(root)}
+    env.pop("FLOWPIN_SIGNING_KEY", None)
+
+    def stage(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "stages/tokenize_corpus.py", *args]
+        return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=False)
+
+    corpus = ["paths.inputs.corpus.data=data/corpus", "paths.inputs.corpus.manifest=manifests/mix.json"]
+    trained = stage(*corpus, "tokenize.tokenizer.vocab_size=300", "tokenize.packing.seq_len=16")
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    reuse = [
+        "--config-name",
+        "tokenize_midtrain",
+        "paths.inputs.corpus.data=data/other",
+        "paths.inputs.corpus.manifest=manifests/mix.json",
+        "tokenize.tokenizer.vocab_size=300",
+        "tokenize.packing.seq_len=64",
+    ]
+    proc = stage(*reuse)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    m = load_manifest(root / "manifests" / "tokenize_midtrain.json")
+    kinds = {d["name"]: d["annotations"]["kind"] for d in m.dependencies}
+    assert kinds["data/tokenize"] == "dataset" and kinds["manifests/tokenize.json"] == "manifest"
+    assert kinds["data/tokenize/tokenizer.json"] == "tokenizer" and kinds["params/tokenize_midtrain.yaml"] == "config"
+    pretrain, midtrain = (TokenizedDataset.open(root / "data" / n) for n in ("tokenize", "tokenize_midtrain"))
+    assert midtrain.tokenizer_json == pretrain.tokenizer_json and midtrain.seq_len == 64
+    assert midtrain.index["tokenizer"]["source"] == "input"
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("FLOWPIN_ROOT", str(root))
+    assert flowpin_main(["verify", "manifests/tokenize_midtrain.json"]) == 0
+    before = (root / "manifests" / "tokenize_midtrain.json").read_bytes()
+    # Train and a tokenizer input: refused before anything is recorded (the manifest stays as it was).
+    train = ["tokenize.tokenizer.source=train", "+tokenize.tokenizer.min_frequency=2", "+tokenize.tokenizer.seed=1"]
+    bad = stage(*reuse, *train)
+    assert bad.returncode != 0
+    assert "tokenize.tokenizer.source: 'train' trains a new tokenizer" in bad.stderr
+    assert (root / "manifests" / "tokenize_midtrain.json").read_bytes() == before
+    # Reuse without a tokenizer input: refused, naming the missing input.
+    bad = stage(*reuse, "~paths.inputs.tokenizer")
+    assert bad.returncode != 0 and "paths.inputs.tokenizer: missing" in bad.stderr
+    assert (root / "manifests" / "tokenize_midtrain.json").read_bytes() == before

@@ -14,13 +14,20 @@ call that is the stage's own work::
 
 Nothing is recorded when the recipe is invalid (the previous manifest and outputs stay as they were);
 when the body raises, the stage's manifest is gone and its previous outputs are untouched.
+
+**Which stage.** ``"dedup"`` above names the recipe block (``cfg.dedup``) and the stage. One script can
+serve several DVC stages (``python stages/mix.py --config-name mix_midtrain`` for the stage
+``mix_midtrain``): a DVC stage is named after its primary Hydra config, so when ``dvc.yaml`` has a stage
+named like the composed config, that is the stage recorded -- the manifest's ``stage`` and the
+``dvc.yaml`` entry whose code deps it pins (:func:`stage_name`). Variants run outside DVC
+(``--config-name mix_full``) keep the block's name and its entry, as the code is the same.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -29,7 +36,7 @@ from omegaconf import DictConfig
 from flowpin.atomic import atomic_directory, atomic_write_bytes
 from flowpin.canonical import canonical_json
 from flowpin.errors import RecipeError
-from flowpin.manifest.record import StageRecorder, record
+from flowpin.manifest.record import StageRecorder, dvc_code_deps, record
 from flowpin.recipe import StagePaths, hydra_sources, to_config, to_plain
 
 T = TypeVar("T")
@@ -55,19 +62,45 @@ class StageRun(Generic[T]):
         return self.root / self.paths.inputs[role].data
 
 
+def stage_name(block: str, config_name: str, root: Path) -> str:
+    """The stage a run of recipe block ``block`` composed from ``params/<config_name>.yaml`` records.
+
+    ``config_name`` when ``dvc.yaml`` (under ``root``) has a stage of that name, else ``block``: see the
+    module docstring. The name keys the ``dvc.yaml`` entry whose code deps the manifest pins.
+    """
+    if config_name and config_name != block and dvc_code_deps(root, config_name) is not None:
+        return config_name
+    return block
+
+
 @contextlib.contextmanager
 def stage_run(
-    stage: str, cfg: DictConfig, config_cls: type[T], *, root: Path, inputs: Sequence[str] = ()
+    block: str,
+    cfg: DictConfig,
+    config_cls: type[T],
+    *,
+    root: Path,
+    inputs: Sequence[str] = (),
+    preflight: Callable[[T, StagePaths], None] | None = None,
 ) -> Iterator[StageRun[T]]:
-    """Run one stage: see the module docstring. ``inputs`` are the roles ``paths.inputs`` must name."""
-    recipe = to_config(config_cls, cfg[stage], where=stage)
+    """Run one stage: see the module docstring.
+
+    ``block`` is the recipe block (``cfg[block]``, turned into ``config_cls``) and the stage's default
+    name (:func:`stage_name`). ``inputs`` are the roles ``paths.inputs`` must name; every role it names is
+    declared as an upstream dataset with its parent manifest. ``preflight`` checks what the config alone
+    cannot (e.g. the recipe against the input roles) before anything is recorded.
+    """
+    recipe = to_config(config_cls, cfg[block], where=block)
     paths = to_config(StagePaths, cfg.paths, where="paths")
     for role in inputs:
         if role not in paths.inputs:
             raise RecipeError(
                 f"paths.inputs.{role}: missing; name the upstream dataset for {role!r} (data: and manifest:)"
             )
+    if preflight is not None:
+        preflight(recipe, paths)
     src = hydra_sources(root / "params")
+    stage = stage_name(block, src.config_name, root)
     with record(
         stage,
         recipe=to_plain(cfg),

@@ -6,19 +6,22 @@ dropped). Everything is decided by the recipe (``mix`` in ``params/mix.yaml``) a
 
 1. **Topic.** An ordered list of declarative rules (:class:`TopicRule`); each rule ANDs its conditions
    (globs on ``source.origin`` / ``source.generator`` / ``source.path`` / ``task.kind``, a regex on the
-   text); the first rule that matches names the topic, else ``default_topic``.
+   text, a minimum UTF-8 length for long-document buckets); the first rule that matches names the topic,
+   else ``default_topic``.
 2. **Quality score** in [0, 1]: a weighted mean of per-feature scores (:class:`FeaturesConfig` documents
    each feature). A feature's raw measurement is mapped to [0, 1] by a trapezoid ``band``; weights can
    be overridden per topic (``quality.topic_weights``). The score is rounded to 4 decimals, then the
    document gets the first tier (best first) whose ``min_score`` it reaches.
 3. **Repetition factors.** Token counts are *estimates*, ``ceil(utf8_bytes / bytes_per_token)``, until
-   the tokenizer exists. Per group (the whole corpus, or each topic when ``target_shares`` is set, with
-   budget ``token_budget x share``), with base tokens ``B_i`` and caps ``m_i`` per tier
-   (``upsampling.tier_max_factors``; 0 drops a tier): every tier starts at ``min(1, m_i)``. Under budget,
-   tiers with ``m_i > 1`` move together along ``f_i = 1 + s·(m_i - 1)`` with the one ``s ∈ [0, 1]`` that
-   meets the budget (``s = 1``, every tier at its cap, when the data cannot reach it: an undershoot the
-   report shows). Over budget, the worst kept tier is thinned first, then the next (quality-aware
-   downsampling). The planned factors are the same for every topic in a group.
+   the tokenizer exists (a later stage's recipe may give per-topic ratios measured with it,
+   ``upsampling.topic_bytes_per_token``). Per group (the whole corpus, or each topic when
+   ``target_shares`` is set, with budget ``token_budget x share``), with base tokens ``B_i`` and caps
+   ``m_i`` per tier (``upsampling.tier_max_factors``; 0 drops a tier): every tier starts at
+   ``min(1, m_i)``. Under budget, tiers with ``m_i > 1`` move together along ``f_i = 1 + s·(m_i - 1)``
+   with the one ``s ∈ [0, 1]`` that meets the budget (``s = 1``, every tier at its cap, when the data
+   cannot reach it: an undershoot the report shows). Over budget, the worst kept tier is thinned first,
+   then the next (quality-aware downsampling). The planned factors are the same for every topic in a
+   group.
 4. **Copies.** A bucket (topic, tier) with factor ``f`` gives every document ``floor(f)`` copies; the
    fractional part goes, as one more copy, to the bucket's best documents (score descending, then id)
    while each addition brings the bucket's tokens closer to ``f x B``. Repeats are distinct records: copy
@@ -63,6 +66,8 @@ FEATURES = (
 SCORE_DECIMALS = 4
 """Scores are rounded to this many decimals before tiering (the recorded score is the one tiered)."""
 ESTIMATE_NOTE = "estimated: ceil(utf8_bytes / bytes_per_token) per document copy; no tokenizer exists before this stage"
+TOPIC_ESTIMATE_NOTE = "estimated: ceil(utf8_bytes / bytes_per_token of the document's topic) per document copy"
+"""The report's note when the recipe gives ``topic_bytes_per_token`` (measured ratios, not a blind guess)."""
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _DOC_START = re.compile(r"(?i:[rbuf]{0,2})(\"\"\"|''')")
@@ -93,25 +98,30 @@ class TopicRule:
     """Glob on ``task.kind`` (records with a ``task`` field)."""
     text_regex: str | None = None
     """Python regex searched (``re.search``) in the text; put flags inline (``(?m)``, ``(?i)``)."""
+    min_bytes: int | None = None
+    """The text's UTF-8 length is at least this many bytes (>= 1): a length-based bucket, e.g. the long
+    documents of a long-context mix (tokens are about ``bytes / upsampling.bytes_per_token``)."""
 
     def validate(self, where: str) -> None:
         """Raise :class:`RecipeError` naming ``where.<key>`` for the first invalid value."""
         _check_name(self.topic, f"{where}.topic")
-        conditions = {
+        globs = {
             "origin": self.origin,
             "generator": self.generator,
             "path": self.path,
             "task_kind": self.task_kind,
             "text_regex": self.text_regex,
         }
-        if all(v is None for v in conditions.values()):
+        if all(v is None for v in globs.values()) and self.min_bytes is None:
             raise RecipeError(
-                f"{where}: a rule needs at least one condition ({', '.join(conditions)}); "
+                f"{where}: a rule needs at least one condition ({', '.join(globs)}, min_bytes); "
                 "use mix.topics.default_topic for documents no rule matches"
             )
-        for key, value in conditions.items():
+        for key, value in globs.items():
             if value is not None and not value:
                 raise RecipeError(f"{where}.{key}: must be a non-empty string or null")
+        if self.min_bytes is not None:
+            check_int(self.min_bytes, f"{where}.min_bytes", minimum=1)
         if self.text_regex is not None:
             try:
                 re.compile(self.text_regex)
@@ -213,6 +223,10 @@ class UpsamplingConfig:
     """Target number of (estimated) tokens in the mix, repeats included."""
     bytes_per_token: float
     """Estimated UTF-8 bytes per token until the tokenizer exists (BPE on English/code: ~3-4.5)."""
+    topic_bytes_per_token: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Per-topic overrides of ``bytes_per_token`` (``{topic: ratio}``), e.g. measured with an existing
+    tokenizer: short numeric documents (math) give far fewer bytes per token than prose, so one ratio
+    skews ``target_shares`` in real tokens. Unlisted topics use ``bytes_per_token``."""
     tier_max_factors: dict[str, float]
     """Repetition cap of every tier, by tier name: non-increasing from best to worst, each in
     ``[0, max_factor]``; 0 drops the tier, a cap below 1 keeps at most that fraction of it."""
@@ -314,6 +328,16 @@ def _validate_upsampling(up: UpsamplingConfig, tiers: list[str], produced: set[s
     check_float(up.bytes_per_token, f"{where}.bytes_per_token", minimum=0.0, maximum=64.0)
     if up.bytes_per_token <= 0:
         raise RecipeError(f"{where}.bytes_per_token: must be > 0 (about 4 for English and code)")
+    for topic, ratio in up.topic_bytes_per_token.items():
+        key = f"{where}.topic_bytes_per_token.{topic}"
+        if topic not in produced:
+            raise UnknownTopicError(
+                f"{key}: no rule produces topic {topic!r} (produced: {', '.join(sorted(produced))}); "
+                "fix the name or add a rule to mix.topics.rules"
+            )
+        check_float(ratio, key, minimum=0.0, maximum=64.0)
+        if ratio <= 0:
+            raise RecipeError(f"{key}: must be > 0 (about 4 for English and code)")
     check_float(up.max_factor, f"{where}.max_factor", minimum=-math.inf)
     if not 1 <= up.max_factor <= FACTOR_CAP:
         raise RecipeError(
@@ -446,6 +470,8 @@ class _Classifier:
         task = record.get("task")
         origin, generator, path = _field(source, "origin"), _field(source, "generator"), _field(source, "path")
         task_kind = _field(task, "kind")
+        text: str = record["text"]
+        size: int | None = None  # UTF-8 length, measured only when a rule asks for it
         for rule, rx in self.rules:
             ok = (
                 _glob(origin, rule.origin)
@@ -453,7 +479,10 @@ class _Classifier:
                 and _glob(path, rule.path)
                 and _glob(task_kind, rule.task_kind)
             )
-            if ok and (rx is None or rx.search(record["text"])):
+            if ok and rule.min_bytes is not None:
+                size = len(text.encode("utf-8")) if size is None else size
+                ok = size >= rule.min_bytes
+            if ok and (rx is None or rx.search(text)):
                 return rule.topic
         return self.default
 
@@ -559,7 +588,7 @@ def mix_records(records: Iterable[Mapping[str, Any]], cfg: MixConfig) -> MixResu
         raw = measure(text, long_line_chars=quality.long_line_chars, duplicate_min_chars=quality.duplicate_min_chars)
         value = score(raw, quality, topic)
         tier = next(i for i, t in enumerate(quality.tiers) if value >= t.min_score)
-        tokens = math.ceil(len(text.encode("utf-8")) / up.bytes_per_token)
+        tokens = math.ceil(len(text.encode("utf-8")) / up.topic_bytes_per_token.get(topic, up.bytes_per_token))
         docs.append(_Doc(record=record, id=doc_id, topic=topic, tier=tier, score=value, tokens=tokens))
     if not ids:
         raise EmptyCorpusError("mix: the input holds no document; check the upstream stage's output")
@@ -731,7 +760,15 @@ def _report(
                 for q, p in (("min", 0.0), ("p10", 0.1), ("p50", 0.5), ("p90", 0.9), ("max", 1.0))
             }
     return {
-        "tokens_estimate": {"bytes_per_token": up.bytes_per_token, "note": ESTIMATE_NOTE},
+        "tokens_estimate": {
+            "bytes_per_token": up.bytes_per_token,
+            # per-topic ratios only when given, so recipes without them keep their reports' (and datasets') bytes
+            **(
+                {"note": TOPIC_ESTIMATE_NOTE, "topic_bytes_per_token": dict(up.topic_bytes_per_token)}
+                if up.topic_bytes_per_token
+                else {"note": ESTIMATE_NOTE}
+            ),
+        },
         "input": {
             "documents": len(docs) + len(empty),
             "tokens": sum(d.tokens for d in docs),

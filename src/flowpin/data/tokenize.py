@@ -1,4 +1,4 @@
-"""Stage 5, tokenize: train a byte-level BPE tokenizer and pack the corpus into fixed-length sequences.
+"""Stage 5, tokenize: train a byte-level BPE tokenizer (or reuse one) and pack the corpus into sequences.
 
 This module owns the tokenized dataset format -- writing it byte-reproducibly and reading it back with
 every check -- and the two computations behind it:
@@ -12,6 +12,12 @@ every check -- and the two computations behind it:
   Special tokens come first (ids ``0..k-1``, recipe order). Documents are encoded with
   ``encode_special_tokens`` on, so a literal ``<|endoftext|>`` inside a document is encoded as text and
   can never fake a document boundary.
+* **Reuse** (``tokenizer.source: input``). Later stages (mid-training, long-context) must share the
+  pretraining vocabulary: instead of training, the stage copies ``tokenizer.json`` byte for byte from the
+  tokenized dataset named by the stage input ``paths.inputs.tokenizer`` (pinned, with its manifest as a
+  parent), after checking it against that dataset's ``index.json`` (sha256, vocab size, EOS/PAD ids) and
+  against the recipe (special tokens in id order, EOS/PAD, ``vocab_size`` when given).
+  :func:`check_tokenizer_source` refuses a recipe that trains *and* names a tokenizer input, or neither.
 * **Packing.** Documents in dataset order, each followed by EOS, concatenated and cut into sequences of
   ``seq_len`` tokens; the tail is dropped or padded (``<|pad|>``, document index ``-1``).
 
@@ -23,6 +29,8 @@ Layout of the output directory (everything pinned by its uncompressed content)::
                                 bytes, record (the upstream record without its text)
     index.json                  canonical JSON: format, sizes, special ids, shards (first_sequence,
                                 sequences, sha256 of the uncompressed safetensors), documents, tokenizer
+                                (name, sha256, bytes; ``source: input`` when reused -- absent when trained
+                                here, so datasets with a trained tokenizer keep their bytes)
 
 ``.zst`` files are one zstd frame each, compressed one-shot and single-threaded with the content size
 declared (the reproducible form, see :mod:`flowpin.data.shards`), and read with decompression bounded
@@ -73,6 +81,12 @@ PAD_DOCUMENT = -1
 """``doc_index`` of a padding position."""
 TAIL_POLICIES = ("drop", "pad")
 """What to do with the tokens after the last full sequence."""
+TOKENIZER_SOURCES = ("train", "input")
+"""Where the tokenizer comes from: trained on the corpus, or reused from the stage input ``tokenizer``."""
+TOKENIZER_ROLE = "tokenizer"
+"""The stage input role (``paths.inputs.tokenizer``) naming the tokenized dataset whose tokenizer is reused."""
+TRAINING_KEYS = ("min_frequency", "train_max_bytes", "seed")
+"""``tokenize.tokenizer`` keys that only mean something when the tokenizer is trained here."""
 BYTE_ALPHABET = 256
 """Tokens a byte-level BPE needs before any merge: one per byte."""
 PARALLELISM_ENV = "TOKENIZERS_PARALLELISM"
@@ -97,15 +111,21 @@ def _check_int(value: object, key: str, *, minimum: int, maximum: int = _INT32_M
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TokenizerConfig:
-    """The BPE tokenizer to train (``tokenize.tokenizer``); validated by :class:`TokenizeConfig`."""
+    """The BPE tokenizer to train or reuse (``tokenize.tokenizer``); validated by :class:`TokenizeConfig`."""
 
-    vocab_size: int
+    source: str = "train"
+    """``train``: train a byte-level BPE on the corpus (``vocab_size``, ``min_frequency`` and ``seed``
+    required). ``input``: reuse the tokenizer of the tokenized dataset ``paths.inputs.tokenizer`` names
+    (the training keys must then be left out; ``vocab_size``, when given, must be its size)."""
+    vocab_size: int | None = None
     """Target vocabulary size including special tokens; at least 256 (bytes) + the special tokens. The
-    trainer stops early when no pair reaches ``min_frequency`` (``index.json`` records the real size)."""
-    min_frequency: int
+    trainer stops early when no pair reaches ``min_frequency`` (``index.json`` records the real size).
+    With ``source: input``: optional, the size the reused tokenizer must have."""
+    min_frequency: int | None = None
     """A pair is merged only if it occurs at least this often in the training text (>= 1)."""
     special_tokens: list[str]
-    """Special tokens, given ids ``0..k-1`` in this order; must contain ``eos_token`` and ``pad_token``."""
+    """Special tokens, given ids ``0..k-1`` in this order; must contain ``eos_token`` and ``pad_token``.
+    With ``source: input``: exactly the reused tokenizer's special tokens, in id order."""
     eos_token: str = "<|endoftext|>"  # noqa: S105 (a token, not a password)
     """Appended after every document."""
     pad_token: str = "<|pad|>"  # noqa: S105
@@ -113,11 +133,16 @@ class TokenizerConfig:
     train_max_bytes: int | None = None
     """Train on at most this many UTF-8 bytes: documents are taken in a seeded random order until the cap
     (the last one cut at a character boundary). ``None`` trains on the whole corpus."""
-    seed: int
+    seed: int | None = None
     """Seeds the training sample (the BPE trainer itself draws no random numbers)."""
 
     def validate(self, where: str) -> None:
         """Raise :class:`RecipeError` naming ``where.<key>`` for the first invalid value."""
+        if self.source not in TOKENIZER_SOURCES:
+            raise RecipeError(
+                f"{where}.source: {self.source!r} is not one of {', '.join(TOKENIZER_SOURCES)} "
+                f"(train: train one on the corpus; input: reuse paths.inputs.{TOKENIZER_ROLE}'s)"
+            )
         if not isinstance(self.special_tokens, list) or not all(isinstance(t, str) and t for t in self.special_tokens):
             raise RecipeError(f"{where}.special_tokens: must be a list of non-empty strings")
         if len(set(self.special_tokens)) != len(self.special_tokens):
@@ -127,17 +152,32 @@ class TokenizerConfig:
                 raise RecipeError(f"{where}.{key}: {token!r} must be one of {where}.special_tokens")
         if self.eos_token == self.pad_token:
             raise RecipeError(f"{where}.pad_token: must differ from eos_token (padding must stay distinguishable)")
+        if self.source == "input":
+            for key in TRAINING_KEYS:
+                if getattr(self, key) is not None:
+                    raise RecipeError(
+                        f"{where}.{key}: only used to train a tokenizer, but {where}.source is 'input' (the "
+                        f"tokenizer is reused from paths.inputs.{TOKENIZER_ROLE}); remove the key"
+                    )
+        else:
+            for key in ("vocab_size", "min_frequency", "seed"):
+                if getattr(self, key) is None:
+                    raise RecipeError(f"{where}.{key}: missing; required when {where}.source is 'train'")
         floor = BYTE_ALPHABET + len(self.special_tokens)
-        _check_int(self.vocab_size, f"{where}.vocab_size", minimum=0)
-        if self.vocab_size < floor:
-            raise RecipeError(
-                f"{where}.vocab_size: {self.vocab_size} is too small: a byte-level BPE needs {BYTE_ALPHABET} byte "
-                f"tokens + {len(self.special_tokens)} special tokens = {floor} before its first merge; raise it"
-            )
-        _check_int(self.min_frequency, f"{where}.min_frequency", minimum=1)
+        if self.vocab_size is not None:
+            _check_int(self.vocab_size, f"{where}.vocab_size", minimum=0)
+            if self.vocab_size < floor:
+                raise RecipeError(
+                    f"{where}.vocab_size: {self.vocab_size} is too small: a byte-level BPE needs {BYTE_ALPHABET} "
+                    f"byte tokens + {len(self.special_tokens)} special tokens = {floor} before its first merge; "
+                    "raise it"
+                )
+        if self.min_frequency is not None:
+            _check_int(self.min_frequency, f"{where}.min_frequency", minimum=1)
         if self.train_max_bytes is not None:
             _check_int(self.train_max_bytes, f"{where}.train_max_bytes", minimum=1, maximum=2**53 - 1)
-        _check_int(self.seed, f"{where}.seed", minimum=0, maximum=2**53 - 1)
+        if self.seed is not None:
+            _check_int(self.seed, f"{where}.seed", minimum=0, maximum=2**53 - 1)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -177,7 +217,7 @@ class TokenizeConfig:
     """The tokenize recipe (``tokenize`` in ``params/tokenize.yaml``). Validated on construction."""
 
     tokenizer: TokenizerConfig
-    """The tokenizer to train."""
+    """The tokenizer to train or reuse."""
     packing: PackingConfig
     """Sequence length and tail policy."""
     shards: SequenceShardsConfig
@@ -194,6 +234,26 @@ class TokenizeConfig:
         self.packing.validate(f"{where}.packing")
         self.shards.validate(f"{where}.shards")
         self.order.validate(f"{where}.order")
+
+
+def check_tokenizer_source(cfg: TokenizeConfig, *, has_input: bool) -> None:
+    """Refuse a recipe whose ``tokenizer.source`` disagrees with whether a tokenizer input is named.
+
+    ``has_input``: the stage has the input role ``paths.inputs.tokenizer``. Train *and* an input, or
+    reuse without one, is a :class:`RecipeError` naming the key to change.
+    """
+    source = cfg.tokenizer.source
+    if source == "train" and has_input:
+        raise RecipeError(
+            f"tokenize.tokenizer.source: 'train' trains a new tokenizer, but paths.inputs.{TOKENIZER_ROLE} names "
+            f"one to reuse; set tokenize.tokenizer.source: input to reuse it, or remove paths.inputs.{TOKENIZER_ROLE}"
+        )
+    if source == "input" and not has_input:
+        raise RecipeError(
+            f"paths.inputs.{TOKENIZER_ROLE}: missing, but tokenize.tokenizer.source is 'input'; name the tokenized "
+            "dataset whose tokenizer to reuse ({data: data/tokenize, manifest: manifests/tokenize.json}) "
+            "or set tokenize.tokenizer.source: train"
+        )
 
 
 # --- tokenizer ------------------------------------------------------------------------------------
@@ -219,6 +279,8 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
     The returned tokenizer has ``encode_special_tokens`` on (see the module docstring).
     """
     cfg.validate("tokenize.tokenizer")
+    if cfg.source != "train" or cfg.vocab_size is None or cfg.min_frequency is None:  # set when 'train' (validate)
+        raise RecipeError(f"tokenize.tokenizer.source: {cfg.source!r}; only a 'train' recipe trains a tokenizer")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -251,6 +313,42 @@ def load_tokenizer(data: bytes, *, where: str) -> Tokenizer:
         raise TokenizerError(f"{where} is not a tokenizers JSON file ({exc}); rerun the tokenize stage") from exc
     tok.encode_special_tokens = True
     return tok
+
+
+def special_tokens(tokenizer: Tokenizer) -> list[str]:
+    """The tokenizer's special tokens in id order."""
+    added = tokenizer.get_added_tokens_decoder()
+    return [added[i].content for i in sorted(added) if added[i].special]
+
+
+def reuse_tokenizer(data_dir: Path, cfg: TokenizerConfig) -> tuple[Tokenizer, bytes]:
+    """The tokenizer of the tokenized dataset ``data_dir`` and its exact ``tokenizer.json`` bytes.
+
+    The file is checked against the dataset's ``index.json`` (sha256, vocab size, EOS/PAD ids:
+    :class:`TokenizerError`/:class:`ShardError`) and against the recipe ``cfg`` (special tokens in id
+    order, EOS/PAD tokens, ``vocab_size`` when given: :class:`RecipeError` naming the key).
+    """
+    data = TokenizedDataset.open(data_dir)
+    tokenizer = data.tokenizer()
+    where, at = "tokenize.tokenizer", data_dir / TOKENIZER_NAME
+    actual = special_tokens(tokenizer)
+    if actual != cfg.special_tokens:
+        raise RecipeError(
+            f"{where}.special_tokens: {cfg.special_tokens}, but the reused {at} has {actual} (in id order); "
+            "list exactly those: a model trained on that vocabulary knows no other"
+        )
+    for key, wanted, pinned in (
+        ("eos_token", cfg.eos_token, data.index["eos_token"]),
+        ("pad_token", cfg.pad_token, data.index["pad_token"]),
+    ):
+        if wanted != pinned:
+            raise RecipeError(f"{where}.{key}: {wanted!r}, but {data_dir / INDEX_NAME} uses {pinned!r}; use it")
+    if cfg.vocab_size is not None and cfg.vocab_size != data.vocab_size:
+        raise RecipeError(
+            f"{where}.vocab_size: {cfg.vocab_size}, but the reused {at} has {data.vocab_size} tokens; "
+            "set it to that or leave it out"
+        )
+    return tokenizer, data.tokenizer_json
 
 
 def special_id(tokenizer: Tokenizer, token: str) -> int:
@@ -456,14 +554,19 @@ def _training_texts(corpus_dir: Path, sample: dict[int, int | None]) -> Iterator
             yield text if cap is None else text.encode("utf-8")[:cap].decode("utf-8", errors="ignore")
 
 
-def run_tokenize(cfg: TokenizeConfig, corpus_dir: Path, out_dir: Path) -> TokenizeResult:
+def run_tokenize(
+    cfg: TokenizeConfig, corpus_dir: Path, out_dir: Path, *, tokenizer_dir: Path | None = None
+) -> TokenizeResult:
     """Train the tokenizer on ``corpus_dir`` (a JSONL dataset), pack it, and write the dataset to ``out_dir``.
 
-    ``out_dir`` must be empty (the stage wraps it in :func:`~flowpin.atomic.atomic_directory`). Reads the
-    corpus three times (sizes, training sample, packing) so memory stays bounded by one input shard,
-    one output shard and the document table.
+    With ``tokenizer.source: input`` the tokenizer of the tokenized dataset ``tokenizer_dir`` is reused
+    instead (:func:`reuse_tokenizer`); ``tokenizer_dir`` must be given exactly then
+    (:func:`check_tokenizer_source`). ``out_dir`` must be empty (the stage wraps it in
+    :func:`~flowpin.atomic.atomic_directory`). Reads the corpus up to three times (sizes, training sample,
+    packing) so memory stays bounded by one input shard, one output shard and the document table.
     """
     cfg.validate()
+    check_tokenizer_source(cfg, has_input=tokenizer_dir is not None)
     if any(out_dir.iterdir()):
         raise DataError(f"{out_dir} is not empty; write the tokenized dataset into a fresh directory")
     sizes = [len(text.encode("utf-8")) for _, text in _texts(corpus_dir)]
@@ -473,12 +576,19 @@ def run_tokenize(cfg: TokenizeConfig, corpus_dir: Path, out_dir: Path) -> Tokeni
         )
     tcfg, pcfg = cfg.tokenizer, cfg.packing
 
-    sample = _training_sample(sizes, tcfg)
-    train_bytes = sum(sizes[i] if cap is None else min(cap, sizes[i]) for i, cap in sample.items())
     t0 = time.perf_counter()
-    tokenizer = train_tokenizer(_training_texts(corpus_dir, sample), tcfg)
+    tok_entry: dict[str, Any] = {}
+    if tokenizer_dir is not None:
+        tokenizer, tok_json = reuse_tokenizer(tokenizer_dir, tcfg)
+        tok_entry["source"] = "input"
+        tok_report: dict[str, Any] = {"source": "input"}
+    else:
+        sample = _training_sample(sizes, tcfg)
+        train_bytes = sum(sizes[i] if cap is None else min(cap, sizes[i]) for i, cap in sample.items())
+        tokenizer = train_tokenizer(_training_texts(corpus_dir, sample), tcfg)
+        tok_json = tokenizer_bytes(tokenizer)
+        tok_report = {"source": "train", "train_documents": len(sample), "train_bytes": train_bytes}
     train_seconds = time.perf_counter() - t0
-    tok_json = tokenizer_bytes(tokenizer)
     atomic_write_bytes(out_dir / TOKENIZER_NAME, tok_json)
     eos_id, pad_id = special_id(tokenizer, tcfg.eos_token), special_id(tokenizer, tcfg.pad_token)
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
@@ -546,7 +656,12 @@ def run_tokenize(cfg: TokenizeConfig, corpus_dir: Path, out_dir: Path) -> Tokeni
         "tensors": {name: {"dtype": "int32", "shape": ["sequences", "seq_len"]} for name in TENSORS},
         "shards": shards,
         "documents": {**documents, "records": n_documents},
-        "tokenizer": {"name": TOKENIZER_NAME, "sha256": hashlib.sha256(tok_json).hexdigest(), "bytes": len(tok_json)},
+        "tokenizer": {
+            "name": TOKENIZER_NAME,
+            "sha256": hashlib.sha256(tok_json).hexdigest(),
+            "bytes": len(tok_json),
+            **tok_entry,
+        },
     }
     atomic_write_bytes(out_dir / INDEX_NAME, canonical_json(index) + b"\n")
 
@@ -568,11 +683,7 @@ def run_tokenize(cfg: TokenizeConfig, corpus_dir: Path, out_dir: Path) -> Tokeni
         "shards": len(shards),
         "vocab_size": vocab_size,
         "bytes_per_token": round(text_bytes / text_tokens, 4) if text_tokens else None,
-        "tokenizer": {
-            "train_documents": len(sample),
-            "train_bytes": train_bytes,
-            "sha256": index["tokenizer"]["sha256"],
-        },
+        "tokenizer": {**tok_report, "sha256": index["tokenizer"]["sha256"]},
         "order": {
             "seed": cfg.order.seed,
             "batch_size": cfg.order.batch_size,
@@ -675,6 +786,11 @@ class TokenizedDataset:
                 "does not belong to these sequences; restore it (dvc checkout) or rerun the tokenize stage"
             )
         return data
+
+    @property
+    def tokenizer_json(self) -> bytes:
+        """The pinned ``tokenizer.json`` bytes (sha256-checked against the index on opening)."""
+        return self._tokenizer_json
 
     def digest(self) -> str:
         """The sha256 directory digest of the dataset (computed once; keys the data order)."""
@@ -833,13 +949,16 @@ __all__ = [
     "TokenizeResult",
     "TokenizedDataset",
     "TokenizerConfig",
+    "check_tokenizer_source",
     "encode_documents",
     "encode_shard",
     "load_tokenizer",
     "pack_texts",
     "read_tokenized_index",
+    "reuse_tokenizer",
     "run_tokenize",
     "special_id",
+    "special_tokens",
     "tokenizer_bytes",
     "train_tokenizer",
 ]

@@ -60,10 +60,10 @@ def _walk(path: Path, root: Path, stack: tuple[str, ...], pinned: tuple[str, str
     node.outputs = [s["name"] for s in m.subjects]
     if pinned is not None:
         algo, want = pinned  # the child's digest algorithm, not necessarily sha256
-        have = m.identity_digest(algo)
+        have = m.outputs_digest(algo)
         if have != want:
             node.problem = (
-                f"identity changed since the child pinned it ({algo} {have[:16]}…, pinned {want[:16]}…); "
+                f"outputs changed since the child pinned them ({algo} {have[:16]}…, pinned {want[:16]}…); "
                 "re-run the downstream stages"
             )
     for dep in m.dependencies:

@@ -128,8 +128,12 @@ class Manifest:
         return identity_of(self.statement)
 
     def identity_digest(self, algorithm: str = "sha256") -> str:
-        """Digest of the canonical identity: what children pin (reproducible across clean runs)."""
+        """Digest of the canonical identity (subjects + build definition)."""
         return hash_bytes(canonical_json(self.identity()), algorithm)
+
+    def outputs_digest(self, algorithm: str = "sha256") -> str:
+        """Digest of the canonical subject list: what child stages pin (see ``StageRecorder.parent``)."""
+        return hash_bytes(canonical_json(self.subjects), algorithm)
 
 
 def identity_of(statement: dict[str, Any]) -> dict[str, Any]:

@@ -151,10 +151,11 @@ class StageRecorder:
     def parent(self, manifest_path: str | os.PathLike[str]) -> None:
         """Declare an upstream stage's manifest; lineage walks it.
 
-        The pin is the digest of the parent's *identity* (subjects + build definition), not of its file:
-        the file also holds run times and a machine-specific signature, so two clean replays of a flow
-        would otherwise never agree on any child's identity. Any change of what the parent produced or
-        how still changes the pin.
+        The pin is the digest of the parent's *subjects* (what it produced), not of its file nor of its
+        whole identity. The file also holds run times and a machine-specific signature, so two clean
+        replays would never agree on a child's identity; and a parent re-run that reproduces the same
+        outputs (say after an unrelated code change) leaves its children valid — exactly DVC's rule for
+        skipping them. Any change to what the parent produced changes the pin.
         """
         name = to_name(manifest_path, self.root)
         parent = load_manifest(resolve_inside(name, self.root))
@@ -162,7 +163,7 @@ class StageRecorder:
         self._add_dep(
             {
                 "name": name,
-                "digest": {algorithm: parent.identity_digest(algorithm)},
+                "digest": {algorithm: parent.outputs_digest(algorithm)},
                 "annotations": {"flowpin.type": "manifest", "flowpin.stage": parent.stage, "kind": "manifest"},
             }
         )

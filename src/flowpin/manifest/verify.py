@@ -99,7 +99,7 @@ def check_subjects(manifest: Manifest, root: Path, hasher: Hasher) -> list[Findi
 
 
 def _check_parent(dep: dict[str, Any], root: Path, algorithm: str) -> list[Finding]:
-    """A parent manifest must still exist and still have the identity this manifest pinned."""
+    """A parent manifest must still exist and still pin the outputs this manifest consumed."""
     name = dep["name"]
     try:
         parent = load_manifest(resolve_inside(name, root))
@@ -107,15 +107,15 @@ def _check_parent(dep: dict[str, Any], root: Path, algorithm: str) -> list[Findi
         missing = ArtifactMissingError(f"parent manifest cannot be read ({exc}); restore it or re-run {name}'s stage")
         return [Finding(name, missing if isinstance(exc, ManifestParseError) else exc)]
     pinned = dep["digest"].get(algorithm)
-    actual = parent.identity_digest(algorithm)
+    actual = parent.outputs_digest(algorithm)
     if pinned == actual:
         return []
     return [
         Finding(
             name,
             DigestMismatchError(
-                f"parent identity is {actual[:16]}…, this manifest pins {pinned and pinned[:16]}…: the upstream "
-                "stage was re-run with different inputs, recipe, code or environment — re-run this stage (dvc repro)"
+                f"parent outputs digest is {actual[:16]}…, this manifest pins {pinned and pinned[:16]}…: the upstream "
+                "stage now records different outputs — re-run this stage (dvc repro)"
             ),
         )
     ]
