@@ -167,3 +167,19 @@ class PrecisionError(RecipeError):
 
 class CompatibilityError(FlowpinError):
     """An installed library differs from the version whose internals flowpin reviewed and patches."""
+
+
+class CheckpointError(IntegrityError):
+    """A training checkpoint is malformed, incomplete, or does not fit the model/optimizer it is loaded into."""
+
+
+class CheckpointMissingError(CheckpointError, ArtifactMissingError):
+    """A checkpoint directory or one of its files does not exist."""
+
+
+class CheckpointCorruptError(CheckpointError, DigestMismatchError):
+    """A checkpoint file's bytes differ from the digest its state.json records."""
+
+
+class TrainingDivergedError(FlowpinError):
+    """The loss or gradient norm became non-finite; the step was not applied."""

@@ -9,6 +9,10 @@
 * :mod:`flowpin.train.distributed` -- the only place with process-wide side effects: process group,
   megatron parallel state (TP = PP = 1, data parallel), seeding and deterministic kernels; the only reader
   of ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``.
+* :mod:`flowpin.train.schedule` -- the learning rate as a pure function of the step (warmup + cosine/linear).
+* :mod:`flowpin.train.checkpoint` -- full training state in safetensors + canonical JSON (no pickle),
+  self-describing and digest-checked, published atomically.
+* :mod:`flowpin.train.loop` -- the deterministic, resumable, forkable loop over the exact data order.
 
 Nothing here imports megatron at import time (on a GPU machine that imports Transformer Engine and starts
 CUDA); the functions that need it import it.
