@@ -82,13 +82,17 @@ def stage_run(
     root: Path,
     inputs: Sequence[str] = (),
     preflight: Callable[[T, StagePaths], None] | None = None,
+    persistent_out: bool = False,
 ) -> Iterator[StageRun[T]]:
     """Run one stage: see the module docstring.
 
     ``block`` is the recipe block (``cfg[block]``, turned into ``config_cls``) and the stage's default
     name (:func:`stage_name`). ``inputs`` are the roles ``paths.inputs`` must name; every role it names is
     declared as an upstream dataset with its parent manifest. ``preflight`` checks what the config alone
-    cannot (e.g. the recipe against the input roles) before anything is recorded.
+    cannot (e.g. the recipe against the input roles) before anything is recorded. With ``persistent_out``
+    the body writes into ``paths.out`` itself, piece by piece (training checkpoints, each published
+    atomically, must survive a killed run so that the rerun resumes); otherwise the output directory is
+    built aside and swapped in whole.
     """
     recipe = to_config(config_cls, cfg[block], where=block)
     paths = to_config(StagePaths, cfg.paths, where="paths")
@@ -111,11 +115,17 @@ def stage_run(
     ) as rec:
         for upstream in paths.inputs.values():
             rec.upstream(data=upstream.data, manifest=upstream.manifest)
-        with atomic_directory(root / paths.out) as tmp:
-            run = StageRun(recipe=recipe, paths=paths, rec=rec, out_dir=tmp, root=root)
+        if persistent_out:
+            (root / paths.out).mkdir(parents=True, exist_ok=True)
+            run = StageRun(recipe=recipe, paths=paths, rec=rec, out_dir=root / paths.out, root=root)
             yield run
+        else:
+            with atomic_directory(root / paths.out) as tmp:
+                run = StageRun(recipe=recipe, paths=paths, rec=rec, out_dir=tmp, root=root)
+                yield run
         if run.report is None:
             raise RecipeError(f"stage {stage}: produced no report (set run.report in the stage body)")
         atomic_write_bytes(root / paths.report, canonical_json(run.report) + b"\n")
-        rec.output(paths.out)
+        if not persistent_out:  # a persistent output's pieces are declared by the body (e.g. each checkpoint)
+            rec.output(paths.out)
         rec.byproduct(paths.report)

@@ -1,0 +1,54 @@
+"""Stages 6-8: pretrain, midtrain, long-context extension — one script, one recipe per stage.
+
+python stages/train.py                                  # params/pretrain.yaml
+python stages/train.py --config-name midtrain           # from pretrain's last checkpoint
+python stages/train.py --config-name longctx            # 1024-token sequences, YaRN on full-attention layers
+python stages/train.py model=tiny_wide train.loop.optim.schedule.peak_lr=1e-3   # any override, recorded
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from flowpin.data.order import dataset_digest
+from flowpin.recipe import to_config
+from flowpin.stage import stage_run
+from flowpin.train.distributed import destroy, init_distributed
+from flowpin.train.model import ModelConfig
+from flowpin.train.run import TrainingStageConfig, run_training
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@hydra.main(config_path="../params", config_name="pretrain", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    model_cfg = to_config(ModelConfig, cfg.model, where="model")
+    dist = init_distributed()
+    try:
+        with stage_run("train", cfg, TrainingStageConfig, root=ROOT, inputs=("data",), persistent_out=True) as run:
+            init = run.paths.inputs.get("init")
+            result = run_training(
+                run.recipe,
+                model_cfg,
+                data_dir=run.input_dir("data"),
+                data_digest=dataset_digest(run.input_dir("data")),
+                run_dir=run.out_dir.parent,
+                init_dir=None if init is None else ROOT / init.data,
+                dist=dist,
+            )
+            for checkpoint in result.checkpoints:  # every checkpoint is a subject of the manifest
+                run.rec.output(checkpoint.path)
+            run.report = result.report
+    finally:
+        destroy()
+    probe = result.report["probe_loss"]
+    print(
+        f"{run.paths.manifest}: {result.report['steps']} steps, probe loss {probe['before']:.3f} → {probe['after']:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
