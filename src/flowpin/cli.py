@@ -189,6 +189,15 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fork(args: argparse.Namespace) -> int:
+    from flowpin.train.fork import fork
+
+    root = find_root()
+    manifest = fork(Path(args.manifest), step=args.step, overrides=list(args.overrides), root=root, out=args.out)
+    print(f"fork recorded: {manifest.relative_to(root) if manifest.is_relative_to(root) else manifest}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowpin", description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--version", action="version", version=f"flowpin {__version__}")
@@ -223,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     lin.add_argument("--json", action="store_true")
     lin.set_defaults(func=_cmd_lineage)
 
+    f = sub.add_parser("fork", help="continue a training stage from its checkpoint at a step, under overrides")
+    f.add_argument("manifest", help="the training stage's manifest (e.g. manifests/pretrain.json)")
+    f.add_argument("--step", type=int, required=True, help="the checkpoint step to continue from")
+    f.add_argument("--out", help="run directory for the fork (default runs/forks/<stage>-step<N>-<hash>)")
+    f.add_argument("overrides", nargs="*", help="Hydra overrides for the new branch (e.g. train.loop.steps=300)")
+    f.set_defaults(func=_cmd_fork)
+
     s = sub.add_parser("show", help="human summary of a manifest")
     s.add_argument("path")
     s.add_argument("--json", action="store_true", help="print the decoded statement")
@@ -240,7 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `flowpin fork M --step N a=b c=d`: argparse cannot take positionals after an option, so Hydra
+    # overrides (key=value) left over go to fork; anything else is still an error.
+    if extra and args.command == "fork" and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args))
     except FlowpinError as exc:

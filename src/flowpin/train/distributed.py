@@ -9,6 +9,9 @@ reads the launcher's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``):
   rest of the code receives instead of reading the environment again. :func:`destroy` undoes it.
 * :func:`set_deterministic` seeds every generator and switches on deterministic kernels, returning what it
   set so the manifest can record it.
+* The few collectives data-parallel training needs (:func:`average_gradients`, :func:`average`,
+  :func:`gather_digests`, :func:`barrier`), each in a fixed order so that a run is bitwise the same every
+  time; :mod:`flowpin.train.loop` calls them, it never touches ``torch.distributed`` itself.
 
 Without ``torchrun`` (no ``RANK``/``WORLD_SIZE`` in the environment) the world is this one process, and its
 rendezvous is an in-process ``HashStore``: no TCP port is opened, so parallel test workers cannot race for
@@ -20,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -190,3 +193,113 @@ def set_deterministic(seed: int, *, cpu_threads: int | None = None) -> dict[str,
         "numThreads": torch.get_num_threads(),
         "numInteropThreads": torch.get_num_interop_threads(),
     }
+
+
+# --- data-parallel collectives (used by flowpin.train.loop) ----------------------------------------------
+
+GRAD_BUCKET_ELEMENTS = 1 << 25
+"""Most gradient elements one all-reduce carries (128 MiB of fp32). Bucket boundaries are a function of
+the parameter shapes alone, so they are the same every run; with more than two ranks they are part of what
+fixes the summation order of each element."""
+
+
+class ReplicaDivergenceError(FlowpinError):
+    """Data-parallel ranks that must hold identical replicas (weights, generators, step) do not."""
+
+
+def _collective_device(tensors: Sequence[torch.Tensor]) -> torch.device:
+    """Where collective buffers live: with the parameters (NCCL needs CUDA tensors, gloo takes CPU ones)."""
+    return tensors[0].device if tensors else torch.device("cpu")
+
+
+def average_gradients(
+    params: Sequence[torch.Tensor], *, world_size: int, bucket_elements: int = GRAD_BUCKET_ELEMENTS
+) -> None:
+    """Replace every parameter's ``.grad`` by its mean over the ``world_size`` ranks, identically on each.
+
+    Deterministic by construction: gradients are flattened into buckets in the order of ``params`` (a new
+    bucket when the dtype changes or the bucket would exceed ``bucket_elements``), each bucket is summed
+    with one ``all_reduce(SUM)`` and divided by ``world_size`` (exact for a power of two). Every rank gets
+    the same bits: an all-reduce hands every rank the one reduced value of each element. A parameter whose
+    grad is ``None`` on some ranks but not others contributes zeros there (as a single process would
+    accumulate it); one that has no grad on any rank keeps ``None`` (AdamW then skips it, as it would
+    alone). Which ranks hold grads is agreed first with a small float64 all-reduce, so the buckets always
+    match in shape. Every rank must call this with the same parameters in the same order.
+    """
+    check_int(world_size, "world_size", minimum=1)
+    check_int(bucket_elements, "bucket_elements", minimum=1)
+    if not params:
+        return
+    device = _collective_device(params)
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.float64, device=device)
+    dist.all_reduce(present, op=dist.ReduceOp.SUM)
+    grads: list[torch.Tensor] = []
+    for param, count in zip(params, present.tolist(), strict=True):
+        if count == 0:
+            continue
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        grads.append(param.grad)
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for grad in grads:
+        if bucket and (grad.dtype != bucket[0].dtype or size + grad.numel() > bucket_elements):
+            _reduce_bucket(bucket, world_size)
+            bucket, size = [], 0
+        bucket.append(grad)
+        size += grad.numel()
+    if bucket:
+        _reduce_bucket(bucket, world_size)
+
+
+def _reduce_bucket(grads: list[torch.Tensor], world_size: int) -> None:
+    flat = torch.cat([g.detach().reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat.div_(world_size)
+    offset = 0
+    for grad in grads:
+        grad.detach().copy_(flat[offset : offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
+
+
+def average(value: torch.Tensor, *, world_size: int) -> torch.Tensor:
+    """The mean over ranks of ``value`` (a new tensor, equal on every rank): ``all_reduce(SUM) / world_size``.
+
+    Reduced in ``value``'s dtype, promoted to at least float32. For a float32 loss over two ranks this is
+    bitwise what one process computes as ``(loss_0 + loss_1) / 2``.
+    """
+    check_int(world_size, "world_size", minimum=1)
+    dtype = torch.promote_types(value.dtype, torch.float32)
+    buf = value.detach().to(dtype=dtype, copy=True)
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    return buf / world_size
+
+
+def gather_digests(digest: bytes, *, world_size: int, device: torch.device | str = "cpu") -> list[bytes]:
+    """Every rank's ``digest`` (same length on every rank), by rank; an ``all_gather`` of bytes, no pickle."""
+    check_int(world_size, "world_size", minimum=1)
+    mine = torch.tensor(list(digest), dtype=torch.uint8, device=device)
+    out = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(out, mine)
+    return [bytes(t.cpu().tolist()) for t in out]
+
+
+def barrier() -> None:
+    """Wait until every rank of the default process group arrives here."""
+    dist.barrier()
+
+
+def check_process_group(rank: int, world_size: int) -> str:
+    """Raise :class:`FlowpinError` unless the default process group exists and matches; return its backend."""
+    if not dist.is_initialized():
+        raise FlowpinError(
+            f"data parallel over {world_size} ranks needs a process group; call "
+            "flowpin.train.distributed.init_distributed() under torchrun first"
+        )
+    actual = (dist.get_rank(), dist.get_world_size())
+    if actual != (rank, world_size):
+        raise FlowpinError(
+            f"data parallel: told rank {rank} of {world_size}, but the process group has rank {actual[0]} of "
+            f"{actual[1]}; pass the DistInfo that init_distributed() returned"
+        )
+    return str(dist.get_backend())

@@ -22,6 +22,25 @@ What makes two runs of the same recipe produce byte-identical checkpoints on one
   logs them to the tracker and records them in ``determinism_changes`` of every later checkpoint -- never
   silently.
 
+Data parallel: pass ``dist`` (a :class:`DataParallel`, e.g. the
+:class:`flowpin.train.distributed.DistInfo` that ``init_distributed()`` returned under ``torchrun``). Every rank
+draws the *same* global batch from the same pure :class:`BatchSource` and keeps a contiguous block of rows,
+:func:`rank_rows` (rank ``r`` of ``W`` gets rows ``r*B/W .. (r+1)*B/W - 1``; ``cfg.batch_size`` stays the
+global batch and must divide by ``W``). After the backward pass the gradients are averaged with
+:func:`flowpin.train.distributed.average_gradients` -- flattened in optimizer parameter order into fixed
+buckets, one ``all_reduce(SUM)`` each, divided by ``W`` -- so every rank holds the same bits and clips and
+steps identically; the logged loss is the mean of the ranks' losses (= the global token mean, as every rank
+sees the same number of tokens). Rank 0 (``is_main``) alone writes checkpoints and talks to the tracker and
+``on_checkpoint``; the others wait at a barrier after each save. Before the first step and before every
+save the ranks compare digests of their step, weights and generator states and raise
+:class:`flowpin.train.distributed.ReplicaDivergenceError` if any differs -- a checkpoint holds rank 0's state
+only, so it is a checkpoint of every rank or none. Generators are the same on every rank (the same seed,
+as megatron's default, and the same draws), so dropout masks repeat across ranks. Resume and fork work as
+above; ``run_dir`` must be a directory every rank sees. A world of one is exactly the single-process loop.
+The world size and backend are recorded with the determinism settings (only when the world is larger than
+one, so single-process checkpoints are unchanged): the result depends on them bitwise, because the
+per-rank gradients are summed in a different order than one process's backward pass sums them.
+
 Forking: pass ``start_state`` (from :func:`flowpin.train.checkpoint.load_checkpoint`, with the model and
 optimizer loaded from the same checkpoint) and a new ``run_dir``; the new run continues at
 ``start_state.step`` under the new config, records the parent checkpoint, continues the data order if it is
@@ -31,6 +50,7 @@ the same order and starts the new order at its step 0 if not.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import random
@@ -43,6 +63,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
+from flowpin.canonical import canonical_json
 from flowpin.data.order import DataOrder, load_batch
 from flowpin.errors import (
     DataError,
@@ -52,6 +73,7 @@ from flowpin.errors import (
 )
 from flowpin.recipe import check_choice, check_float, check_int, to_plain
 from flowpin.tracking import NullTracker, Tracker
+from flowpin.train import distributed as collectives
 from flowpin.train.checkpoint import (
     CHECKPOINT_DIR,
     CheckpointRef,
@@ -207,6 +229,112 @@ class ExtraRng:
     """Set the states :attr:`capture` returned."""
 
 
+class DataParallel(Protocol):
+    """Where this process sits among a run's data-parallel ranks (:class:`flowpin.train.distributed.DistInfo`)."""
+
+    @property
+    def rank(self) -> int:
+        """This process's rank, ``0 .. world_size - 1`` (in the default process group)."""
+        ...
+
+    @property
+    def world_size(self) -> int:
+        """Number of data-parallel ranks (the default process group's size)."""
+        ...
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this rank writes checkpoints and tracker events (rank 0)."""
+        ...
+
+
+def rank_rows(batch_size: int, rank: int, world_size: int) -> slice:
+    """The rows of a global batch that ``rank`` of ``world_size`` trains on: a contiguous block of
+    ``batch_size / world_size`` rows (rank 0 the first). Raises :class:`RecipeError` unless it divides."""
+    check_int(world_size, "world_size", minimum=1)
+    check_int(rank, "rank", minimum=0, maximum=world_size - 1)
+    if batch_size % world_size:
+        raise RecipeError(
+            f"train.batch_size: {batch_size} does not divide over {world_size} data-parallel ranks; use a "
+            f"multiple of {world_size} (the batch size is the global batch, split evenly over the ranks)"
+        )
+    per_rank = batch_size // world_size
+    return slice(rank * per_rank, (rank + 1) * per_rank)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Replicas:
+    """The data-parallel side of :func:`train` (world size > 1): the only place it runs collectives."""
+
+    rank: int
+    world_size: int
+    is_main: bool
+    backend: str
+    rows: slice
+
+    @classmethod
+    def of(cls, dist: DataParallel | None, batch_size: int) -> _Replicas | None:
+        if dist is None:
+            return None
+        rows = rank_rows(batch_size, dist.rank, dist.world_size)
+        if dist.world_size == 1:
+            return None  # exactly the single-process loop (same bytes)
+        backend = collectives.check_process_group(dist.rank, dist.world_size)
+        return cls(rank=dist.rank, world_size=dist.world_size, is_main=dist.is_main, backend=backend, rows=rows)
+
+    def settings(self) -> dict[str, Any]:
+        return {"data_parallel_world_size": self.world_size, "data_parallel_backend": self.backend}
+
+    def check(self, where: str, model: torch.nn.Module, step: int, position: int, extra_rng: ExtraRng | None) -> None:
+        """Raise :class:`ReplicaDivergenceError` unless every rank has this rank's step, weights and generators."""
+        parts = _replica_digests(model, step, position, extra_rng)
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        gathered = collectives.gather_digests(b"".join(parts), world_size=self.world_size, device=device)
+        size = len(parts[0])
+        names = ("step and data position", "weights and buffers", "generator states")
+        bad = [
+            f"rank {r} has other {name}"
+            for r, blob in enumerate(gathered)
+            for i, name in enumerate(names)
+            if blob[i * size : (i + 1) * size] != gathered[0][i * size : (i + 1) * size]
+        ]
+        if bad:
+            raise collectives.ReplicaDivergenceError(
+                f"{where}: data-parallel ranks are not replicas of rank 0 ({'; '.join(bad)}); a checkpoint holds "
+                "rank 0's state alone. Build the model with the same seed on every rank, restore every rank from "
+                "the same checkpoint, and draw random numbers the same way on every rank"
+            )
+
+
+def _replica_digests(
+    model: torch.nn.Module, step: int, position: int, extra_rng: ExtraRng | None
+) -> tuple[bytes, bytes, bytes]:
+    """sha256 of (step and data position, model state_dict tensors, generator states) as this rank has them.
+
+    Generators: torch's CPU one, the *current* CUDA device's (each rank drives its own device), Python's,
+    numpy's and ``extra_rng``'s -- what a checkpoint saves, less the CUDA devices other ranks own.
+    """
+
+    def add(h: Any, name: str, t: torch.Tensor) -> None:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    where = hashlib.sha256(canonical_json({"step": step, "position": position})).digest()
+    weights = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        if isinstance(tensor, torch.Tensor):
+            add(weights, name, tensor)
+    rng = capture_rng(extra=extra_rng.capture() if extra_rng is not None else None)
+    generators = hashlib.sha256(canonical_json({"python": rng.python, "numpy": rng.numpy}))
+    add(generators, "torch/cpu", rng.torch_cpu)
+    if torch.cuda.is_available():
+        add(generators, "torch/cuda", torch.cuda.get_rng_state())
+    for name, state in sorted(rng.extra.items()):
+        add(generators, f"extra/{name}", state)
+    return where, weights.digest(), generators.digest()
+
+
 # --- determinism ----------------------------------------------------------------------------------
 
 
@@ -224,6 +352,8 @@ _REASONS = {
     "cudnn_benchmark": "cuDNN autotuning picks kernels by timing",
     "cuda_matmul_tf32": "TF32 matmuls round differently",
     "cudnn_tf32": "TF32 convolutions round differently",
+    "data_parallel_world_size": "gradients are summed over another number of rank slices, in another order",
+    "data_parallel_backend": "another collective backend reduces in another order",
 }
 
 
@@ -344,6 +474,7 @@ def train(
     start_state: TrainState | None = None,
     on_checkpoint: Callable[[Path, TrainState], None] | None = None,
     extra_rng: ExtraRng | None = None,
+    dist: DataParallel | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``cfg.steps`` steps, checkpointing into ``run_dir/checkpoints``.
 
@@ -362,17 +493,28 @@ def train(
     ``on_checkpoint(path, state)`` runs after each checkpoint is published (e.g. to record a manifest).
     ``extra_rng`` adds generators the loop cannot see (megatron's RNG tracker). The tracker is the
     caller's to close.
+
+    ``dist`` trains data parallel (see the module docstring): call this on every rank with the same
+    arguments; only the main rank writes checkpoints, calls ``on_checkpoint`` and uses ``tracker``.
     """
-    tracker = tracker if tracker is not None else NullTracker()
     if cfg.batch_size != data.order.batch_size:
         raise RecipeError(
             f"train.batch_size: {cfg.batch_size}, but the data order has batch size {data.order.batch_size}; "
             "build the order with the recipe's batch size"
         )
+    replicas = _Replicas.of(dist, cfg.batch_size)
+    main = replicas is None or replicas.is_main
+    tracker = tracker if tracker is not None and main else NullTracker()
     optimizer = optimizer if optimizer is not None else build_optimizer(model, cfg.optim)
     config = cfg.to_json()
     checkpoints_dir = run_dir / CHECKPOINTS_DIR
     current = determinism_settings()
+    if replicas is not None:
+        current = {**current, **replicas.settings()}
+        if main:
+            for stale in remove_stale_temporaries(checkpoints_dir):
+                _log.warning("removed %s, left by a save that was killed", stale)
+        collectives.barrier()  # every rank lists the checkpoints only once rank 0 has cleaned up
 
     state, resumed_from, changes = _starting_state(
         model=model,
@@ -385,6 +527,7 @@ def train(
         start_state=start_state,
         current=current,
         extra_rng=extra_rng,
+        remove_stale=replicas is None,
     )
     configure_optimizer(optimizer, cfg.optim)
     if changes:
@@ -408,16 +551,22 @@ def train(
     metrics: dict[str, float] = {}
     window_tokens, window_start = 0, time.perf_counter()
     step, tokens_seen, position, lr = state.step, state.tokens_seen, state.data.next_step, state.lr
+    if replicas is not None:
+        replicas.check(f"start (step {step})", model, step, position, extra_rng)
     while step < cfg.steps:
         batch = _checked_batch(data, position, cfg.batch_size)
         lr = lr_at(cfg.optim.schedule, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model, batch)
+        loss = loss_fn(model, batch if replicas is None else batch[replicas.rows])
         torch.autograd.backward(loss)
+        if replicas is not None:
+            collectives.average_gradients(params, world_size=replicas.world_size)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm=max_norm, foreach=False))
         loss_value = float(loss.detach())
+        if replicas is not None:
+            loss_value = float(collectives.average(loss, world_size=replicas.world_size))
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             raise TrainingDivergedError(
                 f"step {step}: loss {loss_value}, grad norm {grad_norm} -- training diverged; the weights were not "
@@ -450,9 +599,14 @@ def train(
                 source=None,
             )
             path = checkpoints_dir / checkpoint_name(step)
-            save_checkpoint(path, state, model=model, optimizer=optimizer)
-            if on_checkpoint is not None:
-                on_checkpoint(path, state)
+            if replicas is not None:
+                replicas.check(f"checkpoint {path.name}", model, step, position, extra_rng)
+            if main:
+                save_checkpoint(path, state, model=model, optimizer=optimizer)
+                if on_checkpoint is not None:
+                    on_checkpoint(path, state)
+            if replicas is not None:
+                collectives.barrier()  # no rank reads or resumes past a checkpoint before it is published
     return TrainResult(
         checkpoints=tuple(list_checkpoints(checkpoints_dir)),
         state=state,
@@ -474,14 +628,16 @@ def _starting_state(
     start_state: TrainState | None,
     current: Mapping[str, Any],
     extra_rng: ExtraRng | None,
+    remove_stale: bool,
 ) -> tuple[TrainState, Path | None, list[str]]:
     """(state to continue from, checkpoint resumed from, determinism changes met)."""
     order = data.order
     here = DataPosition(
         dataset_digest=order.dataset_digest, order_seed=order.order_seed, batch_size=order.batch_size, next_step=0
     )
-    for stale in remove_stale_temporaries(checkpoints_dir):
-        _log.warning("removed %s, left by a save that was killed", stale)
+    if remove_stale:
+        for stale in remove_stale_temporaries(checkpoints_dir):
+            _log.warning("removed %s, left by a save that was killed", stale)
     latest = latest_checkpoint(checkpoints_dir)
     if resume_from is not None and latest is not None and latest.step > _step_of(resume_from):
         raise RecipeError(
@@ -592,6 +748,7 @@ __all__ = [
     "CHECKPOINTS_DIR",
     "OPTIMIZER_IMPLEMENTATIONS",
     "BatchSource",
+    "DataParallel",
     "DeterminismWarning",
     "ExtraRng",
     "LossFn",
@@ -604,6 +761,7 @@ __all__ = [
     "determinism_report",
     "determinism_settings",
     "ordered_batches",
+    "rank_rows",
     "seed_all",
     "train",
 ]

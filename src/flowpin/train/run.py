@@ -213,3 +213,59 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
     for row in rows:  # after a resume the log repeats steps since the last checkpoint: keep the last
         by_step[int(row["step"])] = row
     return [by_step[s] for s in sorted(by_step)]
+
+
+def fork_training(
+    cfg: TrainingStageConfig,
+    model_cfg: ModelConfig,
+    *,
+    checkpoint: Path,
+    data_dir: Path,
+    data_digest: str,
+    run_dir: Path,
+    dist: DistInfo,
+) -> TrainingResult:
+    """Continue from ``checkpoint`` (weights, optimizer, RNG, data position) under ``cfg`` into ``run_dir``.
+
+    With the parent's recipe unchanged this reproduces the parent's later checkpoints bit for bit (the
+    loop continues the same data order from the checkpoint's position); with overrides it is a new
+    branch whose checkpoints record the parent checkpoint.
+    """
+    from flowpin.train import megatron_cpu
+    from flowpin.train.loop import build_optimizer
+
+    data = TokenizedDataset.open(data_dir)
+    index = data.index
+    model_cfg = model_cfg.with_vocab(int(index["vocab_size"]))
+    check_precision(model_cfg, dist.device)
+    determinism = set_deterministic(cfg.loop.seed, cpu_threads=cfg.threads)
+    if (run_dir / "checkpoints").exists() and list_checkpoints(run_dir / "checkpoints"):
+        raise RecipeError(f"fork target {run_dir} already holds checkpoints; fork into a new directory")
+    model = build_model(model_cfg, device=dist.device, seed=cfg.loop.seed)
+    optimizer = build_optimizer(model, cfg.loop.optim)
+    state = load_checkpoint(checkpoint, model=model, optimizer=optimizer)
+    order = order_for(data, order_seed=cfg.order_seed, batch_size=cfg.loop.batch_size, dataset_digest=data_digest)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tracker = JsonlTracker(run_dir / "metrics.jsonl")
+    try:
+        result = train(
+            model=model,
+            loss_fn=lm_loss(int(index["pad_id"])),
+            data=ordered_batches(data, order),
+            cfg=cfg.loop,
+            run_dir=run_dir,
+            tracker=tracker,
+            optimizer=optimizer,
+            start_state=state,
+            extra_rng=ExtraRng(capture=megatron_cpu.rng_tracker_states, restore=megatron_cpu.set_rng_tracker_states),
+        )
+    finally:
+        tracker.close()
+    report = {
+        "forked_from": {"checkpoint": checkpoint.name, "step": state.step},
+        "determinism": determinism,
+        "determinism_changes": list(result.determinism_changes),
+        "steps": result.state.step,
+        "checkpoints": [c.path.name for c in result.checkpoints],
+    }
+    return TrainingResult(checkpoints=result.checkpoints, report=report)

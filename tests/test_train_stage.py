@@ -1,0 +1,118 @@
+"""Training stages end to end on the real tiny Megatron model, in a scratch project (slow: ~1-2 min).
+
+pretrain via `stages/train.py` (short overrides), then: fresh runs agree bit for bit; a run killed with
+SIGKILL resumes to the same final checkpoint; `flowpin fork` with no overrides reproduces the parent's
+later checkpoint tensors, and with an override it branches while recording its parent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, checked, make_project, scratch_env
+from flowpin.manifest.model import load_manifest
+
+SHORT = [
+    "train.loop.steps=6",
+    "train.loop.checkpoint_every=3",
+    "train.loop.log_every=1",
+    "train.loop.optim.schedule.warmup_steps=1",
+    "train.loop.batch_size=4",
+]
+TENSORS = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
+
+
+def paths(name: str) -> list[str]:
+    return [
+        f"paths.out=runs/{name}/checkpoints",
+        f"paths.report=reports/{name}.json",
+        f"paths.manifest=manifests/{name}.json",
+    ]
+
+
+def subjects(root: Path, name: str) -> dict[str, str]:
+    m = load_manifest(root / "manifests" / f"{name}.json")
+    return {s["name"].rsplit("/", 1)[-1]: s["digest"]["sha256"] for s in m.subjects}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = make_project(tmp_path_factory.mktemp("train") / "p")
+    checked(root, str(BIN / "dvc"), "repro", "tokenize")
+    checked(root, sys.executable, "stages/train.py", *SHORT, *paths("a"))
+    return root
+
+
+@pytest.mark.slow
+def test_pretrain_stage_records_every_checkpoint_and_learns(project: Path) -> None:
+    assert sorted(subjects(project, "a")) == ["step-000003", "step-000006"]
+    checked(project, str(BIN / "flowpin"), "verify", "manifests/a.json")
+    report = json.loads((project / "reports" / "a.json").read_text())
+    assert report["probe_loss"]["after"] < report["probe_loss"]["before"]
+    assert report["precision"] and report["cpu_patches"]
+
+
+@pytest.mark.slow
+def test_two_fresh_runs_give_identical_checkpoints(project: Path) -> None:
+    checked(project, sys.executable, "stages/train.py", *SHORT, *paths("b"))
+    assert subjects(project, "b") == subjects(project, "a")
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_matches_an_uninterrupted_run(project: Path) -> None:
+    longer = [*SHORT[:1], "train.loop.steps=12", *SHORT[1:]][1:]
+    checked(project, sys.executable, "stages/train.py", *longer, *paths("whole"))
+    proc = subprocess.Popen(
+        [sys.executable, "stages/train.py", *longer, *paths("killed")],
+        cwd=project,
+        env=scratch_env(project),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    target = project / "runs" / "killed" / "checkpoints" / "step-000006"
+    deadline = time.monotonic() + 300
+    while not target.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (project / "manifests" / "killed.json").exists()
+    checked(project, sys.executable, "stages/train.py", *longer, *paths("killed"))
+    report = json.loads((project / "reports" / "killed.json").read_text())
+    assert report["resumed_from"] is not None
+    assert subjects(project, "killed")["step-000012"] == subjects(project, "whole")["step-000012"]
+
+
+@pytest.mark.slow
+def test_fork_without_overrides_reproduces_the_parent(project: Path) -> None:
+    checked(project, str(BIN / "flowpin"), "fork", "manifests/a.json", "--step", "3", "--out", "runs/fork-same")
+    parent = project / "runs" / "a" / "checkpoints" / "step-000006"
+    child = project / "runs" / "fork-same" / "checkpoints" / "step-000006"
+    for name in TENSORS:  # weights, optimizer state and RNG streams continue bit for bit
+        assert (child / name).read_bytes() == (parent / name).read_bytes(), name
+    state = json.loads((child / "state.json").read_text())
+    assert state["parent"]["step"] == 3  # ... and the checkpoint records where it branched
+    m = load_manifest(project / "runs" / "fork-same" / "manifest.json")
+    kinds = {d["name"]: d["annotations"]["kind"] for d in m.dependencies}
+    assert kinds["manifests/a.json"] == "manifest"
+    assert kinds["runs/a/checkpoints/step-000003"] == "checkpoint"
+    checked(project, str(BIN / "flowpin"), "verify", "runs/fork-same/manifest.json")
+
+
+@pytest.mark.slow
+def test_fork_with_an_override_branches_and_records_it(project: Path) -> None:
+    override = "train.loop.optim.schedule.peak_lr=1.0e-2"
+    checked(project, str(BIN / "flowpin"), "fork", "manifests/a.json", "--step", "3", "--out", "runs/fork-lr", override)
+    m = load_manifest(project / "runs" / "fork-lr" / "manifest.json")
+    assert m.build["externalParameters"]["overrides"][-1] == override
+    parent = project / "runs" / "a" / "checkpoints" / "step-000006" / "model.safetensors"
+    child = project / "runs" / "fork-lr" / "checkpoints" / "step-000006" / "model.safetensors"
+    assert child.read_bytes() != parent.read_bytes()
