@@ -95,6 +95,20 @@ def probe_loss(model: torch.nn.Module, loss_fn: Any, batches: Any) -> float:
     return sum(values) / len(values)
 
 
+def package_code_digest() -> str:
+    """Digest of every flowpin source file (relative path + content).
+
+    Part of the run key: after any code change a stage retrains instead of resuming checkpoints that
+    older code wrote (its manifest would otherwise pin new code for old checkpoints).
+    """
+    import flowpin
+    from flowpin.hashing import hash_file
+    from flowpin.manifest.record import source_files
+
+    package = Path(flowpin.__file__).resolve().parent
+    return hash_bytes(canonical_json({rel: hash_file(package / rel) for rel in source_files(package)}))
+
+
 def run_key(**parts: Any) -> str:
     return hash_bytes(canonical_json(parts))
 
@@ -138,6 +152,7 @@ def run_training(
         data=data_digest,
         init=None if init is None else {"step": init.step, "name": init.path.name},
         threads=cfg.threads,
+        code=package_code_digest(),
     )
     removed = _claim_run_dir(run_dir, key)
 
