@@ -71,6 +71,7 @@ from flowpin.train.model import (
     PrecisionConfig,
     check_precision,
     estimate_params,
+    fp8_fields,
     layer_layout,
     to_transformer_config,
     window_pattern,
@@ -214,36 +215,11 @@ def _fp8_executed(model: torch.nn.Module) -> bool | None:
 
 
 def _build(cfg: ModelConfig, variant: Variant) -> torch.nn.Module:
-    """The model as training builds it (deterministic variants), or the same with ``deterministic_mode`` off."""
+    """The model as training builds it; the non-deterministic baselines with megatron's deterministic_mode off."""
     from flowpin.train.model import build_model
 
-    if variant.deterministic or not probe_transformer_engine().get("importable"):
-        built: torch.nn.Module = build_model(cfg, device="cuda", seed=SEED)
-        return built
-    # build_model always sets megatron's deterministic_mode (and then TE attention insists on
-    # NVTE_ALLOW_NONDETERMINISTIC_ALGO=0); the non-deterministic baseline mirrors it with the mode off.
-    from megatron.core import tensor_parallel  # type: ignore[import-untyped,unused-ignore]
-    from megatron.core.models.gpt import GPTModel  # type: ignore[import-untyped,unused-ignore]
-
-    from flowpin.train.model import block_spec
-
-    config = to_transformer_config(cfg, device="cuda")
-    config.deterministic_mode = False
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()]):
-        torch.manual_seed(SEED)
-        tensor_parallel.model_parallel_cuda_manual_seed(SEED)
-        model = GPTModel(
-            config=config,
-            transformer_layer_spec=block_spec(cfg, use_transformer_engine=True),
-            vocab_size=cfg.padded_vocab_size,
-            max_sequence_length=cfg.max_sequence_length,
-            position_embedding_type="rope",
-            rotary_base=cfg.rotary_base,
-            share_embeddings_and_output_weights=False,
-        )
-    model = model.cuda(torch.cuda.current_device()).bfloat16()
-    assert isinstance(model, torch.nn.Module)
-    return model
+    built: torch.nn.Module = build_model(cfg, device="cuda", seed=SEED, deterministic=variant.deterministic)
+    return built
 
 
 def measure(model_name: str, variant: Variant, *, micro_batch: int, warmup: int, steps: int) -> dict[str, Any]:
@@ -435,15 +411,7 @@ def dry_run(models: Sequence[str], variants: Sequence[Variant], args: argparse.N
             # megatron's own validation of the TransformerConfig the variant would train with: built for the
             # bf16 shape (to_transformer_config refuses FP8 where it cannot run), then with the FP8 fields.
             tc = to_transformer_config(dataclasses.replace(cfg, precision=PrecisionConfig()), device="cpu")
-            tc = dataclasses.replace(
-                tc,
-                fp8=precision.fp8,
-                fp8_recipe=precision.fp8_recipe,
-                fp8_margin=precision.fp8_margin,
-                fp8_amax_history_len=precision.fp8_amax_history_len,
-                fp8_amax_compute_algo=precision.fp8_amax_compute_algo,
-                fp8_param=precision.fp8_param,
-            )
+            tc = dataclasses.replace(tc, **fp8_fields(precision))
             try:
                 check_precision(cfg, "cuda")
                 verdict = "would run" if cuda else "needs CUDA"

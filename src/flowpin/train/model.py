@@ -404,12 +404,7 @@ def to_transformer_config(cfg: ModelConfig, *, device: str) -> TransformerConfig
         apply_rope_fusion=False,
         params_dtype=DTYPES[cfg.dtype],
         bf16=cfg.dtype == "bf16",
-        fp8=precision.fp8,
-        fp8_recipe=precision.fp8_recipe,
-        fp8_margin=precision.fp8_margin,
-        fp8_amax_history_len=precision.fp8_amax_history_len,
-        fp8_amax_compute_algo=precision.fp8_amax_compute_algo,
-        fp8_param=precision.fp8_param,
+        **fp8_fields(precision),
         use_cpu_initialization=device == "cpu",
         perform_initialization=True,
         deterministic_mode=True,
@@ -421,6 +416,18 @@ def to_transformer_config(cfg: ModelConfig, *, device: str) -> TransformerConfig
         gradient_accumulation_fusion=False,
         cross_entropy_loss_fusion=False,
     )
+
+
+def fp8_fields(precision: PrecisionConfig) -> dict[str, Any]:
+    """The ``TransformerConfig`` FP8 fields for ``precision`` (one mapping for building and for checking)."""
+    return {
+        "fp8": precision.fp8,
+        "fp8_recipe": precision.fp8_recipe,
+        "fp8_margin": precision.fp8_margin,
+        "fp8_amax_history_len": precision.fp8_amax_history_len,
+        "fp8_amax_compute_algo": precision.fp8_amax_compute_algo,
+        "fp8_param": precision.fp8_param,
+    }
 
 
 def yarn_attributes(yarn: YarnConfig) -> dict[str, Any]:
@@ -526,7 +533,7 @@ def block_spec(cfg: ModelConfig, *, use_transformer_engine: bool) -> Any:
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=final_norm)
 
 
-def build_model(cfg: ModelConfig, *, device: str, seed: int) -> GPTModel:
+def build_model(cfg: ModelConfig, *, device: str, seed: int, deterministic: bool = True) -> GPTModel:
     """Build the model on ``device``; its weights are a function of ``cfg`` and ``seed`` only.
 
     CPU: megatron's local layer spec, weights initialised on the CPU from the default generator. CUDA:
@@ -534,6 +541,8 @@ def build_model(cfg: ModelConfig, *, device: str, seed: int) -> GPTModel:
     megatron's model-parallel RNG stream. The global torch RNG is left as it was (``fork_rng``), but
     megatron's RNG tracker is (re)seeded from ``seed`` (``model_parallel_cuda_manual_seed``), which the
     model's forward needs. Requires :func:`flowpin.train.distributed.init_distributed` first.
+    ``deterministic=False`` turns megatron's ``deterministic_mode`` off: only for throughput baselines
+    (``benchmarks/h100_throughput.py``), never for a recorded training run.
     """
     check_int(seed, "seed", minimum=0, maximum=2**32 - 1)
     _check_device(device)
@@ -556,13 +565,14 @@ def build_model(cfg: ModelConfig, *, device: str, seed: int) -> GPTModel:
             "flowpin.train.megatron_cpu.apply() (init_distributed does on a machine without CUDA) first"
         )
     use_te = device == "cuda" and bool(probe_transformer_engine().get("importable"))
-    if use_te and os.environ.get("NVTE_ALLOW_NONDETERMINISTIC_ALGO") != "0":
+    if deterministic and use_te and os.environ.get("NVTE_ALLOW_NONDETERMINISTIC_ALGO") != "0":
         # megatron's deterministic_mode makes TE attention raise a bare RuntimeError otherwise.
         raise FlowpinError(
             "build_model: Transformer Engine attention is deterministic only with "
             "NVTE_ALLOW_NONDETERMINISTIC_ALGO=0; call flowpin.train.distributed.set_deterministic(seed) first"
         )
     config = to_transformer_config(cfg, device=device)
+    config.deterministic_mode = deterministic
     spec = block_spec(cfg, use_transformer_engine=use_te)
     devices = [torch.cuda.current_device()] if device == "cuda" else []
     with torch.random.fork_rng(devices=devices):
