@@ -66,6 +66,7 @@ from flowpin.canonical import canonical_json
 from flowpin.data.order import OrderConfig, keyed_permutation
 from flowpin.data.shards import read_dataset, read_shard, read_shard_bytes
 from flowpin.errors import DataError, EmptyCorpusError, RecipeError, ShardError, TokenizerError
+from flowpin.recipe import check_int
 
 TOKENIZER_NAME = "tokenizer.json"
 """File name of the trained tokenizer in the output directory."""
@@ -100,13 +101,6 @@ _INT32_MAX = 2**31 - 1
 
 
 # --- configs --------------------------------------------------------------------------------------
-
-
-def _check_int(value: object, key: str, *, minimum: int, maximum: int = _INT32_MAX) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise RecipeError(f"{key}: {value!r} must be an integer")
-    if not minimum <= value <= maximum:
-        raise RecipeError(f"{key}: {value} must be in {minimum}..{maximum}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -165,7 +159,7 @@ class TokenizerConfig:
                     raise RecipeError(f"{where}.{key}: missing; required when {where}.source is 'train'")
         floor = BYTE_ALPHABET + len(self.special_tokens)
         if self.vocab_size is not None:
-            _check_int(self.vocab_size, f"{where}.vocab_size", minimum=0)
+            check_int(self.vocab_size, f"{where}.vocab_size", minimum=0, maximum=_INT32_MAX)
             if self.vocab_size < floor:
                 raise RecipeError(
                     f"{where}.vocab_size: {self.vocab_size} is too small: a byte-level BPE needs {BYTE_ALPHABET} "
@@ -173,11 +167,11 @@ class TokenizerConfig:
                     "raise it"
                 )
         if self.min_frequency is not None:
-            _check_int(self.min_frequency, f"{where}.min_frequency", minimum=1)
+            check_int(self.min_frequency, f"{where}.min_frequency", minimum=1, maximum=_INT32_MAX)
         if self.train_max_bytes is not None:
-            _check_int(self.train_max_bytes, f"{where}.train_max_bytes", minimum=1, maximum=2**53 - 1)
+            check_int(self.train_max_bytes, f"{where}.train_max_bytes", minimum=1, maximum=2**53 - 1)
         if self.seed is not None:
-            _check_int(self.seed, f"{where}.seed", minimum=0, maximum=2**53 - 1)
+            check_int(self.seed, f"{where}.seed", minimum=0, maximum=2**53 - 1)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -192,7 +186,7 @@ class PackingConfig:
 
     def validate(self, where: str) -> None:
         """Raise :class:`RecipeError` naming ``where.<key>`` for the first invalid value."""
-        _check_int(self.seq_len, f"{where}.seq_len", minimum=2)
+        check_int(self.seq_len, f"{where}.seq_len", minimum=2, maximum=_INT32_MAX)
         if self.tail not in TAIL_POLICIES:
             raise RecipeError(f"{where}.tail: {self.tail!r} is not one of {', '.join(TAIL_POLICIES)}")
 
@@ -208,8 +202,8 @@ class SequenceShardsConfig:
 
     def validate(self, where: str) -> None:
         """Raise :class:`RecipeError` naming ``where.<key>`` for the first invalid value."""
-        _check_int(self.sequences_per_shard, f"{where}.sequences_per_shard", minimum=1)
-        _check_int(self.zstd_level, f"{where}.zstd_level", minimum=1, maximum=_MAX_ZSTD_LEVEL)
+        check_int(self.sequences_per_shard, f"{where}.sequences_per_shard", minimum=1, maximum=_INT32_MAX)
+        check_int(self.zstd_level, f"{where}.zstd_level", minimum=1, maximum=_MAX_ZSTD_LEVEL)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
