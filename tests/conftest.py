@@ -157,3 +157,17 @@ def make_project(dest: Path) -> Path:
     ):
         checked(dest, *cmd)
     return dest
+
+
+# --- torch threads --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Two OpenMP threads on this 2-core box cost ~100x on tiny ops; results are the same either way."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

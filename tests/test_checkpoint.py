@@ -8,7 +8,6 @@ import json
 import os
 import pickle
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +43,7 @@ from flowpin.train.checkpoint import (
 V, D, T, B = 48, 16, 12, 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Two OpenMP threads on this 2-core box cost ~100x on tiny ops; results are the same either way."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class TinyLM(nn.Module):

@@ -97,8 +97,6 @@ class Manifest:
     path: Path
     envelope: dict[str, Any]
     statement: dict[str, Any]
-    file_digest: str
-    """sha256 of the manifest file's bytes: how child manifests pin their parents."""
 
     @property
     def stage(self) -> str:
@@ -177,7 +175,7 @@ def load_manifest(path: Path) -> Manifest:
     except OSError as exc:
         raise ManifestParseError(f"{path}: cannot read ({exc.strerror}); check permissions") from exc
     envelope, statement = parse_manifest_bytes(data, str(path))
-    return Manifest(path=path, envelope=envelope, statement=statement, file_digest=hash_bytes(data))
+    return Manifest(path=path, envelope=envelope, statement=statement)
 
 
 def write_manifest(path: Path, statement: dict[str, Any], signer: Signer) -> bytes:
