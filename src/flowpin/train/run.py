@@ -32,7 +32,7 @@ from flowpin.recipe import check_choice, check_int, to_plain
 from flowpin.tracking import JsonlTracker
 from flowpin.train.checkpoint import CheckpointRef, latest_checkpoint, list_checkpoints, load_checkpoint
 from flowpin.train.distributed import DistInfo, set_deterministic
-from flowpin.train.loop import ExtraRng, TrainConfig, ordered_batches, train
+from flowpin.train.loop import ExtraRng, TrainConfig, TrainResult, ordered_batches, train
 from flowpin.train.model import ModelConfig, build_model, check_precision, effective_precision
 
 
@@ -129,16 +129,8 @@ def run_training(
             "train.init: 'checkpoint' needs paths.inputs.init (the upstream run's checkpoints) and 'scratch' "
             "must not name one; make them agree"
         )
-    data = TokenizedDataset.open(data_dir)
+    data, model_cfg, determinism = _prepare(cfg, model_cfg, data_dir, dist)
     index = data.index
-    model_cfg = model_cfg.with_vocab(int(index["vocab_size"]))
-    if model_cfg.max_sequence_length < int(index["seq_len"]):
-        raise RecipeError(
-            f"model.max_sequence_length: {model_cfg.max_sequence_length} is shorter than the data's sequences "
-            f"({index['seq_len']}); raise it (with model.yarn for the long-context stage)"
-        )
-    check_precision(model_cfg, dist.device)
-    determinism = set_deterministic(cfg.loop.seed, cpu_threads=cfg.threads)
     init: CheckpointRef | None = None
     if init_dir is not None:
         init = latest_checkpoint(init_dir)
@@ -159,25 +151,11 @@ def run_training(
     model = build_model(model_cfg, device=dist.device, seed=cfg.loop.seed)
     if init is not None:
         load_checkpoint(init.path, model=model, optimizer=None, restore_rng_state=False)
-    from flowpin.train import megatron_cpu
-
     order = order_for(data, order_seed=cfg.order_seed, batch_size=cfg.loop.batch_size, dataset_digest=data_digest)
     batches = ordered_batches(data, order)
     loss_fn = lm_loss(int(index["pad_id"]))
     probe_before = probe_loss(model, loss_fn, batches)
-    tracker = JsonlTracker(run_dir / "metrics.jsonl")
-    try:
-        result = train(
-            model=model,
-            loss_fn=loss_fn,
-            data=batches,
-            cfg=cfg.loop,
-            run_dir=run_dir,
-            tracker=tracker,
-            extra_rng=ExtraRng(capture=megatron_cpu.rng_tracker_states, restore=megatron_cpu.set_rng_tracker_states),
-        )
-    finally:
-        tracker.close()
+    result = _loop(model, cfg, batches=batches, loss_fn=loss_fn, run_dir=run_dir)
     probe_after = probe_loss(model, loss_fn, batches)
     losses = [m for m in _read_metrics(run_dir / "metrics.jsonl") if "loss" in m["metrics"]]
     report = {
@@ -204,6 +182,44 @@ def run_training(
         "checkpoints": [c.path.name for c in result.checkpoints],
     }
     return TrainingResult(checkpoints=result.checkpoints, report=report)
+
+
+def _prepare(
+    cfg: TrainingStageConfig, model_cfg: ModelConfig, data_dir: Path, dist: DistInfo
+) -> tuple[TokenizedDataset, ModelConfig, dict[str, Any]]:
+    """Open the data, size the model to its tokenizer, refuse what cannot run, set determinism."""
+    data = TokenizedDataset.open(data_dir)
+    index = data.index
+    model_cfg = model_cfg.with_vocab(int(index["vocab_size"]))
+    if model_cfg.max_sequence_length < int(index["seq_len"]):
+        raise RecipeError(
+            f"model.max_sequence_length: {model_cfg.max_sequence_length} is shorter than the data's sequences "
+            f"({index['seq_len']}); raise it (with model.yarn for the long-context stage)"
+        )
+    check_precision(model_cfg, dist.device)
+    return data, model_cfg, set_deterministic(cfg.loop.seed, cpu_threads=cfg.threads)
+
+
+def _loop(
+    model: torch.nn.Module, cfg: TrainingStageConfig, *, batches: Any, loss_fn: Any, run_dir: Path, **kwargs: Any
+) -> TrainResult:
+    """The training loop with the stage's tracker and megatron's RNG streams in the checkpoints."""
+    from flowpin.train import megatron_cpu
+
+    tracker = JsonlTracker(run_dir / "metrics.jsonl")
+    try:
+        return train(
+            model=model,
+            loss_fn=loss_fn,
+            data=batches,
+            cfg=cfg.loop,
+            run_dir=run_dir,
+            tracker=tracker,
+            extra_rng=ExtraRng(capture=megatron_cpu.rng_tracker_states, restore=megatron_cpu.set_rng_tracker_states),
+            **kwargs,
+        )
+    finally:
+        tracker.close()
 
 
 def _claim_run_dir(run_dir: Path, key: str) -> list[str]:
@@ -246,14 +262,9 @@ def fork_training(
     loop continues the same data order from the checkpoint's position); with overrides it is a new
     branch whose checkpoints record the parent checkpoint.
     """
-    from flowpin.train import megatron_cpu
     from flowpin.train.loop import build_optimizer
 
-    data = TokenizedDataset.open(data_dir)
-    index = data.index
-    model_cfg = model_cfg.with_vocab(int(index["vocab_size"]))
-    check_precision(model_cfg, dist.device)
-    determinism = set_deterministic(cfg.loop.seed, cpu_threads=cfg.threads)
+    data, model_cfg, determinism = _prepare(cfg, model_cfg, data_dir, dist)
     if (run_dir / "checkpoints").exists() and list_checkpoints(run_dir / "checkpoints"):
         raise RecipeError(f"fork target {run_dir} already holds checkpoints; fork into a new directory")
     model = build_model(model_cfg, device=dist.device, seed=cfg.loop.seed)
@@ -261,21 +272,15 @@ def fork_training(
     state = load_checkpoint(checkpoint, model=model, optimizer=optimizer)
     order = order_for(data, order_seed=cfg.order_seed, batch_size=cfg.loop.batch_size, dataset_digest=data_digest)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tracker = JsonlTracker(run_dir / "metrics.jsonl")
-    try:
-        result = train(
-            model=model,
-            loss_fn=lm_loss(int(index["pad_id"])),
-            data=ordered_batches(data, order),
-            cfg=cfg.loop,
-            run_dir=run_dir,
-            tracker=tracker,
-            optimizer=optimizer,
-            start_state=state,
-            extra_rng=ExtraRng(capture=megatron_cpu.rng_tracker_states, restore=megatron_cpu.set_rng_tracker_states),
-        )
-    finally:
-        tracker.close()
+    result = _loop(
+        model,
+        cfg,
+        batches=ordered_batches(data, order),
+        loss_fn=lm_loss(int(data.index["pad_id"])),
+        run_dir=run_dir,
+        optimizer=optimizer,
+        start_state=state,
+    )
     report = {
         "forked_from": {"checkpoint": checkpoint.name, "step": state.step},
         "determinism": determinism,
