@@ -18,7 +18,7 @@ from flowpin.recipe import to_config
 from flowpin.stage import stage_run
 from flowpin.train.distributed import destroy, init_distributed
 from flowpin.train.model import ModelConfig
-from flowpin.train.run import TrainingStageConfig, run_training
+from flowpin.train.run import MODEL_CONFIG, TrainingStageConfig, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,6 +39,7 @@ def main(cfg: DictConfig) -> None:
                 init_dir=None if init is None else ROOT / init.data,
                 dist=dist,
             )
+            run.rec.output(run.out_dir / MODEL_CONFIG)  # the architecture the checkpoints load into
             for checkpoint in result.checkpoints:  # every checkpoint is a subject of the manifest
                 run.rec.output(checkpoint.path)
             run.report = result.report

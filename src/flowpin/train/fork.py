@@ -24,7 +24,7 @@ from flowpin.recipe import StagePaths, to_config, to_plain
 from flowpin.train.checkpoint import checkpoint_name
 from flowpin.train.distributed import destroy, init_distributed
 from flowpin.train.model import ModelConfig
-from flowpin.train.run import TrainingStageConfig, fork_training
+from flowpin.train.run import MODEL_CONFIG, TrainingStageConfig, fork_training
 
 
 def fork(parent_manifest: Path, *, step: int, overrides: list[str], root: Path, out: str | None = None) -> Path:
@@ -77,6 +77,7 @@ def fork(parent_manifest: Path, *, step: int, overrides: list[str], root: Path, 
                 run_dir=run_dir,
                 dist=dist,
             )
+            rec.output(run_dir / "checkpoints" / MODEL_CONFIG)
             for ref in result.checkpoints:
                 if ref.step > step:  # the fork's own checkpoints
                     rec.output(ref.path)

@@ -195,7 +195,11 @@ class BatchSource(Protocol):
         ...
 
     def __call__(self, step: int) -> torch.Tensor:
-        """The integer token tensor ``[batch_size, seq_len]`` of order step ``step``."""
+        """The integer token tensor ``[batch_size, seq_len]`` of order step ``step``.
+
+        Rows come first (data parallel splits them); a source may put more dimensions between rows and
+        sequence (SFT's ``[B, 2, T]``: ids and loss mask), tokens counted as ``rows x seq_len``.
+        """
         ...
 
 
@@ -457,8 +461,12 @@ class TrainResult:
     """What :func:`determinism_report` found on resume or fork (also warned and checkpointed)."""
 
 
-LossFn = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
-"""``loss_fn(model, batch) -> scalar loss`` (mean over tokens)."""
+LossFn = Callable[[torch.nn.Module, torch.Tensor], "torch.Tensor | tuple[torch.Tensor, Mapping[str, float]]"]
+"""``loss_fn(model, batch) -> scalar loss`` (mean over tokens), or ``(loss, metrics)``.
+
+Extra ``metrics`` (e.g. RLVR's mean reward) are logged with the loss at every logged step (averaged over
+data-parallel ranks) and kept in the checkpoint's ``metrics``. They must be deterministic (no timings).
+"""
 
 
 def train(
@@ -559,7 +567,7 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model, batch if replicas is None else batch[replicas.rows])
+        loss, extra = _split_loss(loss_fn(model, batch if replicas is None else batch[replicas.rows]), position)
         torch.autograd.backward(loss)
         if replicas is not None:
             collectives.average_gradients(params, world_size=replicas.world_size)
@@ -567,6 +575,10 @@ def train(
         loss_value = float(loss.detach())
         if replicas is not None:
             loss_value = float(collectives.average(loss, world_size=replicas.world_size))
+            extra = {
+                k: float(collectives.average(torch.tensor(v, dtype=torch.float64), world_size=replicas.world_size))
+                for k, v in extra.items()
+            }
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             raise TrainingDivergedError(
                 f"step {step}: loss {loss_value}, grad norm {grad_norm} -- training diverged; the weights were not "
@@ -575,9 +587,10 @@ def train(
             )
         optimizer.step()
         step, position = step + 1, position + 1
-        tokens_seen += batch.numel()
-        window_tokens += batch.numel()
-        metrics = {"loss": loss_value, "grad_norm": grad_norm, "lr": lr}
+        batch_tokens = batch.shape[0] * batch.shape[-1]  # rows x sequence length, whatever lies between
+        tokens_seen += batch_tokens
+        window_tokens += batch_tokens
+        metrics = {"loss": loss_value, "grad_norm": grad_norm, "lr": lr, **extra}
         if step % cfg.log_every == 0 or step == cfg.steps:
             now = time.perf_counter()
             tracker.log_metrics(
@@ -594,7 +607,7 @@ def train(
                 data=dataclasses.replace(state.data, next_step=position),
                 lr=lr,
                 rng=capture_rng(extra=extra_rng.capture() if extra_rng is not None else None),
-                metrics={"loss": loss_value, "grad_norm": grad_norm},
+                metrics={"loss": loss_value, "grad_norm": grad_norm, **extra},
                 determinism=current,
                 source=None,
             )
@@ -734,11 +747,23 @@ def _differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".") or "config"]
 
 
+def _split_loss(value: Any, position: int) -> tuple[torch.Tensor, dict[str, float]]:
+    loss, extra = value if isinstance(value, tuple) else (value, {})
+    if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+        raise TypeError(f"data step {position}: loss_fn must return a scalar tensor (or (loss, metrics)), got {loss!r}")
+    clash = sorted(set(extra) & {"loss", "grad_norm", "lr", "tokens_per_s", "tokens_seen"})
+    if clash:
+        raise ValueError(f"loss_fn metrics must not reuse the loop's names {clash}")
+    return loss, {str(k): float(v) for k, v in extra.items()}
+
+
 def _checked_batch(data: BatchSource, position: int, batch_size: int) -> torch.Tensor:
     batch = data(position)
-    if not isinstance(batch, torch.Tensor) or batch.ndim != 2 or batch.shape[0] != batch_size:
+    if not isinstance(batch, torch.Tensor) or batch.ndim < 2 or batch.shape[0] != batch_size:
         shape = list(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
-        raise DataError(f"data step {position}: expected a [{batch_size}, seq_len] token tensor, got {shape}")
+        raise DataError(
+            f"data step {position}: expected a [{batch_size}, ..., seq_len] token tensor (rows first), got {shape}"
+        )
     if batch.dtype.is_floating_point or batch.dtype.is_complex or batch.dtype == torch.bool:
         raise DataError(f"data step {position}: token tensor has dtype {batch.dtype}; token ids must be integers")
     return batch

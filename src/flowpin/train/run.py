@@ -16,7 +16,9 @@ the old checkpoints are removed first (and the report says so) instead of being 
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +28,22 @@ from flowpin.atomic import atomic_write_bytes
 from flowpin.canonical import canonical_json
 from flowpin.data.order import order_for
 from flowpin.data.tokenize import TokenizedDataset
-from flowpin.errors import RecipeError
+from flowpin.errors import CheckpointCorruptError, CheckpointMissingError, RecipeError
 from flowpin.hashing import hash_bytes
-from flowpin.recipe import check_choice, check_int, to_plain
+from flowpin.recipe import check_choice, check_int, to_config, to_plain
 from flowpin.tracking import JsonlTracker
 from flowpin.train.checkpoint import CheckpointRef, latest_checkpoint, list_checkpoints, load_checkpoint
-from flowpin.train.distributed import DistInfo, set_deterministic
-from flowpin.train.loop import ExtraRng, TrainConfig, TrainResult, ordered_batches, train
+from flowpin.train.distributed import DistInfo, barrier, set_deterministic
+from flowpin.train.loop import (
+    CHECKPOINTS_DIR,
+    BatchSource,
+    ExtraRng,
+    LossFn,
+    TrainConfig,
+    TrainResult,
+    ordered_batches,
+    train,
+)
 from flowpin.train.model import ModelConfig, build_model, check_precision, effective_precision
 
 
@@ -113,6 +124,95 @@ def run_key(**parts: Any) -> str:
     return hash_bytes(canonical_json(parts))
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OpenRun:
+    """A stage's model, ready to train into its run directory (:func:`open_run`)."""
+
+    model: torch.nn.Module
+    model_cfg: ModelConfig
+    """The model's config with the tokenizer's vocabulary (also written to ``checkpoints/model.json``)."""
+    init: CheckpointRef | None
+    """The upstream checkpoint whose weights the model starts from (``None``: from ``loop.seed``)."""
+    removed: list[str]
+    """Checkpoints of an earlier, different setup that were removed instead of resumed."""
+    determinism: dict[str, Any]
+    """What :func:`flowpin.train.distributed.set_deterministic` set."""
+
+
+MODEL_CONFIG = "model.json"
+"""``<run_dir>/checkpoints/model.json``: the architecture the checkpoints load into (:func:`load_weights`)."""
+
+
+def open_run(
+    *,
+    model_cfg: ModelConfig,
+    seed: int,
+    threads: int,
+    run_dir: Path,
+    init_dir: Path | None,
+    dist: DistInfo,
+    key: Mapping[str, Any],
+) -> OpenRun:
+    """Set determinism, claim ``run_dir`` and build the model (from ``init_dir``'s last checkpoint, if given).
+
+    ``key`` names everything else the checkpoints depend on (loop config, data digest and order, the
+    stage's own recipe): with the model config, the init checkpoint, the thread count and flowpin's code it
+    forms the run key; checkpoints written under another key are removed rather than resumed. Rank 0
+    alone claims the directory; the other ranks wait for it. Every post-training stage (SFT, DPO, RLVR)
+    opens its run through here, as the pretraining stages do.
+    """
+    check_precision(model_cfg, dist.device)
+    determinism = set_deterministic(seed, cpu_threads=threads)
+    init: CheckpointRef | None = None
+    if init_dir is not None:
+        init = latest_checkpoint(init_dir)
+        if init is None:
+            raise RecipeError(f"paths.inputs.init: {init_dir} holds no complete checkpoint; run the upstream stage")
+    run = run_key(
+        model=to_plain(model_cfg),
+        init=None if init is None else {"step": init.step, "name": init.path.name},
+        threads=threads,
+        code=package_code_digest(),
+        **key,
+    )
+    removed: list[str] = []
+    if dist.is_main:
+        removed = _claim_run_dir(run_dir, run)
+        atomic_write_bytes(run_dir / CHECKPOINTS_DIR / MODEL_CONFIG, canonical_json(to_plain(model_cfg)) + b"\n")
+    if dist.world_size > 1:
+        barrier()
+    model = build_model(model_cfg, device=dist.device, seed=seed)
+    if init is not None:
+        load_checkpoint(init.path, model=model, optimizer=None, restore_rng_state=False)
+    return OpenRun(model=model, model_cfg=model_cfg, init=init, removed=removed, determinism=determinism)
+
+
+def read_model_config(checkpoints_dir: Path) -> ModelConfig:
+    """The :class:`ModelConfig` a stage wrote next to its checkpoints (``model.json``)."""
+    path = checkpoints_dir / MODEL_CONFIG
+    try:
+        plain = json.loads(path.read_bytes())
+    except FileNotFoundError as exc:
+        raise CheckpointMissingError(f"{path}: missing; the checkpoints' model config (rerun the stage)") from exc
+    except (OSError, ValueError) as exc:
+        raise CheckpointCorruptError(f"{path}: unreadable model config ({exc}); rerun the stage") from exc
+    return to_config(ModelConfig, plain, where=str(path))
+
+
+def load_weights(checkpoint: Path, *, device: str = "cpu", seed: int = 0) -> tuple[torch.nn.Module, ModelConfig]:
+    """A model holding ``checkpoint``'s weights, built from ``model.json`` beside it (eval, references, samplers).
+
+    ``seed`` only seeds the throwaway initialisation that the checkpoint overwrites. The model is in
+    eval mode with gradients off.
+    """
+    model_cfg = read_model_config(checkpoint.parent)
+    model = build_model(model_cfg, device=device, seed=seed)
+    load_checkpoint(checkpoint, model=model, optimizer=None, restore_rng_state=False)
+    model.eval()
+    model.requires_grad_(False)
+    return model, model_cfg
+
+
 def run_training(
     cfg: TrainingStageConfig,
     model_cfg: ModelConfig,
@@ -129,43 +229,34 @@ def run_training(
             "train.init: 'checkpoint' needs paths.inputs.init (the upstream run's checkpoints) and 'scratch' "
             "must not name one; make them agree"
         )
-    data, model_cfg, determinism = _prepare(cfg, model_cfg, data_dir, dist)
+    data, model_cfg = _prepare(model_cfg, data_dir)
     index = data.index
-    init: CheckpointRef | None = None
-    if init_dir is not None:
-        init = latest_checkpoint(init_dir)
-        if init is None:
-            raise RecipeError(f"paths.inputs.init: {init_dir} holds no complete checkpoint; run the upstream stage")
-
-    key = run_key(
-        model=to_plain(model_cfg),
-        loop=cfg.loop.to_json(),
-        order_seed=cfg.order_seed,
-        data=data_digest,
-        init=None if init is None else {"step": init.step, "name": init.path.name},
+    opened = open_run(
+        model_cfg=model_cfg,
+        seed=cfg.loop.seed,
         threads=cfg.threads,
-        code=package_code_digest(),
+        run_dir=run_dir,
+        init_dir=init_dir,
+        dist=dist,
+        key={"loop": cfg.loop.to_json(), "order_seed": cfg.order_seed, "data": data_digest},
     )
-    removed = _claim_run_dir(run_dir, key)
-
-    model = build_model(model_cfg, device=dist.device, seed=cfg.loop.seed)
-    if init is not None:
-        load_checkpoint(init.path, model=model, optimizer=None, restore_rng_state=False)
+    model, init = opened.model, opened.init
     order = order_for(data, order_seed=cfg.order_seed, batch_size=cfg.loop.batch_size, dataset_digest=data_digest)
     batches = ordered_batches(data, order)
     loss_fn = lm_loss(int(index["pad_id"]))
     probe_before = probe_loss(model, loss_fn, batches)
-    result = _loop(model, cfg, batches=batches, loss_fn=loss_fn, run_dir=run_dir)
+    result = train_loop(model, cfg.loop, batches=batches, loss_fn=loss_fn, run_dir=run_dir, dist=dist)
     probe_after = probe_loss(model, loss_fn, batches)
-    losses = [m for m in _read_metrics(run_dir / "metrics.jsonl") if "loss" in m["metrics"]]
+    losses = [m for m in read_metrics(run_dir / "metrics.jsonl") if "loss" in m["metrics"]]
     report = {
         "model": {"parameters": sum(p.numel() for p in model.parameters()), "vocab_size": model_cfg.vocab_size},
         "precision": effective_precision(model),
-        "determinism": determinism,
+        "determinism": opened.determinism,
         "cpu_patches": list(dist.cpu_patches),
+        "world_size": dist.world_size,
         "init": None if init is None else {"checkpoint": init.path.name, "step": init.step},
         "resumed_from": None if result.resumed_from is None else result.resumed_from.name,
-        "removed_stale_checkpoints": removed,
+        "removed_stale_checkpoints": opened.removed,
         "determinism_changes": list(result.determinism_changes),
         "steps": result.state.step,
         "tokens_seen": result.state.tokens_seen,
@@ -184,10 +275,8 @@ def run_training(
     return TrainingResult(checkpoints=result.checkpoints, report=report)
 
 
-def _prepare(
-    cfg: TrainingStageConfig, model_cfg: ModelConfig, data_dir: Path, dist: DistInfo
-) -> tuple[TokenizedDataset, ModelConfig, dict[str, Any]]:
-    """Open the data, size the model to its tokenizer, refuse what cannot run, set determinism."""
+def _prepare(model_cfg: ModelConfig, data_dir: Path) -> tuple[TokenizedDataset, ModelConfig]:
+    """Open the data and size the model to its tokenizer (refusing a context shorter than its sequences)."""
     data = TokenizedDataset.open(data_dir)
     index = data.index
     model_cfg = model_cfg.with_vocab(int(index["vocab_size"]))
@@ -196,14 +285,20 @@ def _prepare(
             f"model.max_sequence_length: {model_cfg.max_sequence_length} is shorter than the data's sequences "
             f"({index['seq_len']}); raise it (with model.yarn for the long-context stage)"
         )
-    check_precision(model_cfg, dist.device)
-    return data, model_cfg, set_deterministic(cfg.loop.seed, cpu_threads=cfg.threads)
+    return data, model_cfg
 
 
-def _loop(
-    model: torch.nn.Module, cfg: TrainingStageConfig, *, batches: Any, loss_fn: Any, run_dir: Path, **kwargs: Any
+def train_loop(
+    model: torch.nn.Module,
+    loop: TrainConfig,
+    *,
+    batches: BatchSource,
+    loss_fn: LossFn,
+    run_dir: Path,
+    dist: DistInfo | None = None,
+    **kwargs: Any,
 ) -> TrainResult:
-    """The training loop with the stage's tracker and megatron's RNG streams in the checkpoints."""
+    """:func:`flowpin.train.loop.train` with the stage's tracker (``metrics.jsonl``) and megatron's RNG streams."""
     from flowpin.train import megatron_cpu
 
     tracker = JsonlTracker(run_dir / "metrics.jsonl")
@@ -212,9 +307,10 @@ def _loop(
             model=model,
             loss_fn=loss_fn,
             data=batches,
-            cfg=cfg.loop,
+            cfg=loop,
             run_dir=run_dir,
             tracker=tracker,
+            dist=None if dist is None or dist.world_size == 1 else dist,
             extra_rng=ExtraRng(capture=megatron_cpu.rng_tracker_states, restore=megatron_cpu.set_rng_tracker_states),
             **kwargs,
         )
@@ -236,7 +332,7 @@ def _claim_run_dir(run_dir: Path, key: str) -> list[str]:
     return removed
 
 
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
+def read_metrics(path: Path) -> list[dict[str, Any]]:
     from flowpin.tracking import read_jsonl
 
     rows = [r for r in read_jsonl(path) if r.get("event") == "metrics"]
@@ -264,17 +360,21 @@ def fork_training(
     """
     from flowpin.train.loop import build_optimizer
 
-    data, model_cfg, determinism = _prepare(cfg, model_cfg, data_dir, dist)
+    data, model_cfg = _prepare(model_cfg, data_dir)
+    check_precision(model_cfg, dist.device)
+    determinism = set_deterministic(cfg.loop.seed, cpu_threads=cfg.threads)
     if (run_dir / "checkpoints").exists() and list_checkpoints(run_dir / "checkpoints"):
         raise RecipeError(f"fork target {run_dir} already holds checkpoints; fork into a new directory")
     model = build_model(model_cfg, device=dist.device, seed=cfg.loop.seed)
     optimizer = build_optimizer(model, cfg.loop.optim)
     state = load_checkpoint(checkpoint, model=model, optimizer=optimizer)
     order = order_for(data, order_seed=cfg.order_seed, batch_size=cfg.loop.batch_size, dataset_digest=data_digest)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    result = _loop(
+    (run_dir / CHECKPOINTS_DIR).mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(run_dir / CHECKPOINTS_DIR / MODEL_CONFIG, canonical_json(to_plain(model_cfg)) + b"\n")
+    result = train_loop(
         model,
-        cfg,
+        cfg.loop,
+        dist=dist,
         batches=ordered_batches(data, order),
         loss_fn=lm_loss(int(data.index["pad_id"])),
         run_dir=run_dir,
