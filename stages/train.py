@@ -4,6 +4,7 @@ python stages/train.py                                  # params/pretrain.yaml
 python stages/train.py --config-name midtrain           # from pretrain's last checkpoint
 python stages/train.py --config-name longctx            # 1024-token sequences, YaRN on full-attention layers
 python stages/train.py model=tiny_wide train.loop.optim.schedule.peak_lr=1e-3   # any override, recorded
+torchrun --nproc-per-node 2 stages/train.py             # data parallel; rank 0 writes checkpoints and manifest
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ def main(cfg: DictConfig) -> None:
     model_cfg = to_config(ModelConfig, cfg.model, where="model")
     dist = init_distributed()
     try:
-        with stage_run("train", cfg, TrainingStageConfig, root=ROOT, inputs=("data",), persistent_out=True) as run:
+        with stage_run(
+            "train", cfg, TrainingStageConfig, root=ROOT, inputs=("data",), persistent_out=True, main=dist.is_main
+        ) as run:
             init = run.paths.inputs.get("init")
             result = run_training(
                 run.recipe,
@@ -45,6 +48,8 @@ def main(cfg: DictConfig) -> None:
             run.report = result.report
     finally:
         destroy()
+    if not dist.is_main:
+        return
     probe = result.report["probe_loss"]
     print(
         f"{run.paths.manifest}: {result.report['steps']} steps, probe loss {probe['before']:.3f} → {probe['after']:.3f}"

@@ -53,7 +53,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.slow
 def test_pretrain_stage_records_every_checkpoint_and_learns(project: Path) -> None:
-    assert sorted(subjects(project, "a")) == ["step-000003", "step-000006"]
+    assert sorted(subjects(project, "a")) == ["model.json", "step-000003", "step-000006"]
     checked(project, str(BIN / "flowpin"), "verify", "manifests/a.json")
     report = json.loads((project / "reports" / "a.json").read_text())
     assert report["probe_loss"]["after"] < report["probe_loss"]["before"]
@@ -99,7 +99,9 @@ def test_fork_without_overrides_reproduces_the_parent(project: Path) -> None:
     for name in TENSORS:  # weights, optimizer state and RNG streams continue bit for bit
         assert (child / name).read_bytes() == (parent / name).read_bytes(), name
     state = json.loads((child / "state.json").read_text())
-    assert state["parent"]["step"] == 3  # ... and the checkpoint records where it branched
+    parent_state = json.loads((parent / "state.json").read_text())
+    assert state.pop("parent")["step"] == 3 and parent_state.pop("parent") is None
+    assert state == parent_state  # the pointer to where it branched is the only difference in the checkpoint
     m = load_manifest(project / "runs" / "fork-same" / "manifest.json")
     kinds = {d["name"]: d["annotations"]["kind"] for d in m.dependencies}
     assert kinds["manifests/a.json"] == "manifest"
@@ -116,3 +118,20 @@ def test_fork_with_an_override_branches_and_records_it(project: Path) -> None:
     parent = project / "runs" / "a" / "checkpoints" / "step-000006" / "model.safetensors"
     child = project / "runs" / "fork-lr" / "checkpoints" / "step-000006" / "model.safetensors"
     assert child.read_bytes() != parent.read_bytes()
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_train_the_stage_and_rank_0_records_it(project: Path) -> None:
+    torchrun = [str(BIN / "torchrun"), "--nproc-per-node", "2", "--rdzv-backend", "c10d"]
+    launch = [*torchrun, "--rdzv-endpoint", "127.0.0.1:0", "stages/train.py", *SHORT, *paths("dp")]
+    env = {**scratch_env(project), "GLOO_SOCKET_IFNAME": "lo"}
+    for name in ("dp", "dp-again"):
+        argv = launch if name == "dp" else [*launch[:-3], *paths(name)]
+        subprocess.run(argv, cwd=project, env=env, check=True, capture_output=True, timeout=600)
+    checked(project, str(BIN / "flowpin"), "verify", "manifests/dp.json")
+    report = json.loads((project / "reports" / "dp.json").read_text())
+    assert report["world_size"] == 2
+    assert report["probe_loss"]["after"] < report["probe_loss"]["before"]
+    state = json.loads((project / "runs" / "dp" / "checkpoints" / "step-000006" / "state.json").read_text())
+    assert state["determinism"]["data_parallel_world_size"] == 2  # recorded: DP=2 sums in another order
+    assert subjects(project, "dp-again") == subjects(project, "dp")  # DP=2 is bitwise reproducible as a stage

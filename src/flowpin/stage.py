@@ -36,6 +36,7 @@ from omegaconf import DictConfig
 from flowpin.atomic import atomic_directory, atomic_write_bytes
 from flowpin.canonical import canonical_json
 from flowpin.errors import RecipeError
+from flowpin.hashing import Hasher
 from flowpin.manifest.record import StageRecorder, dvc_code_deps, record
 from flowpin.recipe import StagePaths, hydra_sources, to_config, to_plain
 
@@ -83,6 +84,7 @@ def stage_run(
     inputs: Sequence[str] = (),
     preflight: Callable[[T, StagePaths], None] | None = None,
     persistent_out: bool = False,
+    main: bool = True,
 ) -> Iterator[StageRun[T]]:
     """Run one stage: see the module docstring.
 
@@ -93,6 +95,11 @@ def stage_run(
     the body writes into ``paths.out`` itself, piece by piece (training checkpoints, each published
     atomically, must survive a killed run so that the rerun resumes); otherwise the output directory is
     built aside and swapped in whole.
+
+    ``main=False`` is for the other ranks of a ``torchrun`` world (``DistInfo.is_main``): the recipe is
+    checked the same way, but only rank 0 records the manifest and writes the report -- the body's
+    declarations on a non-main rank go to a recorder that is never written. It needs ``persistent_out``
+    (every rank sees the same output directory; the body itself decides who writes there).
     """
     recipe = to_config(config_cls, cfg[block], where=block)
     paths = to_config(StagePaths, cfg.paths, where="paths")
@@ -105,6 +112,12 @@ def stage_run(
         preflight(recipe, paths)
     src = hydra_sources(root / "params")
     stage = stage_name(block, src.config_name, root)
+    if not main:
+        if not persistent_out:
+            raise ValueError("stage_run(main=False) needs persistent_out: rank 0 alone would swap the output in")
+        rec = StageRecorder(stage, root, Hasher(root))  # declarations of a non-main rank: never written
+        yield StageRun(recipe=recipe, paths=paths, rec=rec, out_dir=root / paths.out, root=root)
+        return
     with record(
         stage,
         recipe=to_plain(cfg),
