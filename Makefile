@@ -54,6 +54,7 @@ test: lint typecheck pytest
 bench: install
 	$(BIN)/python benchmarks/hashing.py
 	$(BIN)/python benchmarks/data.py
+	$(BIN)/python benchmarks/checkpoint.py
 
 clean-venv:
 	rm -rf $(VENV)
