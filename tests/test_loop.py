@@ -308,6 +308,46 @@ def test_loss_falls_and_the_tracker_hears_it(lm: dict[str, Any], tmp_path: Path)
     assert metrics[-1]["metrics"]["lr"] == result.state.lr
 
 
+def test_loss_fn_metrics_and_batches_with_a_middle_dimension(lm: dict[str, Any], tmp_path: Path) -> None:
+    """SFT-style batches ``[B, 2, T]`` (ids, loss mask) and RL-style extra metrics from the loss."""
+    counting = lm["Counting"](lm["ORDER"])
+
+    @dataclasses.dataclass(frozen=True)
+    class Masked:
+        order: DataOrder
+
+        def __call__(self, step: int) -> torch.Tensor:
+            ids = counting(step)
+            return torch.stack([ids, (torch.arange(ids.shape[1]) >= 4).long().expand_as(ids)], dim=1)
+
+    def loss_fn(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        ids, mask = batch[:, 0], batch[:, 1]
+        per_token = nn.functional.cross_entropy(model(ids[:, :-1]).transpose(1, 2), ids[:, 1:], reduction="none")
+        kept = mask[:, 1:].float()
+        return (per_token * kept).sum() / kept.sum(), {"masked_share": float(1 - kept.mean())}
+
+    log = tmp_path / "metrics.jsonl"
+    with JsonlTracker(log) as tracker:
+        result = train(
+            model=lm["model"](),
+            loss_fn=loss_fn,
+            data=Masked(lm["ORDER"]),
+            cfg=lm["config"](steps=10, checkpoint_every=10),
+            run_dir=tmp_path,
+            tracker=tracker,
+        )
+    metrics = [row["metrics"] for row in read_jsonl(log)[1:]]
+    assert metrics[-1]["masked_share"] == pytest.approx(3 / 11)  # 3 of the 11 predicted tokens are masked
+    assert result.state.tokens_seen == 10 * 4 * 12  # rows x sequence length, not x 2
+    assert read_state(result.checkpoints[-1].path).metrics["masked_share"] == metrics[-1]["masked_share"]
+
+    def clashing(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        return lm["loss_fn"](model, batch), {"lr": 1.0}
+
+    with pytest.raises(ValueError, match="must not reuse the loop's names"):
+        train(model=lm["model"](), loss_fn=clashing, data=counting, cfg=lm["config"](), run_dir=tmp_path / "x")
+
+
 def test_jsonl_tracker_writes_nan_and_survives_a_torn_line(tmp_path: Path) -> None:
     log = tmp_path / "m.jsonl"
     tracker = JsonlTracker(log)
