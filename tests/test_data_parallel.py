@@ -64,6 +64,7 @@ WORKER = textwrap.dedent(
         ReplicaDivergenceError, average, average_gradients, destroy, init_distributed, set_deterministic,
     )
     from flowpin.train.loop import ExtraRng, OptimConfig, TrainConfig, train
+    from flowpin.train.megatron_ddp import DataParallelConfig, MegatronGradSync
     from flowpin.train.model import ModelConfig, build_model
     from flowpin.train.schedule import ScheduleConfig
 
@@ -121,12 +122,13 @@ WORKER = textwrap.dedent(
                 h.update(name.encode() + b"\\0" + t.detach().contiguous().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
-    def run(info, run_dir: Path, *, crash_at: int = -1, model_seed: int = 0, loss=loss_fn):
+    def run(info, run_dir: Path, *, crash_at: int = -1, model_seed: int = 0, loss=loss_fn, engine="flowpin"):
         model = build_model(CFG, device="cpu", seed=model_seed)
+        sync = MegatronGradSync(model, DataParallelConfig(engine="megatron")) if engine == "megatron" else None
         tracker = JsonlTracker(run_dir / "metrics.jsonl", run_id="dp")  # every rank passes one: only rank 0 writes
         try:
             return model, train(model=model, loss_fn=loss, data=Synthetic(ORDER, crash_at), cfg=config(),
-                                run_dir=run_dir, tracker=tracker, extra_rng=EXTRA, dist=info)
+                                run_dir=run_dir, tracker=tracker, extra_rng=EXTRA, dist=info, grad_sync=sync)
         finally:
             tracker.close()
 
@@ -152,6 +154,8 @@ WORKER = textwrap.dedent(
             run_dir = Path(run_dir)
             if mode == "fresh":
                 model, result = run(info, run_dir)
+            elif mode == "megatron":  # megatron-core's DistributedDataParallel reduces the gradients
+                model, result = run(info, run_dir, engine="megatron")
             elif mode == "halves":
                 model, result = run(info, run_dir, loss=halves_loss_fn)
             elif mode == "crash-resume":
@@ -231,8 +235,10 @@ def runs(worker: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, An
     base = tmp_path_factory.mktemp("runs")
     jobs = ("collectives", base / "-", "fresh", base / "a", "crash-resume", base / "r", "diverge", base / "d")
     first, t1 = launch(worker, base / "out1", 2, *jobs)
-    second, t2 = launch(worker, base / "out2", 2, "fresh", base / "b")
-    single, t3 = launch(worker, base / "out3", 1, "fresh", base / "one", "halves", base / "halves")
+    second, t2 = launch(worker, base / "out2", 2, "fresh", base / "b", "megatron", base / "m")
+    single, t3 = launch(
+        worker, base / "out3", 1, "fresh", base / "one", "halves", base / "halves", "megatron", base / "one-m"
+    )
     return {"base": base, "first": first, "second": second, "single": single, "seconds": (t1, t2, t3)}
 
 
@@ -395,3 +401,21 @@ def test_a_world_of_one_is_the_single_process_loop(tiny_run: dict[str, Any], tmp
     tiny_run["run_dir"] = tmp_path / "dp1"
     with_dist = train(**tiny_run, dist=_Rank(0, 1))
     assert digest(alone.checkpoints[-1].path) == digest(with_dist.checkpoints[-1].path)
+
+
+@pytest.mark.slow
+def test_megatron_ddp_engine_gives_the_same_tensors_as_flowpins_reduction(runs: dict[str, Any]) -> None:
+    """megatron's DDP (grad buffers on CPU, gloo): bitwise the flowpin engine's tensors at DP=2 and DP=1.
+
+    With fp32 grads, halving each rank's gradient before the sum equals halving the sum, exactly. The
+    engine is recorded in the determinism settings, so the state.json files differ, never silently.
+    """
+    base = runs["base"]
+    for flowpin_run, megatron_run in (("a", "m"), ("one", "one-m")):
+        for name in ("model.safetensors", "optimizer.safetensors", "rng.safetensors"):
+            a, b = (final(base / run) / name for run in (flowpin_run, megatron_run))
+            assert a.read_bytes() == b.read_bytes(), (flowpin_run, megatron_run, name)
+        state = json.loads((final(base / megatron_run) / "state.json").read_text())
+        assert state["determinism"]["data_parallel_engine"] == "megatron"
+    rank0, rank1 = (r["results"]["megatron"] for r in runs["second"])
+    assert rank0["weights"] == rank1["weights"]

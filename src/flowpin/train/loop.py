@@ -56,7 +56,7 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -249,6 +249,23 @@ class DataParallel(Protocol):
     @property
     def is_main(self) -> bool:
         """Whether this rank writes checkpoints and tracker events (rank 0)."""
+        ...
+
+
+class GradSync(Protocol):
+    """A gradient engine that replaces the loop's own reduction (e.g. megatron's DDP,
+    :class:`flowpin.train.megatron_ddp.MegatronGradSync`)."""
+
+    def settings(self) -> dict[str, Any]:
+        """Recorded with the determinism settings (the engine can change the bits)."""
+        ...
+
+    def before_backward(self) -> None:
+        """Called after ``zero_grad`` and before the forward pass of every step."""
+        ...
+
+    def after_backward(self, params: Sequence[torch.nn.Parameter]) -> None:
+        """Reduce across ranks and leave each parameter's reduced gradient in ``param.grad``."""
         ...
 
 
@@ -483,6 +500,7 @@ def train(
     on_checkpoint: Callable[[Path, TrainState], None] | None = None,
     extra_rng: ExtraRng | None = None,
     dist: DataParallel | None = None,
+    grad_sync: GradSync | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``cfg.steps`` steps, checkpointing into ``run_dir/checkpoints``.
 
@@ -504,6 +522,8 @@ def train(
 
     ``dist`` trains data parallel (see the module docstring): call this on every rank with the same
     arguments; only the main rank writes checkpoints, calls ``on_checkpoint`` and uses ``tracker``.
+    ``grad_sync`` replaces the loop's own gradient reduction (at any world size, one included) and is
+    recorded with the determinism settings.
     """
     if cfg.batch_size != data.order.batch_size:
         raise RecipeError(
@@ -517,6 +537,8 @@ def train(
     config = cfg.to_json()
     checkpoints_dir = run_dir / CHECKPOINTS_DIR
     current = determinism_settings()
+    if grad_sync is not None:
+        current = {**current, **grad_sync.settings()}
     if replicas is not None:
         current = {**current, **replicas.settings()}
         if main:
@@ -567,9 +589,13 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
+        if grad_sync is not None:
+            grad_sync.before_backward()
         loss, extra = _split_loss(loss_fn(model, batch if replicas is None else batch[replicas.rows]), position)
         torch.autograd.backward(loss)
-        if replicas is not None:
+        if grad_sync is not None:
+            grad_sync.after_backward(params)
+        elif replicas is not None:
             collectives.average_gradients(params, world_size=replicas.world_size)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm=max_norm, foreach=False))
         loss_value = float(loss.detach())
@@ -776,6 +802,7 @@ __all__ = [
     "DataParallel",
     "DeterminismWarning",
     "ExtraRng",
+    "GradSync",
     "LossFn",
     "OptimConfig",
     "OrderedBatches",

@@ -24,6 +24,11 @@ patched attribute (``megatron.core.`` omitted below)            why, and what th
 ``transformer.utils.get_default_causal_mask`` and               built masks with ``device="cuda"``; here on CPU.
 ``transformer.utils.get_sliding_window_causal_mask``            ``fusions.fused_softmax`` imported both by name,
 (+ the same names in ``fusions.fused_softmax``)                 so its references are replaced too
+``distributed.param_and_grad_buffer._ParamAndGradBuffer.``      megatron DDP's flat grad (and param) buffers are
+``__init__``                                                    allocated on ``torch.cuda.current_device()``;
+                                                                here the original runs with that function
+                                                                answering ``"cpu"`` (only during the call), so
+                                                                ``DistributedDataParallel`` works on gloo
 ==============================================================  =================================================
 
 Every original is checked against the sha256 of the source that was reviewed for this module before it is
@@ -178,6 +183,30 @@ def _cpu_sliding_window_mask(sq: int, skv: int, window_size: tuple[int, int]) ->
 # --- the patch table -----------------------------------------------------------------------------------
 
 
+_BUFFER_INIT = "megatron.core.distributed.param_and_grad_buffer._ParamAndGradBuffer.__init__"
+
+
+def _cpu_buffer_init(self: Any, *args: Any, **kwargs: Any) -> None:
+    """``_ParamAndGradBuffer.__init__`` with its buffers on CPU (see the table above).
+
+    The original is called unchanged; only ``torch.cuda.current_device`` answers ``"cpu"`` while it runs
+    (under a lock: no other thread sees it). ``nccl_ub`` (NCCL user buffers) is refused, being CUDA only.
+    """
+    if kwargs.get("nccl_ub") or (len(args) > 9 and args[9]):
+        raise CompatibilityError("megatron DDP with nccl_ub needs CUDA; turn it off on a CPU machine")
+    original = _ORIGINALS[_BUFFER_INIT]
+    with _CUDA_DEVICE_LOCK:
+        saved = torch.cuda.current_device
+        torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment,return-value]
+        try:
+            original(self, *args, **kwargs)
+        finally:
+            torch.cuda.current_device = saved
+
+
+_CUDA_DEVICE_LOCK = threading.Lock()
+
+
 @dataclass(frozen=True)
 class _Patch:
     module: str
@@ -247,6 +276,12 @@ PATCHES: tuple[_Patch, ...] = (
     # fused_softmax did `from megatron.core.transformer.utils import ...`: its own references must change too.
     _Patch(_SOFTMAX, "get_default_causal_mask", _cpu_causal_mask, _CAUSAL_SHA),
     _Patch(_SOFTMAX, "get_sliding_window_causal_mask", _cpu_sliding_window_mask, _WINDOW_SHA),
+    _Patch(
+        "megatron.core.distributed.param_and_grad_buffer",
+        "_ParamAndGradBuffer.__init__",
+        _cpu_buffer_init,
+        "6dee7ab4c9ec64c8fd77ea60adc8254243ba8dfeeed6e520703ec74e402869d7",
+    ),
 )
 """Every replacement :func:`apply` makes, in the order it makes them."""
 

@@ -38,12 +38,14 @@ from flowpin.train.loop import (
     CHECKPOINTS_DIR,
     BatchSource,
     ExtraRng,
+    GradSync,
     LossFn,
     TrainConfig,
     TrainResult,
     ordered_batches,
     train,
 )
+from flowpin.train.megatron_ddp import DataParallelConfig, MegatronGradSync
 from flowpin.train.model import ModelConfig, build_model, check_precision, effective_precision
 
 
@@ -59,6 +61,8 @@ class TrainingStageConfig:
     """``scratch``: weights from ``loop.seed``; ``checkpoint``: weights from the upstream run's last checkpoint."""
     threads: int = 2
     """torch intra-op threads (recorded: a different count can change results bitwise)."""
+    data_parallel: DataParallelConfig = dataclasses.field(default_factory=DataParallelConfig)
+    """Gradient engine across data-parallel ranks: flowpin's all-reduce or megatron's DDP."""
 
     def __post_init__(self) -> None:
         check_int(self.order_seed, "train.order_seed", minimum=0, maximum=2**63 - 1)
@@ -238,14 +242,27 @@ def run_training(
         run_dir=run_dir,
         init_dir=init_dir,
         dist=dist,
-        key={"loop": cfg.loop.to_json(), "order_seed": cfg.order_seed, "data": data_digest},
+        key={
+            "loop": cfg.loop.to_json(),
+            "order_seed": cfg.order_seed,
+            "data": data_digest,
+            "data_parallel": to_plain(cfg.data_parallel),
+        },
     )
     model, init = opened.model, opened.init
     order = order_for(data, order_seed=cfg.order_seed, batch_size=cfg.loop.batch_size, dataset_digest=data_digest)
     batches = ordered_batches(data, order)
     loss_fn = lm_loss(int(index["pad_id"]))
     probe_before = probe_loss(model, loss_fn, batches)
-    result = train_loop(model, cfg.loop, batches=batches, loss_fn=loss_fn, run_dir=run_dir, dist=dist)
+    result = train_loop(
+        model,
+        cfg.loop,
+        batches=batches,
+        loss_fn=loss_fn,
+        run_dir=run_dir,
+        dist=dist,
+        grad_sync=grad_sync_for(model, cfg.data_parallel),
+    )
     probe_after = probe_loss(model, loss_fn, batches)
     losses = [m for m in read_metrics(run_dir / "metrics.jsonl") if "loss" in m["metrics"]]
     report = {
@@ -273,6 +290,11 @@ def run_training(
         "checkpoints": [c.path.name for c in result.checkpoints],
     }
     return TrainingResult(checkpoints=result.checkpoints, report=report)
+
+
+def grad_sync_for(model: torch.nn.Module, cfg: DataParallelConfig) -> GradSync | None:
+    """The loop's gradient engine for ``cfg``: ``None`` (flowpin's own reduction) or megatron's DDP."""
+    return MegatronGradSync(model, cfg) if cfg.engine == "megatron" else None
 
 
 def _prepare(model_cfg: ModelConfig, data_dir: Path) -> tuple[TokenizedDataset, ModelConfig]:
@@ -375,6 +397,7 @@ def fork_training(
         model,
         cfg.loop,
         dist=dist,
+        grad_sync=grad_sync_for(model, cfg.data_parallel),
         batches=ordered_batches(data, order),
         loss_fn=lm_loss(int(data.index["pad_id"])),
         run_dir=run_dir,
