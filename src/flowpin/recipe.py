@@ -182,6 +182,14 @@ class StageInput:
     """The upstream output directory (a DVC dep of this stage)."""
     manifest: str
     """The upstream stage's signed manifest (recorded as this stage's parent)."""
+    kind: str = "dataset"
+    """What it is, as the manifest names the dependency: ``dataset`` or ``checkpoints`` (a training run's)."""
+
+    def __post_init__(self) -> None:
+        check_choice(self.kind, INPUT_KINDS, "paths.inputs.<role>.kind")
+
+
+INPUT_KINDS = ("dataset", "checkpoints")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

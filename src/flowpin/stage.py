@@ -127,7 +127,7 @@ def stage_run(
         manifest=paths.manifest,
     ) as rec:
         for upstream in paths.inputs.values():
-            rec.upstream(data=upstream.data, manifest=upstream.manifest)
+            rec.upstream(data=upstream.data, manifest=upstream.manifest, kind=upstream.kind)
         if persistent_out:
             (root / paths.out).mkdir(parents=True, exist_ok=True)
             run = StageRun(recipe=recipe, paths=paths, rec=rec, out_dir=root / paths.out, root=root)

@@ -168,10 +168,12 @@ class StageRecorder:
             }
         )
 
-    def upstream(self, *, data: str | os.PathLike[str], manifest: str | os.PathLike[str]) -> ArtifactDigest:
-        """Declare an upstream stage's output directory (a dataset input) and its manifest (a parent)."""
+    def upstream(
+        self, *, data: str | os.PathLike[str], manifest: str | os.PathLike[str], kind: str = "dataset"
+    ) -> ArtifactDigest:
+        """Declare an upstream stage's output directory (an input of ``kind``) and its manifest (a parent)."""
         self.parent(manifest)
-        return self.input(data, kind="dataset")
+        return self.input(data, kind=kind)
 
     def output(self, path: str | os.PathLike[str]) -> None:
         """Declare a file or directory this stage produced (a subject of the manifest)."""
@@ -229,9 +231,6 @@ def record(
     try:
         hasher = Hasher(root, algorithm, cache=cache)
         rec = StageRecorder(stage, root, hasher)
-        t_env = time.monotonic()
-        environment = fingerprint(root)
-        fingerprint_seconds = time.monotonic() - t_env
         for path in config_files:
             rec.input(path, kind="config")
         if code is None:
@@ -241,6 +240,10 @@ def record(
         for path in code:
             rec.code(path)
         yield rec
+        # After the body: the numerics settings it ran with (threads, deterministic flags it set).
+        t_env = time.monotonic()
+        environment = fingerprint(root)
+        fingerprint_seconds = time.monotonic() - t_env
         subjects = rec._digest_all(rec._outputs)
         byproducts = [descriptor(d) for d in rec._digest_all(rec._byproducts)]
     finally:
