@@ -1,4 +1,4 @@
-"""The ``flowpin`` command line: key, verify, diff, lineage, show, batch.
+"""The ``flowpin`` command line: key, verify, diff, lineage, show, batch, fork, rebuild.
 
 Exit status: 0 success; 1 a verification failed / manifests differ; 2 usage or input error (a
 :class:`FlowpinError` that prevents the command from giving an answer).
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -198,6 +199,33 @@ def _cmd_fork(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rebuild(args: argparse.Namespace) -> int:
+    from flowpin.manifest.rebuild import RebuildOptions, exit_status, flow_manifests, rebuild_many, render_result
+
+    root = find_root()
+    paths = [Path(p) for p in args.paths] or (flow_manifests(root) if args.all else [])
+    if not paths:
+        raise FlowpinError("nothing to rebuild: name manifest files or pass --all (rebuilds manifests/*.json)")
+    options = RebuildOptions(
+        workdir=Path(args.workdir) if args.workdir else None, keep=args.keep, allow_code_drift=args.allow_code_drift
+    )
+    results = []
+    t0 = time.monotonic()
+    for result in rebuild_many(paths, root=root, options=options, stages=args.stage):
+        results.append(result)
+        if not args.json:
+            print(render_result(result), flush=True)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in results], indent=2, sort_keys=True))
+    else:
+        counts = {v: sum(r.verdict == v for r in results) for v in ("identical", "differs", "error")}
+        print(
+            f"rebuild: {counts['identical']} identical, {counts['differs']} differ, {counts['error']} could not be "
+            f"rebuilt ({time.monotonic() - t0:.1f} s)"
+        )
+    return exit_status(results)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowpin", description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--version", action="version", version=f"flowpin {__version__}")
@@ -238,6 +266,25 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", help="run directory for the fork (default runs/forks/<stage>-step<N>-<hash>)")
     f.add_argument("overrides", nargs="*", help="Hydra overrides for the new branch (e.g. train.loop.steps=300)")
     f.set_defaults(func=_cmd_fork)
+
+    rb = sub.add_parser(
+        "rebuild",
+        help="re-run stages in a scratch workspace from what their manifests pin and compare every output digest",
+        description="Exit status: 0 every rebuild identical, 1 some outputs differ, 2 some stage could not be "
+        "rebuilt (missing or changed input, code drift, the stage failed).",
+    )
+    rb.add_argument("paths", nargs="*", help="manifest files")
+    rb.add_argument("--all", action="store_true", help="every stage manifest of the flow (manifests/*.json)")
+    rb.add_argument("--stage", action="append", default=[], metavar="NAME", help="only this stage (repeatable)")
+    rb.add_argument("--workdir", help="build here and keep it (one subdirectory per stage for several manifests)")
+    rb.add_argument("--keep", action="store_true", help="keep the temporary workspace")
+    rb.add_argument(
+        "--allow-code-drift",
+        action="store_true",
+        help="use the checkout's code/config where the pinned bytes are in neither the checkout nor git history",
+    )
+    rb.add_argument("--json", action="store_true", help="results as JSON")
+    rb.set_defaults(func=_cmd_rebuild)
 
     s = sub.add_parser("show", help="human summary of a manifest")
     s.add_argument("path")
