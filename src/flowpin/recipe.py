@@ -183,13 +183,13 @@ class StageInput:
     manifest: str
     """The upstream stage's signed manifest (recorded as this stage's parent)."""
     kind: str = "dataset"
-    """What it is, as the manifest names the dependency: ``dataset`` or ``checkpoints`` (a training run's)."""
+    """What it is, as the manifest names the dependency: ``dataset`` or ``checkpoint`` (a training run's)."""
 
     def __post_init__(self) -> None:
         check_choice(self.kind, INPUT_KINDS, "paths.inputs.<role>.kind")
 
 
-INPUT_KINDS = ("dataset", "checkpoints")
+INPUT_KINDS = ("dataset", "checkpoint")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -32,7 +32,13 @@ from flowpin.errors import CheckpointCorruptError, CheckpointMissingError, Recip
 from flowpin.hashing import hash_bytes
 from flowpin.recipe import check_choice, check_int, to_config, to_plain
 from flowpin.tracking import JsonlTracker
-from flowpin.train.checkpoint import CheckpointRef, latest_checkpoint, list_checkpoints, load_checkpoint
+from flowpin.train.checkpoint import (
+    CheckpointRef,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    state_digest,
+)
 from flowpin.train.distributed import DistInfo, barrier, set_deterministic
 from flowpin.train.loop import (
     CHECKPOINTS_DIR,
@@ -174,7 +180,8 @@ def open_run(
             raise RecipeError(f"paths.inputs.init: {init_dir} holds no complete checkpoint; run the upstream stage")
     run = run_key(
         model=to_plain(model_cfg),
-        init=None if init is None else {"step": init.step, "name": init.path.name},
+        # the init checkpoint by content: a retrained upstream with the same step names is a new start
+        init=None if init is None else {"step": init.step, "name": init.path.name, "state": state_digest(init.path)},
         threads=threads,
         code=package_code_digest(),
         **key,

@@ -1,0 +1,308 @@
+"""SFT: response-only loss, packed examples, seeded batches, pass@1 grading, recipe refusals.
+
+Fast: the loss is checked on a table model (logits per position are parameters, so which positions
+count is visible), and once on a tiny megatron GPT against a hand computation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from tokenizers import Tokenizer
+
+import flowpin.post.sft as sft
+from flowpin.data.synth import Task
+from flowpin.data.tokenize import TokenizerConfig, train_tokenizer
+from flowpin.errors import CheckpointCorruptError, CheckpointMissingError, DataError, RecipeError
+from flowpin.post.prompts import Vocab
+from flowpin.post.sft import (
+    HeldoutEvalConfig,
+    SFTConfig,
+    check_fits,
+    example_batches,
+    heldout_eval,
+    sft_examples,
+    sft_loss,
+    tensor_digest,
+    used_width,
+    weights_digest,
+)
+from flowpin.recipe import to_config
+from flowpin.train.model import ModelConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def make_tasks() -> list[Task]:
+    rows = [
+        ("arithmetic", "What is 3 + 4?", "3 + 4 = 7. Answer: 7", "7"),
+        ("arithmetic", "What is 12 * 3?", "12 * 3 = 36. Answer: 36", "36"),
+        ("arithmetic", "What is 9 - 5 + 2?", "9 - 5 = 4. 4 + 2 = 6. Answer: 6", "6"),
+        ("arithmetic", "What is 40 / 8?", "40 / 8 = 5. Answer: 5", "5"),
+        ("word_problem", "Ann has 3 pens and buys 2 more. How many pens now?", "3 + 2 = 5. Answer: 5", "5"),
+        (
+            "word_problem",
+            "Bo has 4 cups; Cy has 2 times as many. How many in total?",
+            "4 + 4 * 2 = 12. Answer: 12",
+            "12",
+        ),
+    ]
+    return [
+        Task(id=f"synth/train/{kind}/{i}", kind=kind, prompt=p, solution=s, answer=a)
+        for i, (kind, p, s, a) in enumerate(rows)
+    ]
+
+
+def make_vocab(tasks: Sequence[Task]) -> Vocab:
+    cfg = TokenizerConfig(
+        vocab_size=320, min_frequency=1, special_tokens=["<|endoftext|>", "<|pad|>"], seed=0, train_max_bytes=None
+    )
+    tok: Tokenizer = train_tokenizer([t.text for t in tasks] * 3, cfg)
+    return Vocab(tokenizer=tok, eos_id=0, pad_id=1)
+
+
+@pytest.fixture(scope="module")
+def tasks() -> list[Task]:
+    return make_tasks()
+
+
+@pytest.fixture(scope="module")
+def vocab(tasks: list[Task]) -> Vocab:
+    return make_vocab(tasks)
+
+
+class TableLM(torch.nn.Module):
+    """``logits[b, t] = table[t]``: every position's next-token logits are free parameters."""
+
+    def __init__(self, vocab_size: int, width: int, seed: int = 0) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.table = torch.nn.Parameter(torch.randn(width, vocab_size, generator=gen))
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: Any) -> torch.Tensor:
+        return self.table[: ids.shape[1]].unsqueeze(0).expand(ids.shape[0], -1, -1)
+
+
+# --- the loss -------------------------------------------------------------------------------------
+
+
+def test_sft_loss_is_the_mean_cross_entropy_of_the_response_tokens_only(vocab: Vocab, tasks: list[Task]) -> None:
+    examples = sft_examples(tasks[:2], vocab, seq_len=32)
+    model = TableLM(vocab.tokenizer.get_vocab_size(), 32)
+    loss, metrics = sft_loss(model, examples)
+    ids, mask = examples[:, 0], examples[:, 1]
+    terms = []
+    for row in range(2):
+        for t in range(31):
+            if mask[row, t + 1]:
+                terms.append(-F.log_softmax(model.table[t], dim=-1)[ids[row, t + 1]])
+    assert metrics["response_tokens"] == len(terms) == int(mask.sum())
+    assert math.isclose(float(loss), float(torch.stack(terms).mean()), rel_tol=1e-6)
+
+
+def test_prompt_and_padding_logits_do_not_change_the_loss(vocab: Vocab, tasks: list[Task]) -> None:
+    example = sft_examples(tasks[:1], vocab, seq_len=32)
+    mask = example[0, 1]
+    first = int(mask.nonzero().min())  # the first response token, predicted at position first - 1
+    last = int(mask.nonzero().max())
+    model = TableLM(vocab.tokenizer.get_vocab_size(), 32)
+    loss, _ = sft_loss(model, example)
+    torch.autograd.backward(loss)
+    grad = model.table.grad
+    assert grad is not None
+    assert grad[: first - 1].abs().sum() == 0  # positions that predict prompt tokens
+    assert grad[last:].abs().sum() == 0  # positions that predict padding (or nothing)
+    assert grad[first - 1 : last].abs().sum(dim=-1).gt(0).all()  # every response token counts
+    with torch.no_grad():
+        model.table[: first - 1] += 5.0 * torch.randn(first - 1, model.table.shape[1])
+        model.table[last:] -= 3.0
+    assert torch.equal(sft_loss(model, example)[0].detach(), loss.detach())
+    with torch.no_grad():
+        model.table[first - 1, 7] += 1.0
+    assert not torch.equal(sft_loss(model, example)[0].detach(), loss.detach())
+
+
+@pytest.fixture(scope="module")
+def megatron() -> Iterator[None]:
+    from flowpin.train.distributed import destroy, init_distributed
+
+    init_distributed()
+    yield
+    destroy()
+
+
+def tiny_config(vocab_size: int) -> ModelConfig:
+    return ModelConfig(
+        num_layers=2,
+        hidden_size=64,
+        ffn_hidden_size=128,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=vocab_size,
+        max_sequence_length=64,
+        sliding_window=32,
+    )
+
+
+def test_sft_loss_on_the_megatron_gpt_matches_its_logits(megatron: None, vocab: Vocab, tasks: list[Task]) -> None:
+    from flowpin.post.lm import logits
+    from flowpin.train.model import build_model
+
+    model = build_model(tiny_config(vocab.tokenizer.get_vocab_size()), device="cpu", seed=3)
+    examples = sft_examples(tasks, vocab, seq_len=48)
+    loss, _ = sft_loss(model, examples)
+    ids, mask = examples[:, 0], examples[:, 1]
+    logp = F.log_softmax(logits(model, ids[:, :-1]).float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+    expected = -(logp * mask[:, 1:]).sum() / mask[:, 1:].sum()
+    assert math.isclose(float(loss), float(expected), rel_tol=1e-5)
+
+
+# --- examples and batches -------------------------------------------------------------------------
+
+
+def test_examples_mask_the_solution_and_eos(vocab: Vocab, tasks: list[Task]) -> None:
+    examples = sft_examples(tasks, vocab, seq_len=48)
+    assert examples.shape == (len(tasks), 2, 48) and examples.dtype == torch.int64
+    for task, (ids, mask) in zip(tasks, examples, strict=True):
+        response = ids[mask.bool()].tolist()
+        assert response == vocab.response_ids(task.solution)
+        assert vocab.decode(response) == task.solution
+        assert ids[: len(vocab.prompt_ids(task.prompt))].tolist() == vocab.prompt_ids(task.prompt)
+
+
+def test_an_example_longer_than_seq_len_is_refused_not_truncated(vocab: Vocab, tasks: list[Task]) -> None:
+    with pytest.raises(DataError, match=r"sft\.seq_len \(synth/train/arithmetic/2\).*raise seq_len"):
+        sft_examples(tasks[2:3], vocab, seq_len=8)
+
+
+def test_a_solution_that_does_not_verify_is_refused(vocab: Vocab, tasks: list[Task]) -> None:
+    bad = Task(
+        id="synth/train/arithmetic/9", kind="arithmetic", prompt="What is 1 + 1?", solution="Answer: 3", answer="2"
+    )
+    with pytest.raises(DataError, match="synth/train/arithmetic/9: its solution does not verify"):
+        sft_examples([bad], vocab, seq_len=48)
+
+
+def test_batches_are_a_pure_function_of_the_step_and_cover_each_epoch(vocab: Vocab, tasks: list[Task]) -> None:
+    examples = sft_examples(tasks, vocab, seq_len=48)
+    batches = example_batches(examples, order_seed=7, batch_size=2)
+    again = example_batches(examples.clone(), order_seed=7, batch_size=2)
+    assert torch.equal(batches(5), again(5)) and batches(5).shape == (2, 2, 48)
+    epoch = torch.cat([batches(s) for s in range(3)])  # 6 examples, batch 2: one epoch
+    assert sorted(tensor_digest(e) for e in epoch) == sorted(tensor_digest(e) for e in examples)
+    other_seed = example_batches(examples, order_seed=8, batch_size=2)
+    assert any(not torch.equal(batches(s), other_seed(s)) for s in range(3))
+    changed = examples.clone()
+    changed[0, 0, 0] += 1
+    assert tensor_digest(changed) != tensor_digest(examples)  # the order is keyed by the exact tokens
+    assert example_batches(changed, order_seed=7, batch_size=2).order.dataset_digest != batches.order.dataset_digest
+
+
+def test_used_width_cuts_only_trailing_padding() -> None:
+    batch = torch.zeros(2, 4, 10, dtype=torch.long)
+    batch[0, 1, 2:5] = 1  # row 0: chosen response ends at column 4
+    batch[1, 3, 3:7] = 1  # row 1: rejected response ends at column 6
+    assert used_width(batch) == 7
+    assert used_width(torch.zeros(1, 2, 5, dtype=torch.long)) == 1
+
+
+# --- held-out eval --------------------------------------------------------------------------------
+
+
+def test_heldout_eval_grades_greedy_answers_per_kind(
+    vocab: Vocab, tasks: list[Task], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[Any] = []
+
+    def fake_generate(model: Any, prompts: Sequence[Sequence[int]], **kwargs: Any) -> list[list[int]]:
+        seen.append(kwargs)
+        out = []
+        for prompt in prompts:
+            task = next(t for t in tasks if vocab.prompt_ids(t.prompt) == list(prompt))
+            n = int(task.id.rsplit("/", 1)[1])
+            # two arithmetic tasks and one word problem right; one answer not in the Answer: N form
+            text = task.solution if n in (0, 2, 4) else "no idea" if n == 1 else "1 + 1 = 2. Answer: -1"
+            out.append([*vocab.tokenizer.encode(text + "\nmore").ids, vocab.eos_id])
+        return out
+
+    monkeypatch.setattr(sft, "generate", fake_generate)
+    cfg = HeldoutEvalConfig(kinds=("arithmetic", "word_problem"), tasks=3, batch_size=2, max_new_tokens=9)
+    model = TableLM(vocab.tokenizer.get_vocab_size(), 64)
+    result = heldout_eval(model, tasks, vocab, cfg, max_len=64)
+    arithmetic = result["arithmetic"]
+    assert (arithmetic["tasks"], arithmetic["correct"], arithmetic["formatted"]) == (3, 2, 2)
+    assert result["word_problem"]["tasks"] == 2 and result["word_problem"]["pass_at_1"] == 0.5
+    assert arithmetic["examples"][0]["output"] == tasks[0].solution  # the first line only
+    assert all(k["cfg"].temperature == 0 and k["cfg"].max_new_tokens == 9 for k in seen)  # greedy
+    assert all(vocab.eos_id in k["stop_ids"] and set(vocab.newline_ids()) <= set(k["stop_ids"]) for k in seen)
+    expected = sft_loss(model, sft_examples(tasks[:3], vocab, seq_len=64))[0]  # solutions, teacher-forced
+    assert math.isclose(arithmetic["response_loss"], float(expected), rel_tol=1e-5)
+    assert model.training  # the eval put the model back as it found it
+    with pytest.raises(DataError, match="no 'word_problem' task"):
+        heldout_eval(model, tasks[:4], vocab, cfg, max_len=64)
+
+
+# --- recipe and inputs ----------------------------------------------------------------------------
+
+
+def reference_block() -> dict[str, Any]:
+    plain = OmegaConf.to_container(OmegaConf.load(REPO / "params" / "sft.yaml"), resolve=True)
+    assert isinstance(plain, dict)
+    block: dict[str, Any] = plain["sft"]
+    return block
+
+
+def test_the_reference_recipe_loads() -> None:
+    cfg = to_config(SFTConfig, reference_block(), where="sft")
+    assert cfg.loop.optim.schedule.total_steps == cfg.loop.steps
+    assert cfg.eval.kinds == ("arithmetic",) and cfg.kinds == ("arithmetic", "word_problem")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"kinds": ["algebra"]}, r"sft\.kinds: 'algebra' is not one of arithmetic, word_problem"),
+        ({"kinds": []}, r"sft\.kinds: empty"),
+        ({"kinds": ["arithmetic", "arithmetic"]}, r"sft\.kinds: .* names a kind twice"),
+        ({"seq_len": 1}, r"sft\.seq_len: 1 must be in"),
+        ({"eval": {"tasks": 0}}, r"eval\.tasks: 0 must be"),
+        ({"eval": {"kinds": ["poetry"]}}, r"eval\.kinds: 'poetry'"),
+        ({"learning_rate": 1.0}, r"sft\.learning_rate: unknown key"),
+        ({"order_seed": -1}, r"sft\.order_seed: -1 must be in"),
+    ],
+)
+def test_recipe_refusals(change: dict[str, Any], message: str) -> None:
+    block = {**reference_block(), **change}
+    with pytest.raises(RecipeError, match=message):
+        to_config(SFTConfig, block, where="sft")
+
+
+def test_a_model_sized_for_another_tokenizer_or_a_shorter_context_is_refused(vocab: Vocab, tmp_path: Path) -> None:
+    size = vocab.tokenizer.get_vocab_size()
+    check_fits(tiny_config(size), vocab, 64, tmp_path)
+    with pytest.raises(DataError, match=f"vocab_size {size + 1}, but the tokenizer has {size} tokens"):
+        check_fits(tiny_config(size + 1), vocab, 64, tmp_path)
+    with pytest.raises(RecipeError, match="seq_len: 65 exceeds the model's context 64"):
+        check_fits(tiny_config(size), vocab, 65, tmp_path)
+
+
+def test_weights_digest_reads_the_checkpoint_state(tmp_path: Path) -> None:
+    ckpt = tmp_path / "step-000001"
+    with pytest.raises(CheckpointMissingError, match=r"state\.json: missing"):
+        weights_digest(ckpt)
+    ckpt.mkdir()
+    (ckpt / "state.json").write_text(json.dumps({"files": {"model.safetensors": {"sha256": "ab" * 32}}}))
+    assert weights_digest(ckpt) == "ab" * 32
+    (ckpt / "state.json").write_text(json.dumps({"files": {}}))
+    with pytest.raises(CheckpointCorruptError, match=r"no model\.safetensors digest"):
+        weights_digest(ckpt)
