@@ -36,6 +36,8 @@ run: install
 release-check: install
 	$(BIN)/flowpin verify manifests/*.json
 	$(BIN)/flowpin rebuild --all
+	# dvc.lock pins every output's content: unchanged after `make run` = the committed digests, bit for bit
+	git diff --exit-code --stat -- dvc.lock
 
 # The data stages on the whole standard library (params/*_full.yaml), outside DVC's reference flow:
 # writes data/full/, reports/full/, manifests/full/ (gitignored). synth is shared with the reference.
