@@ -83,7 +83,7 @@ def fingerprint(root: Path) -> dict[str, Any]:
         "cpu": _cpu(_read_cpuinfo()),
         "packages": {name: _dist_version(name) for name in PACKAGES},
         "transformerEngine": probe_transformer_engine(),
-        "envVars": _env_vars(os.environ),
+        "envVars": numerics_env_vars(os.environ),
         "git": git_state(root),
     }
     torch_state = _torch_state()
@@ -264,7 +264,7 @@ def _cpu(cpuinfo: str) -> dict[str, Any]:
     }
 
 
-def _env_vars(environ: Mapping[str, str]) -> dict[str, str]:
+def numerics_env_vars(environ: Mapping[str, str]) -> dict[str, str]:
     """The set variables that steer numerics; absolute-path values are skipped (location, not identity)."""
     return {
         name: value

@@ -60,7 +60,7 @@ from typing import Any
 import yaml
 
 from flowpin.canonical import canonical_json
-from flowpin.environment import _env_vars as tracked_env_vars
+from flowpin.environment import numerics_env_vars as tracked_env_vars
 from flowpin.errors import FlowpinError, IntegrityError, ManifestError
 from flowpin.hashing import ArtifactDigest, Hasher, hash_bytes, hash_file
 from flowpin.manifest.diff import diff_manifests
