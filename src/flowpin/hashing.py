@@ -18,10 +18,18 @@ threads). A stat cache maps ``(device, inode, size, mtime_ns, ctime_ns)`` of a r
 to its digest so re-verifying unchanged files does not re-read them; any change of those fields
 invalidates the entry. Files modified less than :data:`RACY_WINDOW_NS` before hashing are not cached
 (a second write within the filesystem's timestamp granularity could otherwise go unnoticed).
+
+Progress: a ``progress(done, total)`` hook (``Hasher(progress=...)``, or for every Hasher without one
+inside a :func:`reporting_progress` block) hears the bytes of the current call, at most every
+:data:`PROGRESS_INTERVAL_S` and once at the end; ``total`` is the size of every file the call digests
+(taken only when a hook is listening), cache hits count as done at once, and files hashed by forked
+workers count when their share comes back. It never changes a digest.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import json
@@ -30,7 +38,7 @@ import sqlite3
 import stat
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -54,6 +62,32 @@ BLAKE3_THREADED_MIN = 16 << 20
 MAX_DECOMPRESSED_BYTES = 1 << 40
 RACY_WINDOW_NS = 2_000_000_000
 ZSTD_SUFFIX = ".zst"
+PROGRESS_INTERVAL_S = 0.05
+"""Least time between two calls of a progress hook (the last call always comes)."""
+
+ProgressHook = Callable[[int, int], None]
+"""``hook(done, total)`` in bytes; see the module docstring."""
+_Tick = Callable[[int], None]
+"""Internal: ``tick(n)`` adds ``n`` bytes done."""
+
+_DEFAULT_PROGRESS: contextvars.ContextVar[ProgressHook | None] = contextvars.ContextVar(
+    "flowpin_hash_progress", default=None
+)
+
+
+@contextlib.contextmanager
+def reporting_progress(hook: ProgressHook | None) -> Iterator[None]:
+    """Inside this block, every :class:`Hasher` created without its own ``progress`` reports to ``hook``.
+
+    For entry points (the CLI) that drive library code which builds its own Hashers (verify, rebuild);
+    the library itself never reads the terminal. ``None`` leaves things as they are.
+    """
+    token = _DEFAULT_PROGRESS.set(hook) if hook is not None else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            _DEFAULT_PROGRESS.reset(token)
 
 
 class _Hash(Protocol):
@@ -88,27 +122,36 @@ def hash_bytes(data: bytes, algorithm: str = DEFAULT_ALGORITHM) -> str:
     return h.hexdigest()
 
 
-def hash_file(path: Path | str, algorithm: str = DEFAULT_ALGORITHM, *, size_hint: int = CHUNK) -> str:
+def hash_file(
+    path: Path | str, algorithm: str = DEFAULT_ALGORITHM, *, size_hint: int = CHUNK, on_bytes: _Tick | None = None
+) -> str:
     """Digest one file by the file rule (``.zst`` files by their decompressed content).
 
     ``size_hint`` (the size from a recent stat) lets small files be read in one right-sized call.
+    ``on_bytes(n)`` hears every read of ``n`` file bytes (a ``.zst`` file's size once, when done).
     """
     h = new_hash(algorithm, size_hint=size_hint)
     if str(path).endswith(ZSTD_SUFFIX):
         with open(path, "rb", buffering=0) as raw:
             _update_zstd(h, raw, path)
             _check_zstd_complete(raw.fileno(), path)
+            if on_bytes is not None:
+                on_bytes(os.fstat(raw.fileno()).st_size)
         return h.hexdigest()
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         want = min(size_hint + 1, CHUNK)
         first = os.read(fd, want)  # small files: one right-sized read (the common case for many files)
         h.update(first)
+        if on_bytes is not None:
+            on_bytes(len(first))
         if len(first) == want:  # large file: stream the rest through one reusable buffer
             buf = bytearray(CHUNK if algorithm == "sha256" else 16 * CHUNK)  # blake3 threads need big updates
             view = memoryview(buf)
             while n := os.readv(fd, [buf]):
                 h.update(view[:n])
+                if on_bytes is not None:
+                    on_bytes(n)
     finally:
         os.close(fd)
     return h.hexdigest()
@@ -265,13 +308,15 @@ class Hasher:
         *,
         cache: StatCache | None = None,
         workers: int | None = None,
-        progress: Callable[[int, int], None] | None = None,
+        progress: ProgressHook | None = None,
     ) -> None:
         self.root = root
         self.algorithm = check_algorithm(algorithm)
         self.cache = cache
         self.workers = workers or os.cpu_count() or 1
         self.progress = progress
+        """``progress(done, total)`` in bytes (see the module docstring); ``None``: the
+        :func:`reporting_progress` hook in force, if any."""
         self.stats = HashStats()
 
     # -- public ---------------------------------------------------------------------------------
@@ -410,8 +455,13 @@ class Hasher:
         items = [(j.path, cached.get(j.real)) for j in jobs]
         results: dict[str, _Outcome] = {}
         fresh: list[tuple[str, tuple[int, ...], str]] = []
-        now = time.time_ns()
-        for done, (job, outcome) in enumerate(zip(jobs, self._map_batches(items), strict=True), start=1):
+        hook = self.progress if self.progress is not None else _DEFAULT_PROGRESS.get()
+        meter = _Meter(hook, sum(_size_or_zero(j.path) for j in jobs)) if hook is not None and jobs else None
+        now = time.time_ns()  # before any read: the racy-window test must not see a later time
+        outcomes = self._map_batches(items, None if meter is None else meter.tick)
+        if meter is not None:
+            meter.finish()
+        for job, outcome in zip(jobs, outcomes, strict=True):
             results[job.real] = outcome
             if not isinstance(outcome, FlowpinError):
                 digest, key = outcome
@@ -423,25 +473,53 @@ class Hasher:
                     self.stats.bytes_read += key[2]
                     if now - max(key[3], key[4]) > RACY_WINDOW_NS:
                         fresh.append((job.real, key, digest))
-            if self.progress is not None and (done % 256 == 0 or done == len(jobs)):
-                self.progress(done, len(jobs))
         if self.cache is not None:
             self.cache.store(fresh, self.algorithm)
         return results
 
-    def _map_batches(self, items: list[tuple[str, tuple[tuple[int, ...], str] | None]]) -> list[_Outcome]:
+    def _map_batches(
+        self, items: list[tuple[str, tuple[tuple[int, ...], str] | None]], tick: _Tick | None = None
+    ) -> list[_Outcome]:
         """Stat, check the cache and hash ``items``; outcomes come back in the order of ``items``.
 
         Parallelism is by processes, not threads: with many small files the per-file Python work holds
         the GIL, and two threads measured *slower* than one here. Small jobs stay in-process.
         """
         if self.workers == 1 or len(items) < _PARALLEL_MIN_FILES or not _fork_is_cheap():
-            return _hash_batch(self.algorithm, items)
-        return _fork_map(self.algorithm, items, self.workers)
+            return _hash_batch(self.algorithm, items, tick)
+        return _fork_map(self.algorithm, items, self.workers, tick)
+
+
+class _Meter:
+    """Bytes done of one Hasher call, passed to a progress hook at most every PROGRESS_INTERVAL_S."""
+
+    def __init__(self, hook: ProgressHook, total: int) -> None:
+        self.hook, self.total, self.done, self._last = hook, total, 0, time.monotonic()
+        hook(0, total)
+
+    def tick(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self._last >= PROGRESS_INTERVAL_S:
+            self._last = now
+            self.hook(min(self.done, self.total), self.total)
+
+    def finish(self) -> None:
+        self.hook(self.total, self.total)
+
+
+def _size_or_zero(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0  # reported as an error by the hashing itself
 
 
 def _fork_map(
-    algorithm: str, items: list[tuple[str, tuple[tuple[int, ...], str] | None]], workers: int
+    algorithm: str,
+    items: list[tuple[str, tuple[tuple[int, ...], str] | None]],
+    workers: int,
+    tick: _Tick | None = None,
 ) -> list[_Outcome]:
     """Split ``items`` into ``workers`` contiguous shares; forked children hash all but the first, which
     this process hashes meanwhile. Children answer with JSON over a pipe (no pickle). A child that dies
@@ -469,15 +547,17 @@ def _fork_map(
         os.close(write_fd)
         children.append((index, pid, read_fd))
     results: list[list[_Outcome]] = [[] for _ in range(workers)]
-    results[0] = _hash_batch(algorithm, shares[0])
+    results[0] = _hash_batch(algorithm, shares[0], tick)  # progress: this share as it goes, the others on arrival
     for index, pid, read_fd in children:
         with os.fdopen(read_fd, "rb") as pipe:
             data = pipe.read()
         _, status = os.waitpid(pid, 0)
         if status == 0:
             results[index] = [_outcome_from_json(o) for o in json.loads(data)]
+            if tick is not None:
+                tick(sum(o[1][2] for o in results[index] if not isinstance(o, FlowpinError)))
         else:
-            results[index] = _hash_batch(algorithm, shares[index])
+            results[index] = _hash_batch(algorithm, shares[index], tick)
     return [outcome for share in results for outcome in share]
 
 
@@ -517,10 +597,12 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-def _hash_batch(algorithm: str, items: list[tuple[str, tuple[tuple[int, ...], str] | None]]) -> list[_Outcome]:
+def _hash_batch(
+    algorithm: str, items: list[tuple[str, tuple[tuple[int, ...], str] | None]], tick: _Tick | None = None
+) -> list[_Outcome]:
     """Stat each file; reuse the cached digest when the stat key is unchanged, else read and hash it.
 
-    Runs in worker processes; per-file failures come back as FlowpinError values.
+    Runs in worker processes (there without ``tick``); per-file failures come back as FlowpinError values.
     """
     out: list[_Outcome] = []
     for path, cached in items:
@@ -532,8 +614,10 @@ def _hash_batch(algorithm: str, items: list[tuple[str, tuple[tuple[int, ...], st
             key: _StatKey = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
             if cached is not None and cached[0] == key:
                 out.append((cached[1], key))
+                if tick is not None:
+                    tick(st.st_size)
             else:
-                out.append((hash_file(path, algorithm, size_hint=st.st_size), key))
+                out.append((hash_file(path, algorithm, size_hint=st.st_size, on_bytes=tick), key))
         except FlowpinError as exc:
             out.append(exc)
         except FileNotFoundError:

@@ -107,6 +107,17 @@ def _files_note(a: dict[str, Any], b: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def _paired_subjects(m: Manifest) -> list[dict[str, Any]]:
+    """``m``'s subjects, named as declared: a sweep job's outputs lie under its job directory
+    (``runDetails`` note ``sweep-job``, :mod:`flowpin.sweep`), which is where it ran, not what it is --
+    so two jobs' outputs pair up by their name inside the job directory."""
+    note = next((b for b in m.run_details.get("byproducts", []) if b.get("name") == "sweep-job"), None)
+    if note is None:
+        return list(m.subjects)
+    prefix = str(note["annotations"]["jobDir"]).rstrip("/") + "/"
+    return [{**s, "name": s["name"].removeprefix(prefix)} for s in m.subjects]
+
+
 def diff_manifests(a: Manifest, b: Manifest, *, include_run: bool = False) -> ManifestDiff:
     ba, bb = a.build, b.build
     changes: list[Change] = []
@@ -116,7 +127,7 @@ def diff_manifests(a: Manifest, b: Manifest, *, include_run: bool = False) -> Ma
     oa, ob = ba["externalParameters"]["overrides"], bb["externalParameters"]["overrides"]
     if oa != ob:
         changes.append(Change("overrides", "overrides", oa, ob))
-    changes += _artifact_changes("output", a.subjects, b.subjects)
+    changes += _artifact_changes("output", _paired_subjects(a), _paired_subjects(b))
     changes += _artifact_changes("input", a.dependencies, b.dependencies)
     ia, ib = ba["internalParameters"], bb["internalParameters"]
     for key in ("manifestVersion", "digestAlgorithm"):

@@ -227,9 +227,14 @@ def record(
     manifest_path = root / (manifest if manifest is not None else Path(MANIFEST_DIR) / f"{stage}.json")
     manifest_path.unlink(missing_ok=True)
     started, t0 = _now(), time.monotonic()
+    # A bar for long hashing (large outputs), on a terminal only: it only displays, so, like the rest of the
+    # recording machinery, it is no code dep of the stages (imported here, not with the stage's modules).
+    from flowpin.progress import hash_progress
+
+    bars = contextlib.ExitStack()
     cache = default_cache(root)
     try:
-        hasher = Hasher(root, algorithm, cache=cache)
+        hasher = Hasher(root, algorithm, cache=cache, progress=bars.enter_context(hash_progress(f"{stage}: hashing")))
         rec = StageRecorder(stage, root, hasher)
         for path in config_files:
             rec.input(path, kind="config")
@@ -247,6 +252,7 @@ def record(
         subjects = rec._digest_all(rec._outputs)
         byproducts = [descriptor(d) for d in rec._digest_all(rec._byproducts)]
     finally:
+        bars.close()
         cache.close()
     if not subjects:
         raise ManifestError(f"stage {stage}: declared no outputs; call rec.output(...) for what it produced")

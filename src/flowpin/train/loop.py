@@ -501,6 +501,7 @@ def train(
     extra_rng: ExtraRng | None = None,
     dist: DataParallel | None = None,
     grad_sync: GradSync | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``cfg.steps`` steps, checkpointing into ``run_dir/checkpoints``.
 
@@ -524,6 +525,9 @@ def train(
     arguments; only the main rank writes checkpoints, calls ``on_checkpoint`` and uses ``tracker``.
     ``grad_sync`` replaces the loop's own gradient reduction (at any world size, one included) and is
     recorded with the determinism settings.
+
+    ``progress(step, cfg.steps)`` (main rank only) hears every finished step, e.g. a terminal bar from
+    :func:`flowpin.progress.step_progress`; it only reads the step, so results are the same with or without.
     """
     if cfg.batch_size != data.order.batch_size:
         raise RecipeError(
@@ -646,6 +650,8 @@ def train(
                     on_checkpoint(path, state)
             if replicas is not None:
                 collectives.barrier()  # no rank reads or resumes past a checkpoint before it is published
+        if progress is not None and main:
+            progress(step, cfg.steps)
     return TrainResult(
         checkpoints=tuple(list_checkpoints(checkpoints_dir)),
         state=state,
