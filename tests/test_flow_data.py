@@ -47,6 +47,9 @@ RECORDING = (
     "src/flowpin/hashing.py",
     "src/flowpin/paths.py",
     "src/flowpin/__init__.py",
+    "src/flowpin/tracking/",  # write-only: metrics to metrics.jsonl / Aim, never into an artifact
+    "src/flowpin/progress.py",  # draws on a terminal, nothing else
+    "src/flowpin/sweep.py",  # where a sweep job writes (run metadata), not what it computes
 )
 """Modules that record a run but cannot change what a stage computes (not DVC deps of stages)."""
 

@@ -97,7 +97,7 @@ class Progress:
         self.enabled = progress_enabled(self.stream, force=force)
         self._bar: Any = None
         if self.enabled:
-            from tqdm import tqdm  # type: ignore[import-untyped]  # tqdm ships no type stubs
+            from tqdm import tqdm  # no type stubs: ignored in pyproject's mypy overrides
 
             binary = unit == "B"
             self._bar = tqdm(
