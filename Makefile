@@ -67,6 +67,7 @@ bench: install
 	$(BIN)/python benchmarks/hashing.py
 	$(BIN)/python benchmarks/data.py
 	$(BIN)/python benchmarks/checkpoint.py
+	$(BIN)/python benchmarks/tracking.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -33,6 +33,7 @@ def main(cfg: DictConfig) -> None:
                 weak_dir=run.input_dir("weak"),
                 run_dir=run.out_dir.parent,
                 dist=dist,
+                tracker=run.tracker,
             )
             run.rec.output(run.out_dir / MODEL_CONFIG)
             for path in (*result.outputs, *(c.path for c in result.checkpoints)):  # pairs, then checkpoints

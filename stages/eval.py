@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from flowpin.manifest.resolve import python_stdlib_root, python_stdlib_uri
 from flowpin.post.eval import DATA_ROLES, EvalConfig, preflight, resolve_inputs, run_eval
 from flowpin.stage import stage_run
+from flowpin.tracking.aim import numeric_leaves
 from flowpin.train.distributed import destroy, init_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +40,9 @@ def main(cfg: DictConfig) -> None:
                 synth_digest={synth.algorithm: synth.digest},
             )
             result = run_eval(run.recipe, inputs, run.out_dir, progress=print)
+            for row in result.table["rows"]:  # each checkpoint's scores to the run's tracker (Aim)
+                scores = numeric_leaves({k: row[k] for k in ("bits_per_byte", "nats_per_token", "pass_at_1")})
+                run.tracker.log_metrics(row["checkpoint"]["step"], scores, {"subset": "heldout", "model": row["stage"]})
             run.report = result.report
     finally:
         destroy()

@@ -32,6 +32,7 @@ def main(cfg: DictConfig) -> None:
                 init_dir=run.input_dir("init"),
                 run_dir=run.out_dir.parent,
                 dist=dist,
+                tracker=run.tracker,
             )
             run.rec.output(run.out_dir / MODEL_CONFIG)  # the architecture the checkpoints load into
             for checkpoint in result.checkpoints:  # every checkpoint is a subject of the manifest

@@ -41,6 +41,7 @@ def main(cfg: DictConfig) -> None:
                 run_dir=run.out_dir.parent,
                 init_dir=None if init is None else ROOT / init.data,
                 dist=dist,
+                tracker=run.tracker,
             )
             run.rec.output(run.out_dir / MODEL_CONFIG)  # the architecture the checkpoints load into
             for checkpoint in result.checkpoints:  # every checkpoint is a subject of the manifest

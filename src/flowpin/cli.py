@@ -112,6 +112,11 @@ def _cmd_show(args: argparse.Namespace) -> int:
     print(f"manifest   {m.path}\nstage      {m.stage}\nidentity   sha256:{m.identity_digest()}")
     print(f"signed by  {', '.join(s['keyid'][:16] + '…' for s in m.envelope['signatures']) or '(unsigned)'}")
     print(f"run        {meta['invocationId']}  {meta['startedOn']} → {meta['finishedOn']}")
+    tracking = next((bp for bp in r["byproducts"] if bp["name"] == "tracking"), None)
+    if tracking is not None:  # the Aim run of this stage run (open it with `flowpin ui`)
+        from flowpin.tracking.aim import describe_note
+
+        print(f"tracking   {describe_note(tracking.get('annotations', {}))}")
     dirty = f" + uncommitted changes {git.get('dirtyDigest')}" if git.get("dirty") else ""
     print(f"code       git {git.get('commit') or '(none)'}{dirty}")
     torch = env.get("torch") or {}
@@ -142,6 +147,12 @@ def _cmd_show(args: argparse.Namespace) -> int:
         else:
             print(f"byproduct  {bp['name']}  {json.dumps(bp.get('annotations', {}), sort_keys=True)[:100]}")
     return 0
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    from flowpin.tracking.aim import serve_ui
+
+    return serve_ui(Path(args.repo) if args.repo else find_root(), port=args.port)
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
@@ -226,6 +237,28 @@ def _cmd_rebuild(args: argparse.Namespace) -> int:
     return exit_status(results)
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from flowpin.manifest.verify import verify_manifest
+    from flowpin.signing import load_trust_store
+    from flowpin.sweep import read_sweep, render_sweep
+
+    root = find_root()
+    trusted = load_trust_store(root)
+    cache = default_cache(root)
+    hasher = Hasher(root, DEFAULT_ALGORITHM, cache=cache)
+
+    def verify(path: Path) -> str | None:
+        report = verify_manifest(path, root=root, trusted=trusted, hasher=hasher)
+        return None if report.ok else str(report.findings[0])
+
+    try:
+        table = read_sweep(Path(args.sweep_dir), verify=verify, metrics=args.metric or None)
+    finally:
+        cache.close()
+    print(json.dumps(table.as_dict(), indent=2, sort_keys=True) if args.json else render_sweep(table))
+    return 0 if table.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowpin", description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--version", action="version", version=f"flowpin {__version__}")
@@ -286,10 +319,28 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--json", action="store_true", help="results as JSON")
     rb.set_defaults(func=_cmd_rebuild)
 
+    sw = sub.add_parser(
+        "sweep",
+        help="table of a Hydra sweep's jobs: the overrides that differ, status, final metrics",
+        description="Exit status: 0 every planned job ran and its manifest verifies, 1 some job failed, is "
+        "missing, still running or does not verify, 2 not a sweep directory.",
+    )
+    sw.add_argument("sweep_dir", help="the sweep directory a `-m` run writes (multirun/<date>/<time>-<id>)")
+    sw.add_argument(
+        "--metric", action="append", default=[], metavar="KEY", help="report key to show (dotted, repeatable)"
+    )
+    sw.add_argument("--json", action="store_true", help="the table as JSON")
+    sw.set_defaults(func=_cmd_sweep)
+
     s = sub.add_parser("show", help="human summary of a manifest")
     s.add_argument("path")
     s.add_argument("--json", action="store_true", help="print the decoded statement")
     s.set_defaults(func=_cmd_show)
+
+    ui = sub.add_parser("ui", help="open the Aim UI of the project's runs (.aim) on 127.0.0.1 until Ctrl-C")
+    ui.add_argument("--port", type=int, default=43800, help="port on 127.0.0.1 (0: a free one; default 43800)")
+    ui.add_argument("--repo", help="directory holding the .aim repository (default: the project root)")
+    ui.set_defaults(func=_cmd_ui)
 
     b = sub.add_parser("batch", help="which sequences, documents and text the batch at a training step holds")
     b.add_argument("path", help="the tokenize manifest (manifests/tokenize.json) or its recipe (params/tokenize.yaml)")
@@ -311,8 +362,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from flowpin.hashing import reporting_progress
+    from flowpin.progress import hash_progress
+
     try:
-        return int(args.func(args))
+        with hash_progress() as bar, reporting_progress(bar):  # long hashing (verify, rebuild…): a bar on a TTY
+            return int(args.func(args))
     except FlowpinError as exc:
         print(f"flowpin: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2

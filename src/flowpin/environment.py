@@ -48,7 +48,10 @@ _ENV_NAMES = frozenset(
     }
 )
 _ENV_PREFIXES = ("NVTE_", "TORCH_", "FLOWPIN_")
-_ENV_SKIP = frozenset({"FLOWPIN_SIGNING_KEY", "FLOWPIN_ROOT"})  # they hold paths
+# Paths (signing key, root), and switches that cannot change what a stage computes (tracking, progress bars).
+_ENV_SKIP = frozenset(
+    {"FLOWPIN_SIGNING_KEY", "FLOWPIN_ROOT", "FLOWPIN_TRACKING", "FLOWPIN_AIM_REPO", "FLOWPIN_PROGRESS"}
+)
 # Prefixes of CPU flags that select SIMD kernels (x86 'flags', then ARM 'Features').
 _FLAG_PREFIXES = (
     *("avx", "amx", "fma", "f16c", "sha_ni", "sse", "ssse3", "bmi", "popcnt", "adx", "vaes", "vpclmulqdq"),

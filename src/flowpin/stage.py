@@ -15,6 +15,14 @@ call that is the stage's own work::
 Nothing is recorded when the recipe is invalid (the previous manifest and outputs stay as they were);
 when the body raises, the stage's manifest is gone and its previous outputs are untouched.
 
+**Tracking.** Every run (rank 0) opens an experiment tracker before it records anything
+(:func:`track_stage`: an Aim run in ``<root>/.aim``, or nothing with ``FLOWPIN_TRACKING=off``; one that
+cannot be opened fails the stage there). The body gets it as ``run.tracker`` (training stages hand it to
+``train_loop``). The run's params are the stage, the resolved recipe, the overrides and the git revision;
+the report's numbers are logged with context ``{"subset": "report"}``; the manifest's ``tracking`` note
+(run metadata, not identity) names the tracker and the Aim run hash; once the manifest is written, its
+digests become the run's ``manifest`` param. See ``docs/tracking.md``.
+
 **Which stage.** ``"dedup"`` above names the recipe block (``cfg.dedup``) and the stage. One script can
 serve several DVC stages (``python stages/mix.py --config-name mix_midtrain`` for the stage
 ``mix_midtrain``): a DVC stage is named after its primary Hydra config, so when ``dvc.yaml`` has a stage
@@ -27,18 +35,21 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from omegaconf import DictConfig
 
 from flowpin.atomic import atomic_directory, atomic_write_bytes
 from flowpin.canonical import canonical_json
 from flowpin.errors import RecipeError
-from flowpin.hashing import Hasher
+from flowpin.hashing import Hasher, hash_bytes
 from flowpin.manifest.record import StageRecorder, dvc_code_deps, record
-from flowpin.recipe import StagePaths, hydra_sources, to_config, to_plain
+from flowpin.recipe import HydraSources, StagePaths, hydra_sources, to_config, to_plain
+from flowpin.tracking.aim import StageTracker, numeric_leaves, open_stage_tracker
+from flowpin.tracking.base import NullTracker, Tracker
 
 T = TypeVar("T")
 
@@ -57,6 +68,9 @@ class StageRun(Generic[T]):
     root: Path
     report: dict[str, Any] | None = None
     """Set by the body: written (canonical JSON) to ``paths.report`` and pinned as a byproduct."""
+    tracker: Tracker = dataclasses.field(default_factory=NullTracker)
+    """The run's experiment tracker (write-only metadata: nothing it receives is hashed). Training stages
+    pass it to ``train_loop(..., tracker=run.tracker)``; any stage may log more metrics to it."""
 
     def input_dir(self, role: str) -> Path:
         """The upstream dataset directory for ``role`` (``paths.inputs.<role>.data``)."""
@@ -103,6 +117,13 @@ def stage_run(
     """
     recipe = to_config(config_cls, cfg[block], where=block)
     paths = to_config(StagePaths, cfg.paths, where="paths")
+    # --- sweeps hook (flowpin.sweep, docs/sweeps.md): a Hydra multirun job writes out/report/manifest under
+    # its own job directory; the recipe keeps the declared paths (identity), the relocation is run metadata.
+    from flowpin.sweep import sweep_job
+
+    sweep = sweep_job(paths, root=root)
+    paths = paths if sweep is None else sweep.paths
+    # --- end sweeps hook
     for role in inputs:
         if role not in paths.inputs:
             raise RecipeError(
@@ -118,23 +139,28 @@ def stage_run(
         rec = StageRecorder(stage, root, Hasher(root))  # declarations of a non-main rank: never written
         yield StageRun(recipe=recipe, paths=paths, rec=rec, out_dir=root / paths.out, root=root)
         return
-    with record(
-        stage,
-        recipe=to_plain(cfg),
-        overrides=src.overrides,
-        config_files=src.config_files,
-        root=root,
-        manifest=paths.manifest,
-    ) as rec:
+    with (
+        track_stage(stage, cfg, src, root=root, manifest=paths.manifest) as tracker,  # opened first: fails fast
+        record(
+            stage,
+            recipe=to_plain(cfg),
+            overrides=src.overrides,
+            config_files=src.config_files,
+            root=root,
+            manifest=paths.manifest,
+        ) as rec,
+    ):
+        if sweep is not None:  # sweeps hook: where this job wrote (runDetails.byproducts "sweep-job")
+            rec.note("sweep-job", **sweep.annotations())
         for upstream in paths.inputs.values():
             rec.upstream(data=upstream.data, manifest=upstream.manifest, kind=upstream.kind)
         if persistent_out:
             (root / paths.out).mkdir(parents=True, exist_ok=True)
-            run = StageRun(recipe=recipe, paths=paths, rec=rec, out_dir=root / paths.out, root=root)
+            run = StageRun(recipe=recipe, paths=paths, rec=rec, out_dir=root / paths.out, root=root, tracker=tracker)
             yield run
         else:
             with atomic_directory(root / paths.out) as tmp:
-                run = StageRun(recipe=recipe, paths=paths, rec=rec, out_dir=tmp, root=root)
+                run = StageRun(recipe=recipe, paths=paths, rec=rec, out_dir=tmp, root=root, tracker=tracker)
                 yield run
         if run.report is None:
             raise RecipeError(f"stage {stage}: produced no report (set run.report in the stage body)")
@@ -142,3 +168,73 @@ def stage_run(
         if not persistent_out:  # a persistent output's pieces are declared by the body (e.g. each checkpoint)
             rec.output(paths.out)
         rec.byproduct(paths.report)
+        if tracker.active:
+            tracker.log_metrics(0, numeric_leaves(run.report), {"subset": "report"})
+        rec.note("tracking", **tracker.note())  # after the last log call before signing: a degraded run says so
+
+
+@contextlib.contextmanager
+def track_stage(
+    stage: str, cfg: DictConfig, src: HydraSources, *, root: Path, manifest: str | os.PathLike[str]
+) -> Iterator[StageTracker]:
+    """The tracker of one stage run (see the module docstring); raises ``TrackingError`` when it cannot open.
+
+    Params on entry: :func:`stage_params`; after a clean exit (the manifest written): ``manifest``
+    (:func:`manifest_params`); after an exception: ``failed``. Closed either way.
+    """
+    tracker = open_stage_tracker(root, stage=stage, name=run_name(stage, src.overrides))
+    try:
+        if tracker.active:
+            tracker.log_params(stage_params(stage, cfg, src, root))
+        yield tracker
+        if tracker.active:
+            tracker.log_params({"manifest": manifest_params(root / manifest, manifest)})
+    except Exception as exc:
+        if tracker.active:
+            tracker.log_params({"failed": f"{type(exc).__name__}: {exc}"[:1000]})
+        raise
+    finally:
+        tracker.close()
+
+
+def run_name(stage: str, overrides: Sequence[str]) -> str:
+    """The tracker's run name: the stage, then its overrides (what tells sweep jobs apart in the UI)."""
+    return " ".join((stage, *overrides))[:300]
+
+
+def stage_params(stage: str, cfg: DictConfig, src: HydraSources, root: Path) -> dict[str, Any]:
+    """The tracker params of a stage run: stage, resolved recipe, overrides, git revision, Hydra job."""
+    from flowpin import __version__
+    from flowpin.environment import git_state
+
+    git = git_state(root)
+    params: dict[str, Any] = {
+        "stage": stage,
+        "recipe": to_plain(cfg),
+        "overrides": list(src.overrides),
+        "config_name": src.config_name,
+        "git": {k: git[k] for k in ("commit", "dirty", "dirtyDigest", "error") if k in git},
+        "flowpin": __version__,
+    }
+    with contextlib.suppress(Exception):  # outside a Hydra app there is no job to name
+        from hydra.core.hydra_config import HydraConfig
+        from omegaconf import OmegaConf
+
+        hc = cast(DictConfig, HydraConfig.get())  # typed as its dataclass, a DictConfig at run time
+        params["hydra"] = {  # a sweep job's number and id (None in a single run)
+            "mode": str(getattr(hc.mode, "name", hc.mode)),
+            "job": OmegaConf.select(hc, "job.num", default=None),
+            "id": OmegaConf.select(hc, "job.id", default=None),
+        }
+    return params
+
+
+def manifest_params(path: Path, name: str | os.PathLike[str]) -> dict[str, Any]:
+    """The run's ``manifest`` param: the manifest's name, its file sha256 and its identity digest."""
+    from flowpin.manifest.model import load_manifest
+
+    return {
+        "path": os.fspath(name),
+        "sha256": hash_bytes(path.read_bytes(), "sha256"),
+        "identity": load_manifest(path).identity_digest(),
+    }

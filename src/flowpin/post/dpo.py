@@ -58,6 +58,7 @@ from flowpin.post.sft import (
     weights_digest,
 )
 from flowpin.recipe import check_float, check_int
+from flowpin.tracking import Tracker
 from flowpin.train.distributed import DistInfo, set_deterministic
 from flowpin.train.loop import TrainConfig
 from flowpin.train.run import load_weights, open_run, read_model_config, train_loop
@@ -302,6 +303,7 @@ def run_dpo(
     weak_dir: Path,
     run_dir: Path,
     dist: DistInfo,
+    tracker: Tracker | None = None,
 ) -> PostResult:
     """DPO from the latest checkpoint of ``init_dir`` (also the reference) on pairs against ``weak_dir``'s."""
     vocab = open_vocab(tokenizer_dir)
@@ -346,7 +348,7 @@ def run_dpo(
     model, max_len = opened.model, model_cfg.max_sequence_length
     before = heldout_eval(model, heldout, vocab, cfg.eval, max_len=max_len)
     loss_fn = dpo_loss(reference, beta=cfg.beta)
-    result = train_loop(model, cfg.loop, batches=batches, loss_fn=loss_fn, run_dir=run_dir, dist=dist)
+    result = train_loop(model, cfg.loop, batches=batches, loss_fn=loss_fn, run_dir=run_dir, dist=dist, tracker=tracker)
     after = heldout_eval(model, heldout, vocab, cfg.eval, max_len=max_len)
     report = {
         **run_report(opened, result, run_dir, ("loss", "reward_accuracy", "reward_margin")),

@@ -66,6 +66,7 @@ from flowpin.post.sft import (
 )
 from flowpin.post.verifiers import KIND_VERIFIERS, Verifier, get_verifier, verifier_for
 from flowpin.recipe import check_float, check_int, to_plain
+from flowpin.tracking import Tracker
 from flowpin.train.distributed import DistInfo
 from flowpin.train.loop import TrainConfig
 from flowpin.train.run import load_weights, open_run, read_metrics, read_model_config, train_loop
@@ -388,6 +389,7 @@ def run_rlvr(
     init_dir: Path,
     run_dir: Path,
     dist: DistInfo,
+    tracker: Tracker | None = None,
 ) -> PostResult:
     """RLVR from the latest checkpoint of ``init_dir`` (also the KL reference) on ``synth_dir/train``."""
     vocab = open_vocab(tokenizer_dir)
@@ -428,7 +430,7 @@ def run_rlvr(
         kl_coef=cfg.kl_coef,
         max_len=max_len,
     )
-    result = train_loop(model, cfg.loop, batches=batches, loss_fn=loss_fn, run_dir=run_dir, dist=dist)
+    result = train_loop(model, cfg.loop, batches=batches, loss_fn=loss_fn, run_dir=run_dir, dist=dist, tracker=tracker)
     after = heldout_eval(model, heldout, vocab, cfg.eval, max_len=max_len)
     shared = run_report(opened, result, run_dir, ("reward", "kl", "signal", "top_answer_share", "response_tokens"))
     rows = [m for m in read_metrics(run_dir / "metrics.jsonl") if m["step"] <= cfg.loop.steps]

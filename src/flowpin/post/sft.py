@@ -41,6 +41,7 @@ from flowpin.errors import CheckpointCorruptError, CheckpointMissingError, DataE
 from flowpin.post.lm import SamplingConfig, generate, token_logprobs
 from flowpin.post.prompts import Vocab, pack_example
 from flowpin.recipe import check_int
+from flowpin.tracking import Tracker
 from flowpin.train.checkpoint import CheckpointRef, latest_checkpoint
 from flowpin.train.distributed import DistInfo
 from flowpin.train.loop import TrainConfig, TrainResult
@@ -314,6 +315,7 @@ def run_sft(
     init_dir: Path,
     run_dir: Path,
     dist: DistInfo,
+    tracker: Tracker | None = None,
 ) -> PostResult:
     """Fine-tune the latest checkpoint of ``init_dir`` on ``synth_dir/train`` into ``run_dir``."""
     vocab = open_vocab(tokenizer_dir)
@@ -340,7 +342,7 @@ def run_sft(
     )
     model, max_len = opened.model, model_cfg.max_sequence_length
     before = heldout_eval(model, heldout, vocab, cfg.eval, max_len=max_len)
-    result = train_loop(model, cfg.loop, batches=batches, loss_fn=sft_loss, run_dir=run_dir, dist=dist)
+    result = train_loop(model, cfg.loop, batches=batches, loss_fn=sft_loss, run_dir=run_dir, dist=dist, tracker=tracker)
     after = heldout_eval(model, heldout, vocab, cfg.eval, max_len=max_len)
     report = {
         **run_report(opened, result, run_dir, ("loss",)),

@@ -31,7 +31,7 @@ from flowpin.data.tokenize import TokenizedDataset
 from flowpin.errors import CheckpointCorruptError, CheckpointMissingError, RecipeError
 from flowpin.hashing import hash_bytes
 from flowpin.recipe import check_choice, check_int, to_config, to_plain
-from flowpin.tracking import JsonlTracker
+from flowpin.tracking import FanoutTracker, JsonlTracker, Tracker
 from flowpin.train.checkpoint import (
     CheckpointRef,
     latest_checkpoint,
@@ -233,8 +233,9 @@ def run_training(
     run_dir: Path,
     init_dir: Path | None,
     dist: DistInfo,
+    tracker: Tracker | None = None,
 ) -> TrainingResult:
-    """Train one stage into ``run_dir``; see the module docstring."""
+    """Train one stage into ``run_dir``; see the module docstring. ``tracker``: see :func:`train_loop`."""
     if (cfg.init == "checkpoint") != (init_dir is not None):
         raise RecipeError(
             "train.init: 'checkpoint' needs paths.inputs.init (the upstream run's checkpoints) and 'scratch' "
@@ -269,6 +270,7 @@ def run_training(
         run_dir=run_dir,
         dist=dist,
         grad_sync=grad_sync_for(model, cfg.data_parallel),
+        tracker=tracker,
     )
     probe_after = probe_loss(model, loss_fn, batches)
     losses = [m for m in read_metrics(run_dir / "metrics.jsonl") if "loss" in m["metrics"]]
@@ -325,12 +327,17 @@ def train_loop(
     loss_fn: LossFn,
     run_dir: Path,
     dist: DistInfo | None = None,
+    tracker: Tracker | None = None,
     **kwargs: Any,
 ) -> TrainResult:
-    """:func:`flowpin.train.loop.train` with the stage's tracker (``metrics.jsonl``) and megatron's RNG streams."""
+    """:func:`flowpin.train.loop.train` logging to ``metrics.jsonl``, with megatron's RNG streams.
+
+    ``tracker`` (the stage's, ``run.tracker``: its Aim run) hears every event too; it is the caller's to
+    close. Neither tracker changes what is trained: they only receive metadata.
+    """
     from flowpin.train import megatron_cpu
 
-    tracker = JsonlTracker(run_dir / "metrics.jsonl")
+    jsonl = JsonlTracker(run_dir / "metrics.jsonl")
     try:
         return train(
             model=model,
@@ -338,13 +345,13 @@ def train_loop(
             data=batches,
             cfg=loop,
             run_dir=run_dir,
-            tracker=tracker,
+            tracker=jsonl if tracker is None else FanoutTracker(jsonl, tracker),
             dist=None if dist is None or dist.world_size == 1 else dist,
             extra_rng=ExtraRng(capture=megatron_cpu.rng_tracker_states, restore=megatron_cpu.set_rng_tracker_states),
             **kwargs,
         )
     finally:
-        tracker.close()
+        jsonl.close()
 
 
 def _claim_run_dir(run_dir: Path, key: str) -> list[str]:
