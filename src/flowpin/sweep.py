@@ -209,6 +209,10 @@ def planned_jobs(config: DictConfig) -> int | None:
         return None
 
 
+_BARS: dict[str, Any] = {}
+"""The running sweeps' progress bars (:class:`flowpin.progress.PollingProgress`) by sweep directory."""
+
+
 class SweepCallback(Callback):
     """Writes the sweep's and each job's state files (see the module docstring); nothing in a single run.
 
@@ -234,8 +238,21 @@ class SweepCallback(Callback):
             "startedOn": _now(),
         }
         atomic_write_bytes(sweep_dir / SWEEP_FILE, canonical_json(state) + b"\n")
-        # Progress-bar hook: a bar over the sweep's jobs starts here, polling sweep_progress(sweep_dir), and
-        # stops in on_multirun_end. (Jobs run in worker processes or on other machines: poll the files.)
+        # A bar over the sweep's jobs (terminal only): jobs run in worker processes or on other machines, so
+        # it polls their state files; stopped in on_multirun_end.
+        from flowpin.progress import PollingProgress
+
+        def poll() -> tuple[int, int | None]:
+            counts = sweep_progress(sweep_dir)
+            return counts.done, counts.planned
+
+        # held outside the callback: Hydra's joblib launcher pickles callbacks to its workers (a bar has a lock)
+        _BARS[str(sweep_dir)] = PollingProgress(f"sweep {sweep_dir.name}", poll, unit="job")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        bar = _BARS.pop(str(Path(str(config.hydra.sweep.dir))), None)
+        if bar is not None:
+            bar.close()
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if _is_multirun(config):

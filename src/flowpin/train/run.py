@@ -335,21 +335,28 @@ def train_loop(
     ``tracker`` (the stage's, ``run.tracker``: its Aim run) hears every event too; it is the caller's to
     close. Neither tracker changes what is trained: they only receive metadata.
     """
+    from flowpin.progress import step_progress
     from flowpin.train import megatron_cpu
 
+    main = dist is None or dist.is_main
     jsonl = JsonlTracker(run_dir / "metrics.jsonl")
     try:
-        return train(
-            model=model,
-            loss_fn=loss_fn,
-            data=batches,
-            cfg=loop,
-            run_dir=run_dir,
-            tracker=jsonl if tracker is None else FanoutTracker(jsonl, tracker),
-            dist=None if dist is None or dist.world_size == 1 else dist,
-            extra_rng=ExtraRng(capture=megatron_cpu.rng_tracker_states, restore=megatron_cpu.set_rng_tracker_states),
-            **kwargs,
-        )
+        # a bar over the steps on a terminal (main rank only); it only draws, nothing it sees is hashed
+        with step_progress(run_dir.name, force=None if main else False) as progress:
+            return train(
+                model=model,
+                loss_fn=loss_fn,
+                data=batches,
+                cfg=loop,
+                run_dir=run_dir,
+                tracker=jsonl if tracker is None else FanoutTracker(jsonl, tracker),
+                dist=None if dist is None or dist.world_size == 1 else dist,
+                extra_rng=ExtraRng(
+                    capture=megatron_cpu.rng_tracker_states, restore=megatron_cpu.set_rng_tracker_states
+                ),
+                progress=progress,
+                **kwargs,
+            )
     finally:
         jsonl.close()
 
