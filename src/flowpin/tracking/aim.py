@@ -591,7 +591,9 @@ def start_server(
 
 def serve_ui(repo_root: Path, *, port: int = DEFAULT_UI_PORT, host: str = LOOPBACK) -> int:
     """``flowpin ui``: the Aim UI of ``repo_root/.aim`` until Ctrl-C or SIGTERM, then its whole group stopped."""
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # Both handled explicitly: a SIGINT ignored by whatever started us (a background job, a test runner)
+    # is inherited as ignored, and Ctrl-C would then never stop the server.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     server: AimProcess | None = None
     try:
         server = start_ui(repo_root, host=host, port=port)
@@ -602,7 +604,8 @@ def serve_ui(repo_root: Path, *, port: int = DEFAULT_UI_PORT, host: str = LOOPBA
     finally:
         if server is not None:
             server.stop()
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _interrupt(signum: int, frame: Any) -> None:
