@@ -63,11 +63,10 @@ pytest: install
 
 test: lint typecheck pytest
 
+# Every CPU benchmark (hashing + warm verify, data stages, checkpoint, tracking), each beside its baseline
+# from the same run, then one table of their ratios (also written to reports/bench.md, gitignored).
 bench: install
-	$(BIN)/python benchmarks/hashing.py
-	$(BIN)/python benchmarks/data.py
-	$(BIN)/python benchmarks/checkpoint.py
-	$(BIN)/python benchmarks/tracking.py
+	$(BIN)/python benchmarks/run_all.py --out reports/bench.md
 
 clean-venv:
 	rm -rf $(VENV)

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import yaml
 
+from figures import Figure, write_figures
 from flowpin.data.order import DataOrder
 from flowpin.recipe import to_config
 from flowpin.train.checkpoint import load_checkpoint, save_checkpoint
@@ -80,6 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--figures", help="also write the headline figures here as JSON (benchmarks/run_all.py)")
     args = parser.parse_args()
 
     init_distributed()
@@ -134,6 +136,28 @@ def main() -> None:
     ]
     for name, seconds, size, ratio in rows:
         print(f"{name:<44} {seconds:>8.3f} {size / 2**20 / seconds:>8.0f} {ratio:>6.2f}x")
+    mib = f"{args.model} model, {n_bytes / 2**20:.1f} MiB of tensors"
+    write_figures(
+        args.figures,
+        [
+            Figure(
+                "checkpoint",
+                f"save_checkpoint, {mib}",
+                n_bytes / 2**20 / save,
+                "MiB/s",
+                "raw write + fsync",
+                save / write,
+            ),
+            Figure(
+                "checkpoint",
+                f"load_checkpoint (verified), {mib}",
+                on_disk / 2**20 / load,
+                "MiB/s",
+                "raw read + sha256",
+                load / read,
+            ),
+        ],
+    )
 
 
 if __name__ == "__main__":

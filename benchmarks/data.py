@@ -12,6 +12,7 @@ Prints, each beside its baseline from the same run:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from figures import Figure, write_figures
 from flowpin.data.dedup import DedupConfig, dedup_records
 from flowpin.data.shards import read_dataset
 from flowpin.data.tokenize import TokenizeConfig, TokenizedDataset, pack_texts
@@ -49,6 +51,9 @@ def ensure_full_variant() -> None:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--figures", help="also write the headline figures here as JSON (benchmarks/run_all.py)")
+    args = parser.parse_args()
     ensure_full_variant()
     full = ROOT / "data" / "full"
 
@@ -61,6 +66,16 @@ def main() -> int:
     print(f"\ndedup on data/full/ingest: {len(docs)} documents, {mb:.1f} MiB")
     print(f"  {'exact only (baseline)':<40} {len(docs) / t_exact:10.0f} docs/s  x1.00")
     print(f"  {'exact + MinHash LSH (recipe)':<40} {len(docs) / t_fuzzy:10.0f} docs/s  x{t_exact / t_fuzzy:.2f}")
+    figures = [
+        Figure(
+            "data",
+            f"dedup exact + MinHash LSH, {len(docs)} docs",
+            len(docs) / t_fuzzy,
+            "docs/s",
+            "exact-only dedup",
+            t_fuzzy / t_exact,
+        ),
+    ]
 
     data = TokenizedDataset.open(full / "tokenize")
     tok = data.tokenizer()
@@ -83,6 +98,16 @@ def main() -> int:
     print(f"\ntokenize on data/full/mix: {len(texts)} documents, {n_tokens} tokens")
     print(f"  {'tokenizers encode_batch (baseline)':<40} {n_tokens / t_raw:10.0f} tok/s   x1.00")
     print(f"  {'flowpin encode + EOS + pack':<40} {n_tokens / t_pack:10.0f} tok/s   x{t_raw / t_pack:.2f}")
+    figures.append(
+        Figure(
+            "data",
+            f"tokenize: encode + EOS + pack, {n_tokens} tokens",
+            n_tokens / t_pack,
+            "tok/s",
+            "tokenizers encode_batch",
+            t_pack / t_raw,
+        )
+    )
 
     print("\nhashing cost share per full-variant stage (from each manifest's run context)")
     print(f"  {'stage':<15} {'duration':>9} {'hashing':>9} {'share':>7} {'files':>7} {'MiB':>8} {'fingerprint':>12}")
@@ -94,6 +119,17 @@ def main() -> int:
             f"  {stage:<15} {ctx['durationSeconds']:8.2f}s {ctx['hashingSeconds']:8.2f}s {share:6.1%} "
             f"{ctx['hashedFiles']:7d} {ctx['hashedBytes'] / 2**20:8.1f} {ctx['fingerprintSeconds']:11.2f}s"
         )
+        figures.append(
+            Figure(
+                "data",
+                f"{stage} stage: digesting its inputs/outputs/code",
+                ctx["hashedBytes"] / 2**20 / max(ctx["hashingSeconds"], 1e-9),
+                "MiB/s",
+                f"the whole {stage} stage run ({ctx['durationSeconds']:.1f} s)",
+                share,
+            )
+        )
+    write_figures(args.figures, figures)
     return 0
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from dvc_data.hashfile.hash import file_md5
 
+from figures import Figure, write_figures
 from flowpin.hashing import Hasher, StatCache
 from flowpin.manifest.record import record
 from flowpin.manifest.verify import verify_manifest
@@ -77,7 +78,9 @@ def main() -> int:
     ap.add_argument("--files", type=int, default=10000)
     ap.add_argument("--file-kib", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--figures", help="also write the headline figures here as JSON (benchmarks/run_all.py)")
     args = ap.parse_args()
+    figures: list[Figure] = []
     root = Path(tempfile.mkdtemp(prefix="flowpin-bench-", dir=Path.cwd() / ".flowpin"))
     try:
         (root / ".dvc").mkdir()
@@ -95,25 +98,30 @@ def main() -> int:
         print(row("hashlib.file_digest sha256 (baseline)", base, size, base))
         listing = root / "big.list"
         listing.write_bytes(str(big).encode() + b"\0")
-        print(row("sha256sum", best(lambda: sha256sum(str(listing)), args.repeat), size, base))
-        print(
-            row(
-                "flowpin sha256",
-                best(lambda: Hasher(root, "sha256").digest("big.bin"), args.repeat),
-                size,
-                base,
-            )
-        )
-        print(
-            row(
-                "flowpin blake3",
-                best(lambda: Hasher(root, "blake3").digest("big.bin"), args.repeat),
-                size,
-                base,
-            )
-        )
-        print(row("DVC file_md5 (DVC's own hashing)", best(lambda: file_md5(str(big)), args.repeat), size, base))
+        t_sum = best(lambda: sha256sum(str(listing)), args.repeat)
+        print(row("sha256sum", t_sum, size, base))
+        t_sha = best(lambda: Hasher(root, "sha256").digest("big.bin"), args.repeat)
+        print(row("flowpin sha256", t_sha, size, base))
+        t_b3 = best(lambda: Hasher(root, "blake3").digest("big.bin"), args.repeat)
+        print(row("flowpin blake3", t_b3, size, base))
+        t_md5 = best(lambda: file_md5(str(big)), args.repeat)
+        print(row("DVC file_md5 (DVC's own hashing)", t_md5, size, base))
         big.unlink()
+        mib = f"1 file of {size >> 20} MiB"
+        figures += [
+            Figure(
+                "hashing",
+                f"flowpin sha256, {mib}",
+                size / t_sha / 2**30,
+                "GiB/s",
+                "hashlib sha256",
+                t_sha / base,
+                "<= 1.05",
+            ),
+            Figure("hashing", f"flowpin sha256, {mib}", size / t_sha / 2**30, "GiB/s", "sha256sum", t_sha / t_sum),
+            Figure("hashing", f"flowpin sha256, {mib}", size / t_sha / 2**30, "GiB/s", "DVC file_md5", t_sha / t_md5),
+            Figure("hashing", f"flowpin blake3, {mib}", size / t_b3 / 2**30, "GiB/s", "hashlib sha256", t_b3 / base),
+        ]
 
         many = root / "many"
         many.mkdir()
@@ -129,39 +137,38 @@ def main() -> int:
         print(f"\n{len(paths)} files of ~{args.file_kib} KiB ({total / 2**20:.0f} MiB)")
         base = best(lambda: hashlib_files(paths), args.repeat)
         print(row("hashlib sha256, one thread (baseline)", base, total, base))
-        print(
-            row(
-                "sha256sum (xargs, one process)",
-                best(lambda: sha256sum(str(listing)), args.repeat),
-                total,
-                base,
-            )
-        )
-        print(
-            row(
-                "flowpin sha256, 1 worker",
-                best(lambda: Hasher(root, workers=1).digest("many"), args.repeat),
-                total,
-                base,
-            )
-        )
-        print(
-            row(
-                f"flowpin sha256, {os.cpu_count()} workers",
-                best(lambda: Hasher(root).digest("many"), args.repeat),
-                total,
-                base,
-            )
-        )
-        print(
-            row(
-                "flowpin blake3, all workers",
-                best(lambda: Hasher(root, "blake3").digest("many"), args.repeat),
-                total,
-                base,
-            )
-        )
-        print(row("DVC file_md5 loop", best(lambda: [file_md5(p) for p in paths], args.repeat), total, base))
+        t_sum = best(lambda: sha256sum(str(listing)), args.repeat)
+        print(row("sha256sum (xargs, one process)", t_sum, total, base))
+        t_one = best(lambda: Hasher(root, workers=1).digest("many"), args.repeat)
+        print(row("flowpin sha256, 1 worker", t_one, total, base))
+        t_all = best(lambda: Hasher(root).digest("many"), args.repeat)
+        print(row(f"flowpin sha256, {cores} workers", t_all, total, base))
+        t_b3 = best(lambda: Hasher(root, "blake3").digest("many"), args.repeat)
+        print(row("flowpin blake3, all workers", t_b3, total, base))
+        t_md5 = best(lambda: [file_md5(p) for p in paths], args.repeat)
+        print(row("DVC file_md5 loop", t_md5, total, base))
+        files = f"{len(paths)} files of ~{args.file_kib} KiB"
+        speed = total / t_all / 2**30
+        figures += [
+            Figure(
+                "hashing",
+                f"flowpin sha256, {cores} workers, {files}",
+                speed,
+                "GiB/s",
+                "hashlib sha256, one thread",
+                t_all / base,
+                f"<= {1 / 1.8:.2f} (x1.8 faster)",
+            ),
+            Figure("hashing", f"flowpin sha256, {cores} workers, {files}", speed, "GiB/s", "sha256sum", t_all / t_sum),
+            Figure(
+                "hashing",
+                f"flowpin sha256, {cores} workers, {files}",
+                speed,
+                "GiB/s",
+                "DVC file_md5 loop",
+                t_all / t_md5,
+            ),
+        ]
 
         # Warm re-verify: a signed manifest pinning the 10k-file directory, verified through the stat
         # cache. Files younger than the racy window (2 s) are never cached, as with any fresh artifact.
@@ -186,6 +193,18 @@ def main() -> int:
             f"{'(target < 1 s: met)' if warm < 1 else '(target < 1 s: MISSED)'}"
         )
         cache.close()
+        figures.append(
+            Figure(
+                "verify",
+                f"warm flowpin verify, manifest pinning {len(paths)} files",
+                warm * 1000,
+                "ms",
+                "cold verify (no stat cache)",
+                warm / cold,
+                "value < 1000 ms",
+            )
+        )
+        write_figures(args.figures, figures)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import yaml
 
+from figures import Figure, write_figures
 from flowpin.data.order import DataOrder
 from flowpin.recipe import to_config
 from flowpin.tracking import JsonlTracker
@@ -115,6 +116,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--show-runs", action="store_true", help="also print each run's median step time")
+    parser.add_argument("--figures", help="also write the headline figures here as JSON (benchmarks/run_all.py)")
     args = parser.parse_args()
     if args.steps < args.warmup + 2:
         parser.error("--steps must exceed --warmup by at least 2 (the last step is not timed)")
@@ -203,6 +205,38 @@ def main() -> None:
     print(
         f"once per stage (not per step): import aim {import_seconds:.2f} s, open an Aim run "
         f"{statistics.median(opens):.2f} s (median of {len(opens)})"
+    )
+    steps = f"{args.model} model, log every {args.log_every} step(s)"
+    write_figures(
+        args.figures,
+        [
+            Figure(
+                "tracking",
+                f"training step with metrics.jsonl, {steps}",
+                median["jsonl"],
+                "s/step",
+                "tracking off (paired)",
+                paired["jsonl"],
+                "<= 1.02",
+            ),
+            Figure(
+                "tracking",
+                f"training step with metrics.jsonl + Aim, {steps}",
+                median["jsonl+aim"],
+                "s/step",
+                "tracking off (paired)",
+                paired["jsonl+aim"],
+                "<= 1.02",
+            ),
+            Figure(
+                "tracking",
+                "time inside the Aim tracker per logged step",
+                1000 * per_call,
+                "ms",
+                "a training step, tracking off",
+                per_call / args.log_every / median["off"],
+            ),
+        ],
     )
 
 

@@ -36,9 +36,10 @@ def test_h100_benchmark_without_cuda_measures_nothing() -> None:
     assert "no CUDA device: nothing measured" in proc.stdout + proc.stderr
 
 
-def test_checkpoint_benchmark_prints_both_ratios() -> None:
+def test_make_bench_runner_prints_one_table_of_ratios() -> None:
+    """`benchmarks/run_all.py` (what `make bench` runs) gathers each script's figures into one table."""
     proc = subprocess.run(
-        [sys.executable, "benchmarks/checkpoint.py", "--repeat", "1"],
+        [sys.executable, "benchmarks/run_all.py", "--quick", "--only", "checkpoint"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -46,4 +47,23 @@ def test_checkpoint_benchmark_prints_both_ratios() -> None:
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "save_checkpoint" in proc.stdout and "load_checkpoint" in proc.stdout and "x\n" in proc.stdout
+    assert "save_checkpoint" in proc.stdout and "load_checkpoint" in proc.stdout  # the script's own output
+    table = proc.stdout[proc.stdout.index("=== every benchmark, one table") :]
+    rows = [line for line in table.splitlines() if line.startswith("| checkpoint")]
+    assert len(rows) == 2, table
+    assert "raw write + fsync" in rows[0] and "raw read + sha256" in rows[1]
+    for row in rows:
+        ratio = float(row.split("|")[5].strip().removesuffix("x"))
+        assert ratio > 0
+
+
+def test_make_bench_runner_refuses_an_unknown_benchmark() -> None:
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/run_all.py", "--only", "nope"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "unknown benchmark(s) nope" in proc.stderr
