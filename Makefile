@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test lint typecheck pytest bench data-full release-check clean-venv
+.PHONY: install run test lint typecheck pytest bench fuzz faults data-full release-check clean-venv
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -67,6 +67,21 @@ test: lint typecheck pytest
 # from the same run, then one table of their ratios (also written to reports/bench.md, gitignored).
 bench: install
 	$(BIN)/python benchmarks/run_all.py --out reports/bench.md
+
+# Nightly-style fuzzing (tests/test_fuzz.py, hypothesis profile "fuzz"): >= 10,000 cases of arbitrary and
+# mutated manifests, envelopes, canonical JSON, state.json and shards; any exception other than a
+# FlowpinError fails it. Prints "fuzz: N cases, M crashes". Replay a run with FUZZ_SEED=<the printed seed>.
+ifndef FUZZ_SEED
+FUZZ_SEED := $(shell od -An -N4 -tu4 /dev/urandom | tr -d ' ')
+endif
+fuzz: install
+	@echo "fuzz: hypothesis seed $(FUZZ_SEED) (replay: make fuzz FUZZ_SEED=$(FUZZ_SEED))"
+	$(BIN)/pytest -q -p no:cacheprovider tests/test_fuzz.py --hypothesis-profile=fuzz --hypothesis-seed=$(FUZZ_SEED)
+
+# Fault injection (docs/hardening.md): SIGKILL at every write point, DVC killed mid-commit, a full tmpfs
+# and a file size limit; ends with "faults injected: N, artifacts lost: 0". Also part of `make test`.
+faults: install
+	$(BIN)/pytest -q tests/test_faults.py -rA
 
 clean-venv:
 	rm -rf $(VENV)

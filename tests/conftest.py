@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from hypothesis import settings
 
 from flowpin.hashing import Hasher
 from flowpin.manifest.record import record
@@ -171,3 +172,26 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# --- hypothesis profiles (tests/test_fuzz.py) -----------------------------------------------------
+# "ci" (default, `make test`): derandomized, so a CI run is reproducible and short. "fuzz" (`make fuzz`,
+# nightly): random, enough examples for >= 10,000 cases over tests/test_fuzz.py; the seed is printed by
+# `make fuzz` and replayed with FUZZ_SEED=<seed>. Pick one with HYPOTHESIS_PROFILE or --hypothesis-profile.
+# Tests that set their own @settings keep them.
+
+settings.register_profile("ci", max_examples=100, derandomize=True, deadline=None, database=None, print_blob=True)
+settings.register_profile("fuzz", max_examples=2500, derandomize=False, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+# --- fault injection report (tests/test_faults.py, `make faults`) ---------------------------------
+
+FAULTS: dict[str, int] = {"injected": 0, "lost": 0}
+"""Updated by tests/test_faults.py: faults really injected (a process dead by SIGKILL, a write refused by a
+full disk or a file size limit) and committed artifacts found changed or missing afterwards."""
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if FAULTS["injected"]:
+        terminalreporter.write_line(f"faults injected: {FAULTS['injected']}, artifacts lost: {FAULTS['lost']}")

@@ -50,6 +50,7 @@ RECORDING = (
     "src/flowpin/tracking/",  # write-only: metrics to metrics.jsonl / Aim, never into an artifact
     "src/flowpin/progress.py",  # draws on a terminal, nothing else
     "src/flowpin/sweep.py",  # where a sweep job writes (run metadata), not what it computes
+    "src/flowpin/failpoints.py",  # armed only by the fault-injection suite: kills, never changes a byte
 )
 """Modules that record a run but cannot change what a stage computes (not DVC deps of stages)."""
 

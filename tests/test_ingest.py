@@ -363,7 +363,10 @@ def test_unknown_kind() -> None:
 def test_bad_on_oversize_value() -> None:
     with pytest.raises(RecipeError) as err:
         make_cfg(on_oversize="x")
-    assert str(err.value) == "ingest.limits.on_oversize: 'x' is not one of error, skip"
+    assert str(err.value) == (
+        "ingest.limits.on_oversize: 'x' is not one of error, skip; "
+        "fix it in the recipe (params/*.yaml) or in the override"
+    )
 
 
 @pytest.mark.parametrize(

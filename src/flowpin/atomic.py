@@ -2,12 +2,19 @@
 
 A reader sees either the old artifact or the complete new one, never a prefix: content goes to a
 temporary sibling, is fsynced, renamed over the target, and the parent directory is fsynced so the
-rename itself survives a crash. A failure removes the temporary and raises :class:`WriteError`.
+rename itself survives a crash. A failure removes the temporary and raises :class:`WriteError`; a full
+disk or a file size limit (``ENOSPC``, ``EDQUOT``, ``EFBIG``) says so and how to fix it. A directory is
+swapped in with one ``renameat2(RENAME_EXCHANGE)`` where the kernel and filesystem offer it, so even a
+SIGKILL during the swap leaves the old or the new tree under its name. The write points carry named
+failpoints (:mod:`flowpin.failpoints`) that the fault-injection suite arms.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
 import os
 import shutil
 import tempfile
@@ -16,6 +23,10 @@ from pathlib import Path
 from typing import IO
 
 from flowpin.errors import WriteError
+from flowpin.failpoints import failpoint
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+"""errnos of a full disk, an exhausted quota and a file size limit (``ulimit -f``/``RLIMIT_FSIZE``)."""
 
 
 def fsync_dir(path: Path) -> None:
@@ -41,22 +52,39 @@ def atomic_open(path: str | os.PathLike[str], *, mode: int = 0o644) -> Iterator[
     try:
         with os.fdopen(fd, "wb") as fh:
             yield fh
+            failpoint("atomic.before-fsync", str(target), prepare=fh.flush)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)
+        failpoint("atomic.before-rename", str(target))
         os.replace(tmp, target)
+        failpoint("atomic.after-rename", str(target))
         fsync_dir(target.parent)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError):
-            raise WriteError(f"could not write {target}: {exc.strerror or exc}; nothing was published") from exc
+            raise write_error(target, exc) from exc
         raise
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644) -> None:
     """Atomically replace ``path`` with ``data``."""
     with atomic_open(path, mode=mode) as fh:
-        fh.write(data)
+        view, half = memoryview(data), len(data) // 2
+        fh.write(view[:half])
+        failpoint("atomic.partial", os.fspath(path), prepare=fh.flush)
+        fh.write(view[half:])
+
+
+def write_error(target: Path, exc: OSError) -> WriteError:
+    """The :class:`WriteError` for an ``OSError`` raised while publishing ``target`` (chain it ``from exc``)."""
+    if exc.errno in _FULL:
+        return WriteError(
+            f"could not write {target}: {exc.strerror or exc} -- the disk is full or a file size limit "
+            f"(ulimit -f) was hit; free space on the filesystem of {target.parent} (or raise the limit) and "
+            "rerun; nothing was published and the previous version, if any, is intact"
+        )
+    return WriteError(f"could not write {target}: {exc.strerror or exc}; nothing was published")
 
 
 @contextlib.contextmanager
@@ -64,9 +92,10 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield an empty temporary directory; on clean exit it replaces ``path`` as a whole.
 
     Files written inside should still be fsynced (use :func:`atomic_open` or :func:`fsync_file`).
-    An existing ``path`` is moved aside and removed only after the new directory is in place, so a
-    crash leaves either the old or the new tree under ``path`` (plus a hidden ``.old`` sibling to
-    clean up), never a partial one.
+    An existing ``path`` is exchanged with the new tree in one ``renameat2(RENAME_EXCHANGE)`` and removed
+    afterwards, so a crash leaves either the old or the new tree under ``path`` (plus a hidden ``.tmp``
+    sibling to clean up), never a partial one. Where the exchange is unsupported the old tree is renamed
+    aside first (``.<name>.old-<pid>``), leaving a window in which a crash leaves ``path`` absent.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -77,22 +106,55 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
             if child.is_dir() and not child.is_symlink():
                 fsync_dir(child)
         fsync_dir(tmp)
+        failpoint("atomic.dir-before-swap", str(target))
         old: Path | None = None
-        if target.exists() or target.is_symlink():
+        if not (target.exists() or target.is_symlink()):
+            os.replace(tmp, target)
+        elif _exchange(tmp, target):
+            old = tmp  # the old tree now sits under the temporary's name
+        else:  # no RENAME_EXCHANGE here: a SIGKILL between the two renames leaves the old tree at ``old``
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
-        os.replace(tmp, target)
+            os.replace(tmp, target)
         fsync_dir(target.parent)
+        failpoint("atomic.dir-after-swap", str(target))
         if old is not None:
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old)
-            else:
-                old.unlink()
+            _remove(old)
     except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            _remove(tmp)  # the partial new tree, or (after an exchange) the old one
         if isinstance(exc, OSError):
-            raise WriteError(f"could not publish {target}: {exc.strerror or exc}; nothing was published") from exc
+            raise write_error(target, exc) from exc
         raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap the entries ``a`` and ``b`` (Linux ``renameat2``); False where that is unsupported."""
+    func = getattr(_libc(), "renameat2", None)
+    if func is None:
+        return False
+    if func(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(b))
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def fsync_file(path: Path) -> None:

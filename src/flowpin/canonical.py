@@ -4,7 +4,8 @@ The form follows RFC 8785 (JSON Canonicalization Scheme): object keys sorted by 
 units, no insignificant whitespace, UTF-8 output, minimal string escaping, and numbers written the
 way ECMAScript's ``Number.prototype.toString`` writes them (so ``1.0`` and ``1`` are the same
 number). Values that have no canonical form are refused with :class:`CanonicalError` instead of
-being coerced: NaN/Infinity, non-string keys, bytes, sets, lone surrogates, arbitrary objects.
+being coerced: NaN/Infinity, non-string keys, bytes, sets, lone surrogates, arbitrary objects, and
+containers nested deeper than :data:`MAX_DEPTH` (or containing themselves).
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from typing import Any
 from flowpin.errors import CanonicalError
 
 _MAX_SAFE_INT = 2**53 - 1
+MAX_DEPTH = 256
+"""Deepest container nesting encoded; deeper values (or cycles) raise instead of exhausting the stack."""
 
 
 def canonical_json(value: Any) -> bytes:
     """Return the canonical UTF-8 JSON encoding of ``value``."""
     parts: list[str] = []
-    _encode(value, parts, "$")
+    _encode(value, parts, "$", 0)
     text = "".join(parts)
     try:
         return text.encode("utf-8")
@@ -44,10 +47,14 @@ def format_number(value: int | float, where: str = "$") -> str:
             return int.__repr__(value)  # not str(): an int subclass may override __str__/__repr__
         # A larger integer is accepted only when it is the canonical form of a double (as 1e17 parsed
         # back from our own output is): then it round-trips. Anything else would be silently rounded.
+        # One too large for a double is refused before int.__repr__, which raises ValueError past 4300 digits.
         try:
             text = format_number(float(value), where)
-        except OverflowError:
-            text = ""
+        except OverflowError as exc:
+            raise CanonicalError(
+                f"{where}: integer of {value.bit_length()} bits exceeds 2**53-1 and cannot round-trip through "
+                "JSON; store it as a string"
+            ) from exc
         if text != int.__repr__(value):
             raise CanonicalError(
                 f"{where}: integer {value} exceeds 2**53-1 and cannot round-trip through JSON; store it as a string"
@@ -95,7 +102,9 @@ def _utf16_key(key: str) -> bytes:
     return key.encode("utf-16-be", "surrogatepass")
 
 
-def _encode(value: Any, out: list[str], where: str) -> None:
+def _encode(value: Any, out: list[str], where: str, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise CanonicalError(f"{where}: nested deeper than {MAX_DEPTH} levels (or contains itself); flatten the value")
     if value is None:
         out.append("null")
     elif value is True:
@@ -116,14 +125,14 @@ def _encode(value: Any, out: list[str], where: str) -> None:
                 out.append(",")
             out.append(json.dumps(key, ensure_ascii=False))
             out.append(":")
-            _encode(value[key], out, f"{where}.{key}")
+            _encode(value[key], out, f"{where}.{key}", depth + 1)
         out.append("}")
     elif isinstance(value, Sequence) and not isinstance(value, bytes | bytearray | memoryview):
         out.append("[")
         for i, item in enumerate(value):
             if i:
                 out.append(",")
-            _encode(item, out, f"{where}[{i}]")
+            _encode(item, out, f"{where}[{i}]", depth + 1)
         out.append("]")
     else:
         raise CanonicalError(

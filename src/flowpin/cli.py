@@ -1,4 +1,4 @@
-"""The ``flowpin`` command line: key, verify, diff, lineage, show, batch, fork, rebuild.
+"""The ``flowpin`` command line: key, verify, diff, lineage, show, batch, fork, rebuild, model-sign.
 
 Exit status: 0 success; 1 a verification failed / manifests differ; 2 usage or input error (a
 :class:`FlowpinError` that prevents the command from giving an answer).
@@ -20,12 +20,13 @@ from flowpin.paths import find_root
 
 
 def _cmd_key_init(args: argparse.Namespace) -> int:
-    from flowpin.signing import default_key_path, init_key
+    from flowpin.signing import default_key_path, ensure_trusted, init_key
 
     root = find_root()
     path = Path(args.path) if args.path else default_key_path(root)
     if args.if_missing and path.exists():
-        print(f"signing key exists: {path}")
+        existing, added = ensure_trusted(root, path)  # a key init killed before trusting its public key
+        print(f"signing key exists: {path}" + (f"\ntrusted its public key keys/{existing.keyid}.pub" if added else ""))
         return 0
     signer = init_key(root, key_path=path, force=args.force)
     print(f"created signing key {path} (mode 600)\nkeyid {signer.keyid}\ntrusted public key keys/{signer.keyid}.pub")
@@ -37,6 +38,60 @@ def _cmd_key_list(args: argparse.Namespace) -> int:
 
     for keyid in sorted(load_trust_store(find_root())):
         print(keyid)
+    return 0
+
+
+def _cmd_model_sign_key_init(args: argparse.Namespace) -> int:
+    from cryptography.hazmat.primitives import serialization
+
+    from flowpin.modelsign import default_key_path, init_key, load_private_key, trust_public_key
+
+    root = find_root()
+    path = default_key_path(root)
+    if args.if_missing and path.exists():
+        info, private = load_private_key(root, path)
+        repaired = ""
+        if not info.public_path.is_file():  # e.g. a key-init killed between the private and the public key
+            pem = private.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            trust_public_key(root, pem)
+            repaired = " (its public key was missing from the trust store: added)"
+        print(f"model-signing key exists: {path}\nkeyid {info.keyid}, trusted {info.public_path}{repaired}")
+        return 0
+    info = init_key(root, key_path=path, force=args.force)
+    print(
+        f"created model-signing key {path} (EC P-256, mode 600)\nkeyid {info.keyid}\n"
+        f"trusted public key {info.public_path.relative_to(root)}"
+    )
+    return 0
+
+
+def _cmd_model_sign_sign(args: argparse.Namespace) -> int:
+    from flowpin.modelsign import sign_checkpoint
+
+    signature = Path(args.signature) if args.signature else None
+    t0 = time.perf_counter()
+    signed = sign_checkpoint(Path(args.checkpoint), root=find_root(), signature=signature)
+    print(
+        f"signed {signed.checkpoint} ({len(signed.files)} files) with model-signing key {signed.keyid[:16]}… "
+        f"in {time.perf_counter() - t0:.2f} s\nsignature {signed.signature}\n"
+        f"check it with the OpenSSF tool alone:\n  {signed.openssf_command()}"
+    )
+    return 0
+
+
+def _cmd_model_sign_verify(args: argparse.Namespace) -> int:
+    from flowpin.errors import IntegrityError, ModelSignatureError
+    from flowpin.modelsign import verify_checkpoint
+
+    signature = Path(args.signature) if args.signature else None
+    try:
+        signed = verify_checkpoint(Path(args.checkpoint), root=find_root(), signature=signature)
+    except (ModelSignatureError, IntegrityError) as exc:
+        print(f"FAIL {args.checkpoint}\n     {type(exc).__name__}: {exc}")
+        return 1
+    print(f"OK   {signed.checkpoint} {len(signed.files)} files, signed by {signed.keyid[:16]}… ({signed.signature})")
     return 0
 
 
@@ -259,6 +314,44 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0 if table.ok else 1
 
 
+def _cmd_release_export(args: argparse.Namespace) -> int:
+    from flowpin.release import export_release
+
+    r = export_release(find_root(), Path(args.dir), force=args.force)
+    print(
+        f"release of {r.commit[:12]} written to {r.target}: {r.files} files, {r.bytes / 1e6:.1f} MB, "
+        f"{r.store_objects} store objects, stages {', '.join(r.stages)}; signed by {r.keyid[:16]}… "
+        f"({r.seconds:.1f} s)"
+    )
+    if r.unreleased:
+        print(f"not in dvc.lock, so not released: {', '.join(r.unreleased)}")
+    return 0
+
+
+def _cmd_release_import(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from flowpin.release import REMOTE_NAME, import_release
+
+    root = find_root()
+    r = import_release(root, Path(args.dir))
+    print(
+        f"release {r.release} verified: commit {r.commit[:12]}, signed by {r.keyid[:16]}… (trusted in keys/), "
+        f"{r.files} files, {r.store_objects} store objects ({r.seconds:.1f} s)\n"
+        f"DVC remote '{REMOTE_NAME}' -> {r.remote} is the default in .dvc/config.local"
+    )
+    if args.pull:
+        pull = subprocess.run([sys.executable, "-m", "dvc", *r.pull[1:], "-r", REMOTE_NAME], cwd=root, check=False)
+        if pull.returncode != 0:
+            print(f"flowpin: {' '.join(r.pull)} failed (exit {pull.returncode})", file=sys.stderr)
+            return 1
+    if args.verify:
+        return _cmd_verify(argparse.Namespace(paths=[], all=True, trust=[], no_cache=False))
+    if not args.pull:
+        print(f"next: {' '.join(r.pull)} && flowpin verify --all")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowpin", description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--version", action="version", version=f"flowpin {__version__}")
@@ -273,6 +366,31 @@ def build_parser() -> argparse.ArgumentParser:
     ki.set_defaults(func=_cmd_key_init)
     kl = ksub.add_parser("list", help="list trusted keyids (keys/*.pub)")
     kl.set_defaults(func=_cmd_key_list)
+
+    ms = sub.add_parser(
+        "model-sign",
+        help="sign/verify checkpoints in the OpenSSF model-signing format (EC P-256; docs/model-signing.md)",
+        description="Exit status: 0 success, 1 verification failed (named reason), 2 usage or input error.",
+    )
+    mssub = ms.add_subparsers(dest="model_sign_command", required=True)
+    mki = mssub.add_parser(
+        "key-init", help="create an EC P-256 model-signing key (0600) and trust it in keys/model-signing/"
+    )
+    mki.add_argument("--if-missing", action="store_true", help="do nothing when the key already exists")
+    mki.add_argument("--force", action="store_true", help="replace an existing key")
+    mki.set_defaults(func=_cmd_model_sign_key_init)
+    for name, func, verb in (
+        ("sign", _cmd_model_sign_sign, "write"),
+        ("verify", _cmd_model_sign_verify, "read"),
+    ):
+        msc = mssub.add_parser(name, help=f"{name} a checkpoint directory (step-NNNNNN/)")
+        msc.add_argument("checkpoint", help="checkpoint directory, e.g. runs/pretrain/checkpoints/step-000100")
+        msc.add_argument(
+            "--signature",
+            help=f"bundle to {verb} (default <run>/model-signatures/step-NNNNNN.sig for a checkpoint in "
+            "checkpoints/, else <checkpoint>.sig)",
+        )
+        msc.set_defaults(func=func)
 
     v = sub.add_parser("verify", help="check schema, signature, trust and every digest of manifests")
     v.add_argument("paths", nargs="*", help="manifest files")
@@ -331,6 +449,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sw.add_argument("--json", action="store_true", help="the table as JSON")
     sw.set_defaults(func=_cmd_sweep)
+
+    rel = sub.add_parser("release", help="export the release to a directory another lab can replay, or import one")
+    rsub = rel.add_subparsers(dest="release_command", required=True)
+    rx = rsub.add_parser(
+        "export",
+        help="manifests, keys, dvc.yaml/dvc.lock, recipes, a git bundle and the DVC store, signed (release.json)",
+        description="Refuses an incoherent release: uncommitted changes, `dvc status` not clean, a manifest "
+        "that does not verify, an output missing from the DVC cache. See docs/release.md.",
+    )
+    rx.add_argument("dir", help="a new (or empty) directory outside the repository")
+    rx.add_argument("--force", action="store_true", help="replace a non-empty DIR whole")
+    rx.set_defaults(func=_cmd_release_export)
+    ri = rsub.add_parser(
+        "import",
+        help="in a clone of the release: check release.json against keys/ and every file, set the store as DVC remote",
+        description="Exit status: 0 imported (and pulled/verified when asked), 1 dvc pull or verify failed, "
+        "2 the release was refused (not a release, tampered, untrusted signature, wrong commit, missing object).",
+    )
+    ri.add_argument("dir", help="the directory `flowpin release export` wrote")
+    ri.add_argument("--pull", action="store_true", help="then run `dvc pull` from the release's store")
+    ri.add_argument("--verify", action="store_true", help="then run `flowpin verify --all`")
+    ri.set_defaults(func=_cmd_release_import)
 
     s = sub.add_parser("show", help="human summary of a manifest")
     s.add_argument("path")

@@ -27,6 +27,10 @@ class WriteError(FlowpinError):
     """An atomic write could not be completed (disk full, permissions); nothing was published."""
 
 
+class FailpointError(FlowpinError):
+    """``FLOWPIN_FAILPOINT`` is malformed or names no failpoint (see :mod:`flowpin.failpoints`)."""
+
+
 # --- hashing / integrity --------------------------------------------------------------------------
 
 
@@ -44,6 +48,10 @@ class ArtifactUnreadableError(IntegrityError):
 
 class DigestMismatchError(IntegrityError):
     """A pinned artifact's content digest differs from the manifest."""
+
+
+class TensorFileError(ArtifactUnreadableError):
+    """A safetensors file's header or data offsets are malformed; refused before the safetensors library reads it."""
 
 
 class UnsupportedAlgorithmError(FlowpinError):
@@ -94,6 +102,73 @@ class BadSignatureError(SignatureError):
 
 class KeyFileError(FlowpinError):
     """A key file is missing, malformed, of the wrong algorithm, or has unsafe permissions."""
+
+
+# --- OpenSSF model signing (checkpoints; flowpin.modelsign) ------------------------------------------
+
+
+class ModelSigningError(FlowpinError):
+    """Signing or verifying a checkpoint in the OpenSSF model-signing format failed."""
+
+
+class ModelSigningInputError(ModelSigningError):
+    """The checkpoint directory or signature file is missing, or the signature path lies inside the checkpoint."""
+
+
+class ModelSigningKeyError(ModelSigningError, KeyFileError):
+    """A model-signing key is missing, malformed, not EC P-256, untrusted, or has unsafe permissions."""
+
+
+class ModelSignatureError(ModelSigningError, SignatureError):
+    """A checkpoint's model-signing signature does not verify (base of the verification failures)."""
+
+
+class ModelSignatureFormatError(ModelSignatureError):
+    """The signature file is not a Sigstore bundle holding a model-signing DSSE envelope."""
+
+
+class UntrustedModelKeyError(ModelSignatureError, UntrustedKeyError):
+    """The signature names a key that is not in ``keys/model-signing/``."""
+
+
+class BadModelSignatureError(ModelSignatureError, BadSignatureError):
+    """The bundle's ECDSA signature does not verify with the trusted key it names."""
+
+
+class ModelSignatureMismatchError(ModelSignatureError, IntegrityError):
+    """The checkpoint's files differ from the signed statement (changed, added or removed files)."""
+
+
+# --- release bundles (flowpin.release) --------------------------------------------------------------
+
+
+class ReleaseError(FlowpinError):
+    """A release cannot be exported or imported."""
+
+
+class ReleaseIncoherentError(ReleaseError):
+    """Export refused: uncommitted changes, outputs stale against dvc.lock, a manifest that does not verify,
+    an artifact neither git nor the store would carry, or a corrupt cache object."""
+
+
+class ReleaseTargetError(ReleaseError):
+    """The export target exists and is not empty, or lies inside the repository."""
+
+
+class NotAReleaseError(ReleaseError):
+    """The directory holds no readable release (no release.json, not a release envelope, unknown format)."""
+
+
+class ReleaseTamperedError(ReleaseError, IntegrityError):
+    """A file of a release differs from what its signed release.json lists, is missing, or is not listed."""
+
+
+class ReleaseMismatchError(ReleaseError):
+    """The clone is not at the released commit, or its committed release record differs from the release's."""
+
+
+class StoreObjectMissingError(ReleaseError, ArtifactMissingError):
+    """A DVC object of a dvc.lock out is in neither the cache (export) nor the release's store (import)."""
 
 
 # --- recipes / stages -----------------------------------------------------------------------------

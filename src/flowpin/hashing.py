@@ -51,6 +51,7 @@ from flowpin.errors import (
     FlowpinError,
     PathError,
     UnsupportedAlgorithmError,
+    WriteError,
 )
 from flowpin.paths import check_name, resolve_inside
 
@@ -133,7 +134,11 @@ def hash_file(
     h = new_hash(algorithm, size_hint=size_hint)
     if str(path).endswith(ZSTD_SUFFIX):
         with open(path, "rb", buffering=0) as raw:
-            _update_zstd(h, raw, path)
+            try:  # what the frames declare bounds the decompression (a lying header is a zstd bomb)
+                declared = _check_zstd_complete(raw.fileno(), path)
+            except ArtifactUnreadableError:
+                declared = None  # reported by the check below, after the content (corrupt vs truncated)
+            _update_zstd(h, raw, path, declared)
             _check_zstd_complete(raw.fileno(), path)
             if on_bytes is not None:
                 on_bytes(os.fstat(raw.fileno()).st_size)
@@ -157,15 +162,18 @@ def hash_file(
     return h.hexdigest()
 
 
-def _update_zstd(h: _Hash, raw: IO[bytes], path: Path | str) -> None:
+def _update_zstd(h: _Hash, raw: IO[bytes], path: Path | str, declared: int | None = None) -> None:
+    """Hash the decompressed content; more than ``declared`` bytes (the frames' sum) or the cap is refused."""
     total = 0
+    limit = MAX_DECOMPRESSED_BYTES if declared is None else min(declared, MAX_DECOMPRESSED_BYTES)
     reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
     try:
         while chunk := reader.read(CHUNK):
             total += len(chunk)
-            if total > MAX_DECOMPRESSED_BYTES:
+            if total > limit:
                 raise ArtifactUnreadableError(
-                    f"{path}: decompresses to more than {MAX_DECOMPRESSED_BYTES} bytes; refusing (zip bomb?)"
+                    f"{path}: decompresses to more than {limit} bytes (what its frames declare, or the cap); "
+                    "refusing (zstd bomb?) -- regenerate the file"
                 )
             h.update(chunk)
     except zstandard.ZstdError as exc:
@@ -175,13 +183,15 @@ def _update_zstd(h: _Hash, raw: IO[bytes], path: Path | str) -> None:
 _ZSTD_SKIPPABLE = range(0x184D2A50, 0x184D2A60)
 
 
-def _check_zstd_complete(fd: int, path: Path | str) -> None:
-    """Walk frame and block headers to the end of the file.
+def _check_zstd_complete(fd: int, path: Path | str) -> int | None:
+    """Walk frame and block headers to the end of the file; the sum of the frames' declared content sizes.
 
     python-zstandard's stream_reader ends silently, as if the content were shorter, when the input stops
     inside a frame; a truncated ``.zst`` must not get a digest. Reads 3 bytes per block, not the data.
+    Returns None when some frame does not declare its size.
     """
     size, pos = os.fstat(fd).st_size, 0
+    declared: int | None = 0
     truncated = ArtifactUnreadableError(f"{path}: truncated zstd data (ends inside a frame); regenerate the file")
     if size == 0:
         raise truncated
@@ -192,9 +202,12 @@ def _check_zstd_complete(fd: int, path: Path | str) -> None:
             continue
         try:
             pos += zstandard.frame_header_size(head)
-            checksum = zstandard.get_frame_parameters(head).has_checksum
+            params = zstandard.get_frame_parameters(head)
         except zstandard.ZstdError as exc:
             raise truncated from exc
+        checksum = params.has_checksum
+        known = params.content_size not in (zstandard.CONTENTSIZE_UNKNOWN, zstandard.CONTENTSIZE_ERROR)
+        declared = declared + params.content_size if declared is not None and known else None
         last = False
         while not last and len(block := os.pread(fd, 3, pos)) == 3:
             header = int.from_bytes(block, "little")
@@ -205,6 +218,7 @@ def _check_zstd_complete(fd: int, path: Path | str) -> None:
         pos += 4 if checksum else 0
     if pos != size:
         raise truncated
+    return declared
 
 
 def tree_digest(files: Sequence[tuple[str, str]], algorithm: str) -> str:
@@ -251,12 +265,24 @@ class StatCache:
     """Persistent ``real path → (stat key, digest)`` map in SQLite (local, never hashed or shipped)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, timeout=30, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS digests (path TEXT, algorithm TEXT, dev INT, ino INT, size INT,"
-            " mtime_ns INT, ctime_ns INT, digest TEXT, PRIMARY KEY (path, algorithm))"
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, timeout=30, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS digests (path TEXT, algorithm TEXT, dev INT, ino INT, size INT,"
+                " mtime_ns INT, ctime_ns INT, digest TEXT, PRIMARY KEY (path, algorithm))"
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise self._write_error(exc) from exc
+
+    def _write_error(self, exc: Exception) -> WriteError:
+        """SQLite reports a full disk or a file size limit as "disk I/O error" or "database or disk is full"."""
+        return WriteError(
+            f"could not write the digest stat cache {self.path} ({exc}): the disk may be full or a file size limit "
+            f"(ulimit -f) was hit; free space on the filesystem of {self.path.parent} (or raise the limit) and "
+            f"rerun; deleting {self.path.parent} only drops cached digests"
         )
 
     def lookup(self, paths: Sequence[str], algorithm: str) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -276,8 +302,11 @@ class StatCache:
     def store(self, entries: Iterable[tuple[str, tuple[int, ...], str]], algorithm: str) -> None:
         rows = [(path, algorithm, *key, digest) for path, key, digest in entries]
         if rows:
-            with self._db:
-                self._db.executemany("INSERT OR REPLACE INTO digests VALUES (?,?,?,?,?,?,?,?)", rows)
+            try:
+                with self._db:
+                    self._db.executemany("INSERT OR REPLACE INTO digests VALUES (?,?,?,?,?,?,?,?)", rows)
+            except sqlite3.Error as exc:
+                raise self._write_error(exc) from exc
 
     def close(self) -> None:
         self._db.close()
@@ -357,11 +386,15 @@ class Hasher:
 
     def _plan(self, name: str) -> tuple[str, list[tuple[str, _Job]]]:
         path = resolve_inside(name, self.root)
-        if not path.exists():
+        try:
+            exists, is_dir = path.exists(), path.is_dir()
+        except OSError as exc:  # ENAMETOOLONG, EACCES on a parent directory...: exists() raises those
+            raise ArtifactUnreadableError(f"{name}: cannot stat ({exc.strerror or exc}); check the name") from exc
+        if not exists:
             if path.is_symlink():
                 raise ArtifactMissingError(f"{name}: dangling symlink; restore its target or remove it")
             raise ArtifactMissingError(f"{name}: does not exist; rerun the stage that produces it (dvc repro)")
-        if not path.is_dir():
+        if not is_dir:
             return "file", [(name, _Job(path=str(path), real=os.path.realpath(path), label=name))]
         jobs: list[tuple[str, _Job]] = []
         self._walk(name, str(path), os.path.realpath(path), "", jobs)

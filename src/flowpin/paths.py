@@ -40,6 +40,10 @@ def check_name(name: str) -> str:
         raise PathError(f"artifact name {name!r} is empty; use a repository-relative path such as data/x")
     if "\\" in name or "\x00" in name:
         raise PathError(f"artifact name {name!r} contains a backslash or NUL; use '/' separated POSIX paths")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate: no file has this name, and it cannot be hashed as UTF-8
+        raise PathError(f"artifact name {name!r} is not valid Unicode ({exc.reason}); name the file in UTF-8") from exc
     pure = PurePosixPath(name)
     if pure.is_absolute():
         raise PathError(f"artifact name {name!r} is absolute; name it relative to the repository root")

@@ -24,6 +24,9 @@ from flowpin.errors import RecipeError
 
 T = TypeVar("T")
 
+FIX = "fix it in the recipe (params/*.yaml) or in the override"
+"""How-to-fix suffix of every recipe value error."""
+
 
 def to_config(cls: type[T], cfg: DictConfig | Mapping[str, Any], *, where: str = "recipe") -> T:
     """Validate ``cfg`` against the dataclass ``cls`` and return an instance of it.
@@ -61,10 +64,10 @@ def _build(tp: Any, value: Any, where: str) -> Any:
                 return _build(option, value, where)
             except RecipeError as exc:
                 errors.append(str(exc))
-        raise RecipeError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {tp}")
+        raise RecipeError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {tp}; {FIX}")
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         if not isinstance(value, Mapping):
-            raise RecipeError(f"{where}: expected a mapping for {tp.__name__}, got {type(value).__name__}")
+            raise RecipeError(f"{where}: expected a mapping for {tp.__name__}, got {type(value).__name__}; {FIX}")
         hints = typing.get_type_hints(tp)
         fields = {f.name: f for f in dataclasses.fields(tp) if f.init}
         unknown = sorted(set(value) - set(fields))
@@ -81,13 +84,13 @@ def _build(tp: Any, value: Any, where: str) -> Any:
         return tp(**kwargs)
     if origin in (list, tuple, collections.abc.Sequence):
         if not isinstance(value, list | tuple):
-            raise RecipeError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+            raise RecipeError(f"{where}: expected a list, got {type(value).__name__} {value!r}; {FIX}")
         (item_tp, *_rest) = typing.get_args(tp) or (Any,)
         items = [_build(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin in (dict, collections.abc.Mapping):
         if not isinstance(value, Mapping):
-            raise RecipeError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+            raise RecipeError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}; {FIX}")
         key_tp, val_tp = typing.get_args(tp) or (Any, Any)
         return {_build(key_tp, k, where): _build(val_tp, v, f"{where}.{k}") for k, v in value.items()}
     if tp is float:
@@ -98,39 +101,39 @@ def _build(tp: Any, value: Any, where: str) -> Any:
             return value
     else:
         raise TypeError(f"{where}: unsupported recipe field type {tp!r}")
-    raise RecipeError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    raise RecipeError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}; {FIX}")
 
 
 def check_int(value: object, key: str, *, minimum: int, maximum: int | None = None) -> int:
     """Recipe validation: an integer (not a bool) within bounds, else :class:`RecipeError` naming ``key``."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise RecipeError(f"{key}: {value!r} must be an integer")
+        raise RecipeError(f"{key}: {value!r} must be an integer; {FIX}")
     if value < minimum or (maximum is not None and value > maximum):
         bound = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
-        raise RecipeError(f"{key}: {value} must be {bound}")
+        raise RecipeError(f"{key}: {value} must be {bound}; {FIX}")
     return value
 
 
 def check_float(value: object, key: str, *, minimum: float, maximum: float = math.inf) -> float:
     """Recipe validation: a finite number within bounds, else :class:`RecipeError` naming ``key``."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise RecipeError(f"{key}: {value!r} must be a finite number")
+        raise RecipeError(f"{key}: {value!r} must be a finite number; {FIX}")
     if not minimum <= value <= maximum:
-        raise RecipeError(f"{key}: {value} must be within {minimum:g}..{maximum:g}")
+        raise RecipeError(f"{key}: {value} must be within {minimum:g}..{maximum:g}; {FIX}")
     return float(value)
 
 
 def check_choice(value: object, choices: Sequence[str], key: str) -> str:
     """Recipe validation: one of ``choices``, else :class:`RecipeError` naming ``key``."""
     if not isinstance(value, str) or value not in choices:
-        raise RecipeError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+        raise RecipeError(f"{key}: {value!r} is not one of {', '.join(choices)}; {FIX}")
     return value
 
 
 def check_str(value: object, key: str) -> str:
     """Recipe validation: a non-empty string, else :class:`RecipeError` naming ``key``."""
     if not isinstance(value, str) or not value:
-        raise RecipeError(f"{key}: {value!r} must be a non-empty string")
+        raise RecipeError(f"{key}: {value!r} must be a non-empty string; {FIX}")
     return value
 
 

@@ -34,6 +34,7 @@ from flowpin.errors import (
     MissingSignatureError,
     UntrustedKeyError,
 )
+from flowpin.failpoints import failpoint
 
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 TRUST_DIR = "keys"
@@ -79,7 +80,11 @@ def default_key_path(root: Path) -> Path:
 
 
 def init_key(root: Path, *, key_path: Path | None = None, force: bool = False) -> Signer:
-    """Create a new signing key (0600) and add its public key to the trust store ``keys/``."""
+    """Create a new signing key (0600) and add its public key to the trust store ``keys/``.
+
+    The private key is published first, then its public key: a crash between the two leaves a key that
+    :func:`ensure_trusted` (``flowpin key init --if-missing``) completes.
+    """
     path = key_path or default_key_path(root)
     if path.exists() and not force:
         raise KeyFileError(f"{path} already exists; use it, or pass --force to replace it (old signatures stay valid)")
@@ -89,9 +94,23 @@ def init_key(root: Path, *, key_path: Path | None = None, force: bool = False) -
     )
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     atomic_write_bytes(path, pem, mode=0o600)
+    failpoint("key.after-private", str(path))
     signer = Signer(private, keyid_of(private.public_key()))
     trust_public_key(root, signer.public_pem())
     return signer
+
+
+def ensure_trusted(root: Path, key_path: Path | None = None) -> tuple[Signer, bool]:
+    """Load the existing signing key and make sure its public key is in ``keys/``; (signer, added).
+
+    Repairs what a ``key init`` killed between writing the private key and trusting its public key
+    leaves behind: a key whose manifests would never verify.
+    """
+    signer = load_signer(root, key_path)
+    if signer.keyid in load_trust_store(root):
+        return signer, False
+    trust_public_key(root, signer.public_pem())
+    return signer, True
 
 
 def trust_public_key(root: Path, pem: bytes) -> Path:
@@ -123,7 +142,10 @@ def load_signer(root: Path, key_path: Path | None = None) -> Signer:
     except OSError as exc:
         raise KeyFileError(f"cannot read signing key {path}: {exc.strerror}") from exc
     if not isinstance(key, Ed25519PrivateKey):
-        raise KeyFileError(f"{path} holds a {type(key).__name__}; flowpin signs with Ed25519 keys only")
+        raise KeyFileError(
+            f"{path} holds a {type(key).__name__}; flowpin signs with Ed25519 keys only -- create one with "
+            "`flowpin key init --force`"
+        )
     return Signer(key, keyid_of(key.public_key()))
 
 
@@ -131,9 +153,16 @@ def _load_public(pem: bytes, where: str) -> Ed25519PublicKey:
     try:
         key = serialization.load_pem_public_key(pem)
     except (ValueError, TypeError) as exc:
-        raise KeyFileError(f"{where} is not a PEM public key ({exc})") from exc
+        raise KeyFileError(
+            f"{where} is not a PEM public key ({exc}); replace it with the signer's Ed25519 public key or remove it"
+        ) from exc
     if not isinstance(key, Ed25519PublicKey):
-        raise KeyFileError(f"{where} holds a {type(key).__name__}; flowpin trusts Ed25519 keys only")
+        # Bound to the algorithm here, never by the envelope: an EC or RSA key (e.g. an OpenSSF model-signing
+        # key, kept in keys/model-signing/) must not be able to vouch for a manifest.
+        raise KeyFileError(
+            f"{where} holds a {type(key).__name__}; flowpin trusts Ed25519 keys only for manifests -- remove it "
+            f"from {TRUST_DIR}/ (model-signing keys belong in {TRUST_DIR}/model-signing/)"
+        )
     return key
 
 
@@ -144,7 +173,13 @@ def load_trust_store(root: Path, extra_dirs: tuple[Path, ...] = ()) -> dict[str,
         if not directory.is_dir():
             continue
         for path in sorted(directory.glob("*.pub")):
-            key = _load_public(path.read_bytes(), str(path))
+            try:
+                pem = path.read_bytes()
+            except OSError as exc:
+                raise KeyFileError(
+                    f"cannot read trusted key {path} ({exc.strerror or exc}); make it a readable PEM file or remove it"
+                ) from exc
+            key = _load_public(pem, str(path))
             store[keyid_of(key)] = key
     return store
 
@@ -158,7 +193,10 @@ def decode_b64(text: object, where: str) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise ManifestParseError(f"{where} is not valid base64 ({exc}); the envelope is corrupt or truncated") from exc
+        raise ManifestParseError(
+            f"{where} is not valid base64 ({exc}); the envelope is corrupt or truncated -- restore it from git or "
+            "re-run its stage"
+        ) from exc
 
 
 def verify_envelope(envelope: dict[str, object], trusted: dict[str, Ed25519PublicKey], where: str) -> str:
@@ -173,6 +211,12 @@ def verify_envelope(envelope: dict[str, object], trusted: dict[str, Ed25519Publi
     payload_type = envelope.get("payloadType")
     if not isinstance(payload_type, str):
         raise BadSignatureError(f"{where}: payloadType missing")
+    try:
+        payload_type.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate (JSON "\ud800") has no bytes to sign over
+        raise BadSignatureError(
+            f"{where}: payloadType is not valid Unicode ({exc.reason}); no signature can cover it"
+        ) from exc
     body = decode_b64(envelope.get("payload"), f"{where}: payload")
     message = pae(payload_type, body)
     verified: str | None = None

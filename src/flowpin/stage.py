@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
@@ -44,7 +45,7 @@ from omegaconf import DictConfig
 
 from flowpin.atomic import atomic_directory, atomic_write_bytes
 from flowpin.canonical import canonical_json
-from flowpin.errors import RecipeError
+from flowpin.errors import FlowpinError, RecipeError
 from flowpin.hashing import Hasher, hash_bytes
 from flowpin.manifest.record import StageRecorder, dvc_code_deps, record
 from flowpin.recipe import HydraSources, StagePaths, hydra_sources, to_config, to_plain
@@ -90,6 +91,51 @@ def stage_name(block: str, config_name: str, root: Path) -> str:
 
 @contextlib.contextmanager
 def stage_run(
+    block: str,
+    cfg: DictConfig,
+    config_cls: type[T],
+    *,
+    root: Path,
+    inputs: Sequence[str] = (),
+    preflight: Callable[[T, StagePaths], None] | None = None,
+    persistent_out: bool = False,
+    main: bool = True,
+) -> Iterator[StageRun[T]]:
+    """Run one stage: see the module docstring and :func:`_stage_run` for the arguments.
+
+    In a single Hydra run (a stage script on the command line, or under ``dvc repro``) a
+    :class:`~flowpin.errors.FlowpinError` is reported as ``flowpin: <Error>: <message>`` on stderr and the
+    process exits with status 1, as Hydra would, but without a traceback: the message already names what,
+    where and how to fix it. Anywhere else (sweep jobs, tests calling this directly) it propagates.
+    """
+    try:
+        with _stage_run(
+            block,
+            cfg,
+            config_cls,
+            root=root,
+            inputs=inputs,
+            preflight=preflight,
+            persistent_out=persistent_out,
+            main=main,
+        ) as run:
+            yield run
+    except FlowpinError as exc:
+        if not _single_hydra_run():
+            raise
+        print(f"flowpin: {type(exc).__name__}: {exc}", file=sys.stderr)
+        raise SystemExit(1) from exc
+
+
+def _single_hydra_run() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN
+
+
+@contextlib.contextmanager
+def _stage_run(
     block: str,
     cfg: DictConfig,
     config_cls: type[T],

@@ -25,6 +25,7 @@ import zstandard
 from flowpin.atomic import atomic_open, atomic_write_bytes
 from flowpin.canonical import canonical_json
 from flowpin.errors import ShardError
+from flowpin.failpoints import failpoint
 from flowpin.recipe import check_int
 
 SHARD_SUFFIX = ".jsonl.zst"
@@ -37,6 +38,7 @@ MAX_SHARDS = 100_000
 """Shard indices are written with five digits."""
 
 _SHARD_NAME = re.compile(r"shard-\d{5}\.jsonl\.zst")
+_REWRITE = "restore it (dvc checkout) or re-run the stage that wrote it"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -127,6 +129,7 @@ def _write_one(out_dir: Path, index: int, lines: list[bytes], level: int) -> Sha
     cctx = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=True)
     frame = cctx.compress(data)
     name = shard_name(index)
+    failpoint("shards.before-shard", str(out_dir / name))
     with atomic_open(out_dir / name) as fh:
         fh.write(frame)
     return ShardInfo(
@@ -162,7 +165,9 @@ def read_shard_bytes(
         with path.open("rb") as fh:
             frame = fh.read(max_file_size + 1)
     except OSError as exc:
-        raise ShardError(f"cannot read shard {path}: {exc.strerror or exc}") from exc
+        raise ShardError(
+            f"cannot read shard {path}: {exc.strerror or exc}; check that it exists and is readable"
+        ) from exc
     if len(frame) > max_file_size:
         raise ShardError(
             f"shard {path} is larger than any zstd frame of at most {max_content_size} bytes could be; "
@@ -171,7 +176,7 @@ def read_shard_bytes(
     try:
         params = zstandard.get_frame_parameters(frame)
     except zstandard.ZstdError as exc:
-        raise ShardError(f"shard {path} does not start with a zstd frame header: {exc}") from exc
+        raise ShardError(f"shard {path} does not start with a zstd frame header ({exc}); {_REWRITE}") from exc
     size = params.content_size
     if size in (zstandard.CONTENTSIZE_UNKNOWN, zstandard.CONTENTSIZE_ERROR):
         raise ShardError(
@@ -181,22 +186,22 @@ def read_shard_bytes(
     if size > max_content_size:
         raise ShardError(
             f"shard {path} declares {size} uncompressed bytes, above the cap of {max_content_size}; "
-            "raise max_content_size if the shard is trusted"
+            f"{_REWRITE}, or raise max_content_size if the shard is trusted"
         )
     try:
         # The declared size was checked above, and the one-shot API decompresses into a buffer of
         # exactly that size, so a lying header cannot make it allocate more.
         data = zstandard.ZstdDecompressor().decompress(frame, allow_extra_data=False)
     except zstandard.ZstdError as exc:
-        raise ShardError(f"shard {path} is corrupt or truncated: {exc}") from exc
+        raise ShardError(f"shard {path} is corrupt or truncated ({exc}); {_REWRITE}") from exc
     if len(data) != size:
-        raise ShardError(f"shard {path} decompressed to {len(data)} bytes but declares {size}")
+        raise ShardError(f"shard {path} decompressed to {len(data)} bytes but declares {size}; {_REWRITE}")
     if expected_sha256 is not None:
         actual = hashlib.sha256(data).hexdigest()
         if actual != expected_sha256:
             raise ShardError(
                 f"shard {path} content has sha256 {actual}, expected {expected_sha256}; "
-                "the shard was changed or replaced after it was pinned"
+                f"the shard was changed or replaced after it was pinned; {_REWRITE}"
             )
     return data
 
@@ -217,16 +222,16 @@ def read_shard(
     if not data:
         return
     if not data.endswith(b"\n"):
-        raise ShardError(f"shard {path}: last line has no trailing newline; the shard is truncated")
+        raise ShardError(f"shard {path}: last line has no trailing newline, the shard is truncated; {_REWRITE}")
     # Split on b"\n" only: canonical JSON escapes control characters, but str.splitlines() would also
     # split on U+2028, U+0085 and friends, which may occur raw inside strings.
     for lineno, line in enumerate(data[:-1].split(b"\n"), start=1):
         try:
             obj = json.loads(line.decode("utf-8"), parse_constant=_refuse_constant)
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise ShardError(f"shard {path} line {lineno} is not UTF-8 JSON: {exc}") from exc
+        except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, or nested deeper than the stack
+            raise ShardError(f"shard {path} line {lineno} is not UTF-8 JSON ({exc}); {_REWRITE}") from exc
         if not isinstance(obj, dict):
-            raise ShardError(f"shard {path} line {lineno} is a JSON {type(obj).__name__}, not an object")
+            raise ShardError(f"shard {path} line {lineno} is a JSON {type(obj).__name__}, not an object; {_REWRITE}")
         yield obj
 
 
@@ -260,7 +265,7 @@ def read_index(data_dir: Path) -> dict[str, Any]:
         index = json.loads(path.read_bytes())
     except FileNotFoundError as exc:
         raise ShardError(f"{path} is missing: {data_dir} is not a dataset; run the stage that writes it") from exc
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise ShardError(f"{path} cannot be read as JSON ({exc}); rerun the stage that writes it") from exc
     shards = index.get("shards") if isinstance(index, dict) else None
     if not isinstance(shards, list) or not all(
@@ -273,6 +278,9 @@ def read_index(data_dir: Path) -> dict[str, Any]:
 def read_dataset(data_dir: Path, *, max_content_size: int = DEFAULT_MAX_CONTENT_SIZE) -> Iterator[dict[str, Any]]:
     """Yield every record of a dataset directory in order, checking each shard against ``index.json``."""
     for shard in read_index(data_dir)["shards"]:
-        yield from read_shard(
-            data_dir / shard["name"], max_content_size=max_content_size, expected_sha256=shard.get("sha256")
-        )
+        declared = shard.get("uncompressed_bytes")
+        if isinstance(declared, int) and not isinstance(declared, bool) and 0 <= declared < max_content_size:
+            cap = declared  # what the index pins bounds decompression: a swapped shard cannot be larger
+        else:
+            cap = max_content_size
+        yield from read_shard(data_dir / shard["name"], max_content_size=cap, expected_sha256=shard.get("sha256"))

@@ -65,8 +65,9 @@ from flowpin.atomic import atomic_open, atomic_write_bytes
 from flowpin.canonical import canonical_json
 from flowpin.data.order import OrderConfig, keyed_permutation
 from flowpin.data.shards import read_dataset, read_shard, read_shard_bytes
-from flowpin.errors import DataError, EmptyCorpusError, RecipeError, ShardError, TokenizerError
+from flowpin.errors import DataError, EmptyCorpusError, RecipeError, ShardError, TensorFileError, TokenizerError
 from flowpin.recipe import check_int
+from flowpin.tensorfile import validate_safetensors
 
 TOKENIZER_NAME = "tokenizer.json"
 """File name of the trained tokenizer in the output directory."""
@@ -850,6 +851,10 @@ class TokenizedDataset:
     def _load_shard(self, entry: dict[str, Any]) -> PackedChunk:
         path = self.path / entry["name"]
         data = read_shard_bytes(path, max_content_size=entry["uncompressed_bytes"], expected_sha256=entry["sha256"])
+        try:  # index.json is not signed: a re-pinned shard passes the sha256, so check its header first
+            validate_safetensors(data, where=str(path), fix="rerun the tokenize stage")
+        except TensorFileError as exc:
+            raise ShardError(str(exc)) from exc
         try:
             tensors = st_load(data)
         except (SafetensorError, ValueError, TypeError) as exc:

@@ -57,7 +57,10 @@ def _validate(name: str, instance: Any, where: str) -> None:
         first = errors[0]
         loc = "/".join(str(p) for p in first.absolute_path) or "(root)"
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise SchemaError(f"{where}: at {loc}: {first.message}{more}; the manifest does not follow {name}")
+        raise SchemaError(
+            f"{where}: at {loc}: {first.message}{more}; the manifest does not follow {name} -- restore it from git "
+            "or re-run its stage"
+        )
 
 
 def validate_statement(statement: Any, where: str) -> None:
@@ -77,7 +80,8 @@ def validate_statement(statement: Any, where: str) -> None:
         for item in items:
             if item["name"] in seen:
                 raise DuplicateSubjectError(
-                    f"{where}: {field} names {item['name']!r} twice; each artifact must appear once"
+                    f"{where}: {field} names {item['name']!r} twice; each artifact must appear once -- re-run the "
+                    "stage to record a valid manifest"
                 )
             seen.add(item["name"])
 
@@ -142,23 +146,58 @@ def identity_of(statement: dict[str, Any]) -> dict[str, Any]:
 def parse_manifest_bytes(data: bytes, where: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Parse and validate an envelope and its statement; returns (envelope, statement)."""
     try:
-        envelope = json.loads(data.decode("utf-8"))
+        envelope = json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKeyError as exc:
+        raise ManifestParseError(
+            f"{where}: the envelope repeats the key {exc.key!r} (JSON parsers disagree on which one counts); "
+            "restore the manifest from git or re-run its stage"
+        ) from exc
     except UnicodeDecodeError as exc:
-        raise ManifestParseError(f"{where}: not UTF-8 text ({exc.reason}); is this a manifest?") from exc
+        raise ManifestParseError(
+            f"{where}: not UTF-8 text ({exc.reason}); is this a manifest? If so, restore it from git or re-run "
+            "its stage"
+        ) from exc
     except json.JSONDecodeError as exc:
         hint = "truncated?" if exc.pos >= len(data.rstrip()) - 1 else "malformed"
         raise ManifestParseError(
             f"{where}: invalid JSON at line {exc.lineno} column {exc.colno} ({exc.msg}; {hint}); "
             "restore the manifest from git or re-run its stage"
         ) from exc
+    except (ValueError, RecursionError) as exc:  # a number past 4300 digits, nesting deeper than the stack
+        raise ManifestParseError(
+            f"{where}: JSON that no manifest contains ({exc}); restore the manifest from git or re-run its stage"
+        ) from exc
     _validate("envelope.schema.json", envelope, where)
     body = decode_b64(envelope["payload"], f"{where}: payload")
     try:
-        statement = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestParseError(f"{where}: payload is not JSON ({exc}); the envelope is corrupt") from exc
+        statement = json.loads(body.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKeyError as exc:
+        raise ManifestParseError(
+            f"{where}: the payload repeats the key {exc.key!r} (JSON parsers disagree on which one counts); "
+            "flowpin never writes such a statement -- re-run its stage"
+        ) from exc
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, 4300+ digit number, too deep
+        raise ManifestParseError(
+            f"{where}: payload is not JSON ({exc}); the envelope is corrupt -- restore it from git or re-run its stage"
+        ) from exc
     validate_statement(statement, where)
     return envelope, statement
+
+
+class _DuplicateKeyError(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` hook: a key given twice is refused (Python keeps the last one, other parsers the first)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKeyError(key)
+        out[key] = value
+    return out
 
 
 def load_manifest(path: Path) -> Manifest:
@@ -166,7 +205,10 @@ def load_manifest(path: Path) -> Manifest:
     try:
         size = path.stat().st_size
         if size > MAX_MANIFEST_BYTES:
-            raise ManifestParseError(f"{path}: {size} bytes is larger than any manifest flowpin writes; refusing")
+            raise ManifestParseError(
+                f"{path}: {size} bytes is larger than any manifest flowpin writes ({MAX_MANIFEST_BYTES}); refusing -- "
+                "restore the manifest from git or re-run its stage"
+            )
         data = path.read_bytes()
     except FileNotFoundError as exc:
         raise ManifestParseError(f"{path}: no such manifest; run its stage (dvc repro) or check the path") from exc

@@ -32,6 +32,7 @@ import yaml
 from flowpin import __version__
 from flowpin.environment import fingerprint, run_context
 from flowpin.errors import DuplicateSubjectError, FlowpinError, ManifestError
+from flowpin.failpoints import failpoint
 from flowpin.hashing import DEFAULT_ALGORITHM, ArtifactDigest, Hasher, default_cache
 from flowpin.manifest.model import (
     BUILD_TYPE,
@@ -297,6 +298,7 @@ def record(
             },
         },
     }
+    failpoint("manifest.before-write", str(manifest_path))
     write_manifest(manifest_path, statement, signer)
 
 

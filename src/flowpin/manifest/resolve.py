@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from flowpin.errors import ArtifactMissingError
+from flowpin.paths import check_name
 
 PYTHON_STDLIB_URI = "python-stdlib:"
 PYTHON_PACKAGE_URI = "python-package:"
@@ -43,7 +44,7 @@ def python_package_root(dist: str) -> Path:
 def _dist_version(dist: str) -> str:
     try:
         return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError as exc:
+    except (importlib.metadata.PackageNotFoundError, ValueError) as exc:  # ValueError: empty name
         raise ArtifactMissingError(f"python package {dist!r} is not installed; pip install {dist}") from exc
 
 
@@ -51,7 +52,7 @@ def fileset_base(entry: dict[str, Any], root: Path) -> Path:
     """The directory a ``fileset`` dependency's relative paths are relative to."""
     uri = entry.get("uri")
     if not uri:
-        return root / str(entry["name"])
+        return root / check_name(str(entry["name"]))
     if isinstance(uri, str) and uri.startswith(PYTHON_STDLIB_URI):
         wanted = uri[len(PYTHON_STDLIB_URI) :]
         if wanted != platform.python_version():

@@ -67,7 +67,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save_file as st_save_file
 
 import flowpin
-from flowpin.atomic import atomic_directory, atomic_open, fsync_file
+from flowpin.atomic import atomic_directory, atomic_open, fsync_file, write_error
 from flowpin.canonical import canonical_json
 from flowpin.errors import (
     ArtifactUnreadableError,
@@ -77,7 +77,9 @@ from flowpin.errors import (
     CheckpointMissingError,
     WriteError,
 )
+from flowpin.failpoints import failpoint
 from flowpin.hashing import hash_file
+from flowpin.tensorfile import validate_safetensors
 
 FORMAT = "flowpin.checkpoint"
 """``state.json`` ``format``."""
@@ -349,8 +351,10 @@ def save_checkpoint(path: Path, state: TrainState, *, model: torch.nn.Module, op
         os.chmod(tmp, DIR_MODE)
         files = {}
         for name, tensors in ((MODEL_FILE, model_tensors), (OPTIMIZER_FILE, optim_tensors), (RNG_FILE, rng_tensors)):
+            failpoint("checkpoint.before-file", str(tmp / name))
             files[name] = _write_tensors(tmp / name, tensors)
         document["files"] = files
+        failpoint("checkpoint.before-state", str(tmp / STATE_FILE))
         with atomic_open(tmp / STATE_FILE) as fh:
             fh.write(canonical_json(document) + b"\n")
 
@@ -364,6 +368,10 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, An
     try:
         st_save_file(tensors, path, metadata=dict(SAFETENSORS_METADATA))
     except SafetensorError as exc:
+        os_error = re.search(r"\(os error (\d+)\)", str(exc))  # the Rust side reports only the errno
+        if os_error is not None:
+            code = int(os_error[1])
+            raise write_error(path, OSError(code, os.strerror(code), str(path))) from exc
         raise WriteError(f"could not write {path.name}: {exc}; nothing was published") from exc
     fsync_file(path)
     os.chmod(path, FILE_MODE)
@@ -620,10 +628,10 @@ def _parse_state(raw: bytes, path: Path) -> dict[str, Any]:
     where = path / STATE_FILE
     try:
         document = json.loads(raw)
-    except ValueError as exc:
-        raise ArtifactUnreadableError(f"{where}: not valid JSON ({exc}); the file is truncated or corrupt") from exc
+    except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the stack
+        raise ArtifactUnreadableError(f"{where}: not valid JSON ({exc}); {_DAMAGED}") from exc
     if not isinstance(document, dict) or document.get("format") != FORMAT:
-        raise CheckpointError(f"{where}: not a flowpin checkpoint (format is not {FORMAT!r})")
+        raise CheckpointError(f"{where}: not a flowpin checkpoint (format is not {FORMAT!r}); {_DAMAGED}")
     if document.get("version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{where}: checkpoint format version {document.get('version')!r}; this flowpin reads version "
@@ -641,13 +649,13 @@ def _parse_state(raw: bytes, path: Path) -> dict[str, Any]:
         ("rng", dict),
     ):
         if not isinstance(document.get(key), kind) or isinstance(document.get(key), bool):
-            raise CheckpointError(f"{where}: field {key!r} is missing or has the wrong type")
+            raise CheckpointError(f"{where}: field {key!r} is missing or has the wrong type; {_DAMAGED}")
     for name in TENSOR_FILES:
         entry = document["files"].get(name)
         if not (
             isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and isinstance(entry.get("size"), int)
         ):
-            raise CheckpointError(f"{where}: 'files' has no sha256 and size for {name}")
+            raise CheckpointError(f"{where}: 'files' has no sha256 and size for {name}; {_DAMAGED}")
     return document
 
 
@@ -670,10 +678,16 @@ def _verified_bytes(path: Path, name: str, document: Mapping[str, Any]) -> bytes
 
 def _load_tensors(path: Path, name: str, document: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     data = _verified_bytes(path, name, document)
+    # state.json is not signed: a file re-pinned there passes the digest check, so the header and offsets
+    # are validated before the safetensors library parses anything.
+    validate_safetensors(data, where=str(path / name), fix=_DAMAGED)
     try:
         return st_load(data)
     except (SafetensorError, ValueError, KeyError) as exc:
-        raise ArtifactUnreadableError(f"{path / name}: not a readable safetensors file ({exc})") from exc
+        raise ArtifactUnreadableError(f"{path / name}: not a readable safetensors file ({exc}); {_DAMAGED}") from exc
+
+
+_DAMAGED = "the checkpoint is damaged or was crafted -- restore it or resume from an earlier checkpoint"
 
 
 def _describe(t: torch.Tensor) -> str:
