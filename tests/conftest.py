@@ -174,6 +174,27 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+# --- a minimal real checkpoint state (tests/test_hostile_input.py, test_no_pickle.py) ---------------
+
+
+def one_step_state(model: Any, optimizer: Any, x: Any) -> Any:
+    """Take one optimizer step of ``model`` on ``x`` (so AdamW has state); the TrainState to save after it."""
+    from flowpin.train.checkpoint import DataPosition, TrainState, capture_rng
+
+    model(x).sum().backward()
+    optimizer.step()
+    return TrainState(
+        step=1,
+        tokens_seen=8,
+        data=DataPosition(dataset_digest="d" * 64, order_seed=1, batch_size=2, next_step=1),
+        lr=1e-3,
+        config={},
+        rng=capture_rng(),
+        metrics={},
+        determinism={},
+    )
+
+
 # --- hypothesis profiles (tests/test_fuzz.py) -----------------------------------------------------
 # "ci" (default, `make test`): derandomized, so a CI run is reproducible and short. "fuzz" (`make fuzz`,
 # nightly): random, enough examples for >= 10,000 cases over tests/test_fuzz.py; the seed is printed by

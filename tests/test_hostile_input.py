@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from torch import nn
 
-from conftest import Project
+from conftest import Project, one_step_state
 from flowpin.canonical import canonical_json
 from flowpin.data.dedup import DedupConfig
 from flowpin.data.shards import INDEX_NAME, read_dataset, read_shard_bytes, write_dataset
@@ -73,7 +73,7 @@ from flowpin.manifest.verify import Finding, verify_manifest
 from flowpin.recipe import to_config
 from flowpin.signing import PAYLOAD_TYPE, init_key, keyid_of, load_signer, load_trust_store, pae
 from flowpin.stage import stage_run
-from flowpin.train.checkpoint import DataPosition, TrainState, capture_rng, load_checkpoint, save_checkpoint
+from flowpin.train.checkpoint import load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 FLOWPIN = str(Path(sys.executable).parent / "flowpin")
@@ -603,18 +603,7 @@ def checkpoint(tmp: Path) -> tuple[Path, Callable[[], object]]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model(torch.ones(2, 4)).sum().backward()
-    opt.step()
-    state = TrainState(
-        step=1,
-        tokens_seen=8,
-        data=DataPosition(dataset_digest="d" * 64, order_seed=1, batch_size=2, next_step=1),
-        lr=1e-3,
-        config={},
-        rng=capture_rng(),
-        metrics={},
-        determinism={},
-    )
+    state = one_step_state(model, opt, torch.ones(2, 4))
     path = tmp / "runs" / "step-000001"
     save_checkpoint(path, state, model=model, optimizer=opt)
 

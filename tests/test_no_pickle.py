@@ -30,6 +30,8 @@ from typing import Any
 
 import pytest
 
+from conftest import one_step_state
+
 REPO = Path(__file__).resolve().parents[1]
 SCANNED = ("src", "stages", "benchmarks")
 
@@ -280,25 +282,14 @@ def test_loading_never_unpickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     from flowpin.manifest.record import record
     from flowpin.manifest.verify import verify_manifest
     from flowpin.signing import init_key, load_trust_store
-    from flowpin.train.checkpoint import DataPosition, TrainState, capture_rng, load_checkpoint, save_checkpoint
+    from flowpin.train.checkpoint import load_checkpoint, save_checkpoint
 
     root = tmp_path / "proj"
     (root / ".dvc").mkdir(parents=True)
     signer = init_key(root, key_path=root / ".flowpin" / "signing.key")
     model = nn.Linear(4, 3)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model(torch.ones(2, 4)).sum().backward()
-    opt.step()
-    state = TrainState(
-        step=1,
-        tokens_seen=8,
-        data=DataPosition(dataset_digest="d" * 64, order_seed=1, batch_size=2, next_step=1),
-        lr=1e-3,
-        config={},
-        rng=capture_rng(),
-        metrics={},
-        determinism={},
-    )
+    state = one_step_state(model, opt, torch.ones(2, 4))
     save_checkpoint(root / "ck", state, model=model, optimizer=opt)
     write_dataset([{"id": "a", "text": "x"}], root / "data", docs_per_shard=1, level=3)
     with record("train", recipe={}, code=[], root=root, signer=signer) as rec:
