@@ -135,8 +135,22 @@ def test_envelope_schema_violation(project: Project, recorded: Path) -> None:
         lambda s: s.update(subject=[]),
         lambda s: s["subject"][0]["digest"].update(sha256="ABC"),
         lambda s: s["predicate"]["buildDefinition"]["externalParameters"].update(stage="a b"),
+        # Python's `$` also matches before a final newline; the schema's patterns must not accept one.
+        lambda s: s["predicate"]["buildDefinition"]["externalParameters"].update(stage="train\n"),
+        lambda s: s["subject"][0]["digest"].update(sha256=s["subject"][0]["digest"]["sha256"] + "\n"),
+        lambda s: s["predicate"]["runDetails"]["metadata"].update(startedOn="2026-01-01T00:00:00Z\n"),
     ],
-    ids=["no-predicate", "wrong-_type", "wrong-predicateType", "no-subject", "bad-digest", "bad-stage"],
+    ids=[
+        "no-predicate",
+        "wrong-_type",
+        "wrong-predicateType",
+        "no-subject",
+        "bad-digest",
+        "bad-stage",
+        "stage-trailing-newline",
+        "digest-trailing-newline",
+        "timestamp-trailing-newline",
+    ],
 )
 def test_statement_schema_violation(project: Project, recorded: Path, mutate: Callable[[Any], Any]) -> None:
     resign(project, recorded, mutate)

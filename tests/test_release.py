@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from conftest import BIN, checked, make_project, run_in
 from flowpin.canonical import canonical_json
 from flowpin.release import BUNDLE_FILE, RELEASE_FILE, RELEASE_PAYLOAD_TYPE, STORE_DIR, object_name
-from flowpin.signing import Signer, keyid_of, load_trust_store, verify_envelope
+from flowpin.signing import Signer, keyid_of, load_signer, load_trust_store, verify_envelope
 
 DVC = str(BIN / "dvc")
 FLOWPIN = str(BIN / "flowpin")
@@ -212,6 +212,62 @@ def test_a_release_resigned_by_an_untrusted_key_is_refused(origin: tuple[Path, P
     envelope["payload"] = base64.b64encode(canonical_json(statement)).decode()
     (bad / RELEASE_FILE).write_text(json.dumps(envelope))
     assert "BadSignatureError" in _refused(clone, bad)
+
+
+def test_expect_keyid_refuses_a_self_consistent_rewritten_release(origin: tuple[Path, Path], tmp_path: Path) -> None:
+    """The attack the clone's own keys/ cannot stop: the clone came from a rewritten bundle whose commit
+    trusts the attacker's key. Only the keyid the exporting lab published out of band refuses it."""
+    root, export = origin
+    real = load_signer(root).keyid
+    assert f"--expect-keyid: {real}" in checked(root, FLOWPIN, "release", "export", str(tmp_path / "again"))
+
+    good = _clone(export, tmp_path / "good")
+    for expected in (real, real[:16], real[:16].upper()):
+        out = checked(good, FLOWPIN, "release", "import", str(export), "--expect-keyid", expected)
+        assert f"signed by {real[:16]}… (the expected key)" in out
+        (good / ".dvc" / "config.local").unlink()
+
+    private = Ed25519PrivateKey.generate()
+    attacker = Signer(private, keyid_of(private.public_key()))
+    err = _refused_expecting(good, export, attacker.keyid)  # a keyid the clone does not hold
+    assert "ReleaseSignerError" in err and "no key in the clone's committed" in err
+
+    # The rewritten history: the attacker's key is committed in the clone, the release names that commit,
+    # lists the key and is signed by it. Everything agrees with everything else.
+    clone = _clone(export, tmp_path / "rewritten")
+    pem = attacker.public_pem()
+    (clone / "keys" / f"{attacker.keyid}.pub").write_bytes(pem)
+    checked(clone, "git", "add", "keys")
+    checked(clone, "git", "-c", "user.name=m", "-c", "user.email=m@m.invalid", "commit", "-qm", "trust me")
+    bad = _copy(export, tmp_path / "bad")
+    (bad / "keys" / f"{attacker.keyid}.pub").write_bytes(pem)
+    statement = _statement(bad)
+    statement["commit"] = checked(clone, "git", "rev-parse", "HEAD").strip()
+    statement["files"].append(
+        {
+            "path": f"keys/{attacker.keyid}.pub",
+            "sha256": hashlib.sha256(pem).hexdigest(),
+            "size": len(pem),
+            "kind": "record",
+        }
+    )
+    statement["files"].sort(key=lambda f: f["path"])
+    (bad / RELEASE_FILE).write_text(json.dumps(attacker.sign(RELEASE_PAYLOAD_TYPE, canonical_json(statement))))
+    accepted = checked(clone, FLOWPIN, "release", "import", str(bad))  # self-consistent: accepted
+    assert f"signed by {attacker.keyid[:16]}… (trusted in keys/; no --expect-keyid given)" in accepted
+    (clone / ".dvc" / "config.local").unlink()
+    err = _refused_expecting(clone, bad, real[:16])
+    assert "ReleaseSignerError" in err and f"not signed by the expected key {real[:16]}" in err
+
+    proc = run_in(good, FLOWPIN, "release", "import", str(export), "--expect-keyid", "abc123")
+    assert proc.returncode == 2 and "is not a keyid" in proc.stderr
+
+
+def _refused_expecting(clone: Path, export: Path, keyid: str) -> str:
+    proc = run_in(clone, FLOWPIN, "release", "import", str(export), "--expect-keyid", keyid)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert not (clone / ".dvc" / "config.local").exists()
+    return proc.stderr
 
 
 def test_import_into_a_clone_at_another_commit_or_with_another_record_is_refused(

@@ -321,11 +321,21 @@ def _cmd_release_export(args: argparse.Namespace) -> int:
     print(
         f"release of {r.commit[:12]} written to {r.target}: {r.files} files, {r.bytes / 1e6:.1f} MB, "
         f"{r.store_objects} store objects, stages {', '.join(r.stages)}; signed by {r.keyid[:16]}… "
-        f"({r.seconds:.1f} s)"
+        f"({r.seconds:.1f} s)\n"
+        f"publish this keyid out of band; importers check it with --expect-keyid: {r.keyid}"
     )
     if r.unreleased:
         print(f"not in dvc.lock, so not released: {', '.join(r.unreleased)}")
     return 0
+
+
+def _keyid_arg(value: str) -> str:
+    from flowpin.release import check_keyid_prefix
+
+    try:
+        return check_keyid_prefix(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _cmd_release_import(args: argparse.Namespace) -> int:
@@ -334,9 +344,10 @@ def _cmd_release_import(args: argparse.Namespace) -> int:
     from flowpin.release import REMOTE_NAME, import_release
 
     root = find_root()
-    r = import_release(root, Path(args.dir))
+    r = import_release(root, Path(args.dir), expect_keyid=args.expect_keyid)
     print(
-        f"release {r.release} verified: commit {r.commit[:12]}, signed by {r.keyid[:16]}… (trusted in keys/), "
+        f"release {r.release} verified: commit {r.commit[:12]}, signed by {r.keyid[:16]}… "
+        f"({'the expected key' if args.expect_keyid else 'trusted in keys/; no --expect-keyid given'}), "
         f"{r.files} files, {r.store_objects} store objects ({r.seconds:.1f} s)\n"
         f"DVC remote '{REMOTE_NAME}' -> {r.remote} is the default in .dvc/config.local"
     )
@@ -470,6 +481,13 @@ def build_parser() -> argparse.ArgumentParser:
     ri.add_argument("dir", help="the directory `flowpin release export` wrote")
     ri.add_argument("--pull", action="store_true", help="then run `dvc pull` from the release's store")
     ri.add_argument("--verify", action="store_true", help="then run `flowpin verify --all`")
+    ri.add_argument(
+        "--expect-keyid",
+        metavar="HEX",
+        type=_keyid_arg,
+        help="refuse unless release.json is signed by this key (16-64 hex digits, as the exporting lab "
+        "published it): anchors trust when the clone itself came from the release's bundle",
+    )
     ri.set_defaults(func=_cmd_release_import)
 
     s = sub.add_parser("show", help="human summary of a manifest")

@@ -167,6 +167,11 @@ class ReleaseMismatchError(ReleaseError):
     """The clone is not at the released commit, or its committed release record differs from the release's."""
 
 
+class ReleaseSignerError(ReleaseError, UntrustedKeyError):
+    """``--expect-keyid`` was given and release.json is not signed by that key (or the key is not in the
+    clone's committed keys/)."""
+
+
 class StoreObjectMissingError(ReleaseError, ArtifactMissingError):
     """A DVC object of a dvc.lock out is in neither the cache (export) nor the release's store (import)."""
 

@@ -49,9 +49,11 @@ from flowpin.errors import (
     ReleaseError,
     ReleaseIncoherentError,
     ReleaseMismatchError,
+    ReleaseSignerError,
     ReleaseTamperedError,
     ReleaseTargetError,
     StoreObjectMissingError,
+    UntrustedKeyError,
 )
 from flowpin.hashing import DEFAULT_ALGORITHM, Hasher, default_cache
 from flowpin.manifest.model import MANIFEST_DIR, load_manifest
@@ -391,8 +393,28 @@ def _listing(path: Path, name: str, *, kind: str) -> ListedFile:
 # --- import ---------------------------------------------------------------------------------------
 
 
-def import_release(root: Path, release: Path) -> ImportResult:
-    """Check ``release`` against this clone and make its store the clone's default DVC remote."""
+KEYID_PREFIX_MIN = 16
+"""Shortest keyid prefix ``--expect-keyid`` accepts: 64 bits, what export and ``key list`` print."""
+
+
+def check_keyid_prefix(value: str) -> str:
+    """``value`` lower-cased if it is 16 to 64 hex digits (a keyid or a prefix of one); else ValueError."""
+    value = value.strip().lower()
+    if not KEYID_PREFIX_MIN <= len(value) <= 64 or any(c not in "0123456789abcdef" for c in value):
+        raise ValueError(
+            f"{value!r} is not a keyid: give the {KEYID_PREFIX_MIN} to 64 hex digits the exporting lab published"
+        )
+    return value
+
+
+def import_release(root: Path, release: Path, *, expect_keyid: str | None = None) -> ImportResult:
+    """Check ``release`` against this clone and make its store the clone's default DVC remote.
+
+    ``expect_keyid`` (a keyid or a prefix of at least 16 hex digits, published by the exporting lab out of
+    band) anchors trust outside the clone: release.json must be signed by that key. Without it, a clone
+    made from a rewritten bundle, with the rewriter's key committed, would be consistent with itself.
+    """
+    expected = None if expect_keyid is None else check_keyid_prefix(expect_keyid)
     t0 = time.monotonic()
     release = Path(os.path.abspath(release))
     where = str(release / RELEASE_FILE)
@@ -407,7 +429,18 @@ def import_release(root: Path, release: Path) -> ImportResult:
             f"{root / TRUST_DIR} differs from the clone's commit ({keys_status.decode().strip()}); the release is "
             f"checked against the committed trust store only: restore it (git checkout -- {TRUST_DIR}; git clean)"
         )
-    keyid = verify_envelope(envelope, load_trust_store(root), where)
+    trusted = load_trust_store(root)
+    if expected is not None:
+        trusted = _expected_key(trusted, expected, root)
+    try:
+        keyid = verify_envelope(envelope, trusted, where)
+    except UntrustedKeyError as exc:
+        if expected is None:
+            raise
+        raise ReleaseSignerError(
+            f"{where} is not signed by the expected key {expected[:16]}…: {exc}; do not use this release — it "
+            "was not exported by the lab that published that keyid, or the keyid was copied wrongly"
+        ) from exc
     statement = _parse_statement(envelope, where)
     listed = _listed_files(statement, where)
     _check_release_files(release, listed)
@@ -436,6 +469,19 @@ def import_release(root: Path, release: Path) -> ImportResult:
         pull=("dvc", "pull", *([] if _dvc_yaml_stages(root) <= released else sorted(released))),
         seconds=time.monotonic() - t0,
     )
+
+
+def _expected_key(trusted: dict[str, Ed25519PublicKey], expected: str, root: Path) -> dict[str, Ed25519PublicKey]:
+    matches = {k: v for k, v in trusted.items() if k.startswith(expected)}
+    if len(matches) != 1:
+        found = "no key" if not matches else f"{len(matches)} keys"
+        raise ReleaseSignerError(
+            f"{found} in the clone's committed {root / TRUST_DIR}/ match the expected keyid {expected}; "
+            "the clone does not hold the exporting lab's key: check the keyid (`flowpin key list` prints the "
+            "clone's keys) or clone the lab's own repository"
+            + ("" if not matches else ", or give more of the keyid's digits")
+        )
+    return matches
 
 
 def _read_envelope(path: Path) -> dict[str, Any]:
