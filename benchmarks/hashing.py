@@ -81,7 +81,9 @@ def main() -> int:
     ap.add_argument("--figures", help="also write the headline figures here as JSON (benchmarks/run_all.py)")
     args = ap.parse_args()
     figures: list[Figure] = []
-    root = Path(tempfile.mkdtemp(prefix="flowpin-bench-", dir=Path.cwd() / ".flowpin"))
+    scratch = Path(__file__).resolve().parent.parent / ".flowpin"  # the repository's disk, not a tmpfs /tmp
+    scratch.mkdir(exist_ok=True)  # absent on a fresh clone until a key is made
+    root = Path(tempfile.mkdtemp(prefix="flowpin-bench-", dir=scratch))
     try:
         (root / ".dvc").mkdir()
         cores = os.cpu_count() or 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -67,3 +68,21 @@ def test_make_bench_runner_refuses_an_unknown_benchmark() -> None:
         timeout=60,
     )
     assert proc.returncode == 2 and "unknown benchmark(s) nope" in proc.stderr
+
+
+def test_hashing_benchmark_runs_in_a_fresh_clone_without_a_flowpin_directory(tmp_path: Path) -> None:
+    """`make bench` on a fresh clone runs hashing before anything has created `.flowpin/` (a key, data-full)."""
+    clone = tmp_path / "clone"
+    shutil.copytree(REPO / "benchmarks", clone / "benchmarks", ignore=shutil.ignore_patterns("__pycache__"))
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/run_all.py", "--quick", "--only", "hashing"],
+        cwd=clone,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    table = proc.stdout[proc.stdout.index("=== every benchmark, one table") :]
+    assert any(line.startswith("| hashing") and "hashlib" in line for line in table.splitlines()), table
+    assert (clone / ".flowpin").is_dir() and not list((clone / ".flowpin").iterdir())  # scratch removed
