@@ -10,43 +10,29 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_h100_benchmark_dry_run_builds_configs_and_refuses_fp8_without_te() -> None:
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/h100_throughput.py", "--dry-run", "--models", "olmo3_1b"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
+def _script(*args: str, cwd: Path = REPO, timeout: int) -> subprocess.CompletedProcess[str]:
+    """Run a benchmark script with this interpreter, output captured."""
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, check=False, timeout=timeout
     )
+
+
+def test_h100_benchmark_dry_run_builds_configs_and_refuses_fp8_without_te() -> None:
+    proc = _script("benchmarks/h100_throughput.py", "--dry-run", "--models", "olmo3_1b", timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "olmo3_1b" in proc.stdout and "FLOPs/token" in proc.stdout
     assert "FP8 refused" in proc.stdout  # no Transformer Engine here: never claim FP8
 
 
 def test_h100_benchmark_without_cuda_measures_nothing() -> None:
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/h100_throughput.py", "--models", "olmo3_1b"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-    )
+    proc = _script("benchmarks/h100_throughput.py", "--models", "olmo3_1b", timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "no CUDA device: nothing measured" in proc.stdout + proc.stderr
 
 
 def test_make_bench_runner_prints_one_table_of_ratios() -> None:
     """`benchmarks/run_all.py` (what `make bench` runs) gathers each script's figures into one table."""
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/run_all.py", "--quick", "--only", "checkpoint"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-    )
+    proc = _script("benchmarks/run_all.py", "--quick", "--only", "checkpoint", timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "save_checkpoint" in proc.stdout and "load_checkpoint" in proc.stdout  # the script's own output
     table = proc.stdout[proc.stdout.index("=== every benchmark, one table") :]
@@ -59,14 +45,7 @@ def test_make_bench_runner_prints_one_table_of_ratios() -> None:
 
 
 def test_make_bench_runner_refuses_an_unknown_benchmark() -> None:
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/run_all.py", "--only", "nope"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
+    proc = _script("benchmarks/run_all.py", "--only", "nope", timeout=60)
     assert proc.returncode == 2 and "unknown benchmark(s) nope" in proc.stderr
 
 
@@ -74,14 +53,7 @@ def test_hashing_benchmark_runs_in_a_fresh_clone_without_a_flowpin_directory(tmp
     """`make bench` on a fresh clone runs hashing before anything has created `.flowpin/` (a key, data-full)."""
     clone = tmp_path / "clone"
     shutil.copytree(REPO / "benchmarks", clone / "benchmarks", ignore=shutil.ignore_patterns("__pycache__"))
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/run_all.py", "--quick", "--only", "hashing"],
-        cwd=clone,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=600,
-    )
+    proc = _script("benchmarks/run_all.py", "--quick", "--only", "hashing", cwd=clone, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     table = proc.stdout[proc.stdout.index("=== every benchmark, one table") :]
     assert any(line.startswith("| hashing") and "hashlib" in line for line in table.splitlines()), table
