@@ -76,8 +76,8 @@ def _statement(export: Path) -> dict[str, Any]:
     return statement
 
 
-def _refused(clone: Path, export: Path) -> str:
-    proc = run_in(clone, FLOWPIN, "release", "import", str(export))
+def _refused(clone: Path, export: Path, *extra: str) -> str:
+    proc = run_in(clone, FLOWPIN, "release", "import", str(export), *extra)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert not (clone / ".dvc" / "config.local").exists()  # nothing configured from a refused release
     return proc.stderr
@@ -229,7 +229,7 @@ def test_expect_keyid_refuses_a_self_consistent_rewritten_release(origin: tuple[
 
     private = Ed25519PrivateKey.generate()
     attacker = Signer(private, keyid_of(private.public_key()))
-    err = _refused_expecting(good, export, attacker.keyid)  # a keyid the clone does not hold
+    err = _refused(good, export, "--expect-keyid", attacker.keyid)  # a keyid the clone does not hold
     assert "ReleaseSignerError" in err and "no key in the clone's committed" in err
 
     # The rewritten history: the attacker's key is committed in the clone, the release names that commit,
@@ -256,18 +256,11 @@ def test_expect_keyid_refuses_a_self_consistent_rewritten_release(origin: tuple[
     accepted = checked(clone, FLOWPIN, "release", "import", str(bad))  # self-consistent: accepted
     assert f"signed by {attacker.keyid[:16]}… (trusted in keys/; no --expect-keyid given)" in accepted
     (clone / ".dvc" / "config.local").unlink()
-    err = _refused_expecting(clone, bad, real[:16])
+    err = _refused(clone, bad, "--expect-keyid", real[:16])
     assert "ReleaseSignerError" in err and f"not signed by the expected key {real[:16]}" in err
 
     proc = run_in(good, FLOWPIN, "release", "import", str(export), "--expect-keyid", "abc123")
     assert proc.returncode == 2 and "is not a keyid" in proc.stderr
-
-
-def _refused_expecting(clone: Path, export: Path, keyid: str) -> str:
-    proc = run_in(clone, FLOWPIN, "release", "import", str(export), "--expect-keyid", keyid)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert not (clone / ".dvc" / "config.local").exists()
-    return proc.stderr
 
 
 def test_import_into_a_clone_at_another_commit_or_with_another_record_is_refused(

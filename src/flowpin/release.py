@@ -400,7 +400,7 @@ KEYID_PREFIX_MIN = 16
 def check_keyid_prefix(value: str) -> str:
     """``value`` lower-cased if it is 16 to 64 hex digits (a keyid or a prefix of one); else ValueError."""
     value = value.strip().lower()
-    if not KEYID_PREFIX_MIN <= len(value) <= 64 or any(c not in "0123456789abcdef" for c in value):
+    if not re.fullmatch(rf"[0-9a-f]{{{KEYID_PREFIX_MIN},64}}", value):
         raise ValueError(
             f"{value!r} is not a keyid: give the {KEYID_PREFIX_MIN} to 64 hex digits the exporting lab published"
         )
@@ -473,13 +473,16 @@ def import_release(root: Path, release: Path, *, expect_keyid: str | None = None
 
 def _expected_key(trusted: dict[str, Ed25519PublicKey], expected: str, root: Path) -> dict[str, Ed25519PublicKey]:
     matches = {k: v for k, v in trusted.items() if k.startswith(expected)}
-    if len(matches) != 1:
-        found = "no key" if not matches else f"{len(matches)} keys"
+    where = f"the clone's committed {root / TRUST_DIR}/"
+    if not matches:
         raise ReleaseSignerError(
-            f"{found} in the clone's committed {root / TRUST_DIR}/ match the expected keyid {expected}; "
-            "the clone does not hold the exporting lab's key: check the keyid (`flowpin key list` prints the "
-            "clone's keys) or clone the lab's own repository"
-            + ("" if not matches else ", or give more of the keyid's digits")
+            f"no key in {where} matches the expected keyid {expected}; the clone does not hold the exporting "
+            "lab's key: check the keyid (`flowpin key list` prints the clone's keys) or clone the lab's own "
+            "repository"
+        )
+    if len(matches) > 1:
+        raise ReleaseSignerError(
+            f"{len(matches)} keys in {where} match the expected keyid {expected}; give more of its digits"
         )
     return matches
 
