@@ -34,7 +34,8 @@ run: install
 # for bit. Fails when a manifest does not verify (1), a rebuild differs (1) or cannot run (2: missing
 # input, code drift, failing stage).
 release-check: install
-	$(BIN)/flowpin verify manifests/*.json
+	# --no-cache: every byte is read; the stat cache is a local speed-up, never evidence (docs/hardening.md)
+	$(BIN)/flowpin verify --no-cache manifests/*.json
 	$(BIN)/flowpin rebuild --all
 	# dvc.lock pins every output's content: unchanged after `make run` = the committed digests, bit for bit
 	git diff --exit-code --stat -- dvc.lock

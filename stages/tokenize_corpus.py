@@ -38,6 +38,7 @@ def main(cfg: DictConfig) -> None:
             run.rec.input(reuse / TOKENIZER_NAME, kind="tokenizer")
         result = run_tokenize(run.recipe, run.input_dir("corpus"), run.out_dir, tokenizer_dir=reuse)
         run.report = result.report
+        run.rec.note("timing", **result.timing)  # run metadata: not in the report, which dvc.lock pins
     print(
         f"tokenize: {result.documents} documents, {result.tokens} tokens, "
         f"{result.sequences} sequences of {run.recipe.packing.seq_len} in {result.shards} shards"

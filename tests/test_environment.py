@@ -22,6 +22,7 @@ import pytest
 from flowpin.canonical import canonical_json
 from flowpin.environment import (
     EnvDifference,
+    _cpu,
     fingerprint,
     git_state,
     numerics_differences,
@@ -95,7 +96,7 @@ def test_torch_section_reads_live_settings() -> None:
         torch.set_num_threads(before)
 
 
-def test_cpu_flags_are_filtered_and_digest_covers_all_flags() -> None:
+def test_cpu_flags_are_filtered_and_the_digest_covers_only_the_simd_flags() -> None:
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.exists():
         pytest.skip("no /proc/cpuinfo")
@@ -104,11 +105,23 @@ def test_cpu_flags_are_filtered_and_digest_covers_all_flags() -> None:
         pytest.skip("no x86 flags line")
     all_flags = sorted(set(flags_line.partition(":")[2].split()))
     cpu = fingerprint(Path.cwd())["cpu"]
-    assert cpu["flagsDigest"] == hashlib.sha256(" ".join(all_flags).encode()).hexdigest()
+    assert cpu["flagsDigest"] == hashlib.sha256(" ".join(cpu["flags"]).encode()).hexdigest()
     assert cpu["flags"] == sorted(cpu["flags"])
     assert set(cpu["flags"]) <= set(all_flags)
     assert {"sse4_2", "avx2", "fma"} & set(all_flags) <= set(cpu["flags"])
     assert not {"fpu", "vme", "hypervisor", "constant_tsc"} & set(cpu["flags"])
+
+
+def test_machines_with_the_same_simd_flags_get_the_same_flags_digest() -> None:
+    """Issue #14: two machines with the same recorded SIMD flags got different digests (and a "can change
+    numerics" mark in flowpin diff) because the digest covered every /proc/cpuinfo flag."""
+    simd = "sse4_2 avx avx2 fma f16c"
+    a = _cpu(f"model name : X\nflags : fpu vme {simd} hypervisor\n")
+    b = _cpu(f"model name : X\nflags : {simd} constant_tsc arch_perfmon\n")
+    assert a["flags"] == b["flags"] and a["flagsDigest"] == b["flagsDigest"]
+    assert numerics_differences({"cpu": a}, {"cpu": b}) == []
+    c = _cpu(f"model name : X\nflags : {simd} avx512f\n")
+    assert c["flagsDigest"] != a["flagsDigest"]
 
 
 def test_env_vars_keep_numerics_knobs_and_skip_paths(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -45,6 +45,7 @@ from flowpin.errors import (
     ShardError,
 )
 from flowpin.hashing import Hasher
+from flowpin.manifest.digests import identity_key
 from flowpin.manifest.model import parse_manifest_bytes
 from flowpin.manifest.record import record
 from flowpin.manifest.resolve import python_package_root, python_package_uri
@@ -571,7 +572,7 @@ def _check_resigned(signed: Signed, test: str, body: bytes) -> None:
         statement["predicate"]["buildDefinition"]["resolvedDependencies"]
     )
     for subject in statement["subject"]:
-        assert subject["digest"][hasher.algorithm] == hasher.digest(subject["name"]).digest
+        assert subject["digest"][identity_key(hasher.algorithm)] == hasher.digest(subject["name"]).digest
 
 
 @given(st.data())

@@ -182,7 +182,7 @@ def _no_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> str:
         raise AssertionError(f"file was read although the stat cache should have answered: {args}")
 
-    monkeypatch.setattr(hashing, "hash_file", refuse)
+    monkeypatch.setattr(hashing, "hash_file_digests", refuse)
 
 
 def test_cache_answers_unchanged_files_without_reading(
@@ -261,15 +261,15 @@ def test_parallel_matches_serial(root: Path, tmp_path: Path, monkeypatch: pytest
     assert len(files) > hashing._PARALLEL_MIN_FILES
 
     pid_log = tmp_path / "pids"
-    real_hash_file = hashing.hash_file
+    real_hash_file = hashing.hash_file_digests
 
-    def logging_hash_file(path: Any, *args: Any, **kwargs: Any) -> str:
+    def logging_hash_file(path: Any, *args: Any, **kwargs: Any) -> tuple[str, str]:
         fd = os.open(pid_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         os.write(fd, f"{os.getpid()}\n".encode())
         os.close(fd)
         return real_hash_file(path, *args, **kwargs)
 
-    monkeypatch.setattr(hashing, "hash_file", logging_hash_file)
+    monkeypatch.setattr(hashing, "hash_file_digests", logging_hash_file)
     # parallel hashing may be skipped when forking is expensive (torch imported by another test)
     monkeypatch.setattr(hashing, "_fork_is_cheap", lambda: True, raising=False)
     serial = Hasher(root, workers=1).digest("d")
@@ -421,3 +421,25 @@ def test_fileset_refuses_escaping_paths(root: Path, tmp_path: Path) -> None:
         hasher.digest_fileset("lib", base, ["../out.txt"])
     with pytest.raises(PathError):
         hasher.digest_fileset("lib", base, ["link.txt"])
+
+
+def test_a_fifo_swapped_in_after_the_stat_is_refused_not_read(root: Path) -> None:
+    """The per-file hash opens non-blocking and checks the open file: a FIFO never blocks the hasher."""
+    fifo = root / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(ArtifactUnreadableError, match="not a regular file"):
+        hashing.hash_file_digests(fifo)
+
+
+def test_raw_and_content_digests_differ_only_for_zst(root: Path) -> None:
+    data = b"content\n" * 100
+    (root / "d").mkdir()
+    (root / "d" / "plain.txt").write_bytes(data)
+    (root / "d" / "packed.zst").write_bytes(zstandard.ZstdCompressor().compress(data))
+    plain = Hasher(root, workers=1).digest("d/plain.txt")
+    packed = Hasher(root, workers=1).digest("d/packed.zst")
+    assert plain.digest == plain.raw == hashlib.sha256(data).hexdigest()
+    assert packed.digest == plain.digest
+    assert packed.raw == hashlib.sha256((root / "d" / "packed.zst").read_bytes()).hexdigest()
+    tree = Hasher(root, workers=1).digest("d")
+    assert tree.raw != tree.digest  # dirHash is over the bytes, the identity over the content

@@ -87,9 +87,12 @@ def test_statement_types_follow_in_toto_and_slsa(project: Project, manifest_enve
     build = statement["predicate"]["buildDefinition"]
     assert set(build) == {"buildType", "externalParameters", "internalParameters", "resolvedDependencies"}
     assert {"builder", "metadata", "byproducts"} <= set(statement["predicate"]["runDetails"])
-    for subject in statement["subject"]:
-        assert set(subject["digest"]) == {"sha256"}
-        assert len(subject["digest"]["sha256"]) == 64
+    for subject in statement["subject"]:  # flowpin's identity, and what a verifier of the bytes checks
+        standard = "sha256" if subject["annotations"]["flowpin.type"] == "file" else "dirHash"
+        assert set(subject["digest"]) == {"flowpinSha256", standard}
+        assert all(len(v) == 64 for v in subject["digest"].values())
+    for byproduct in statement["predicate"]["runDetails"]["byproducts"]:  # in-toto: digest, uri or content
+        assert {"digest", "uri", "content"} & set(byproduct), byproduct
 
 
 def test_payload_is_canonical_json(project: Project) -> None:

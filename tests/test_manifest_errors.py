@@ -133,11 +133,11 @@ def test_envelope_schema_violation(project: Project, recorded: Path) -> None:
         lambda s: s.update(_type="https://in-toto.io/Statement/v0.1"),
         lambda s: s.update(predicateType="https://slsa.dev/provenance/v0.2"),
         lambda s: s.update(subject=[]),
-        lambda s: s["subject"][0]["digest"].update(sha256="ABC"),
+        lambda s: s["subject"][0]["digest"].update(flowpinSha256="ABC"),
         lambda s: s["predicate"]["buildDefinition"]["externalParameters"].update(stage="a b"),
         # Python's `$` also matches before a final newline; the schema's patterns must not accept one.
         lambda s: s["predicate"]["buildDefinition"]["externalParameters"].update(stage="train\n"),
-        lambda s: s["subject"][0]["digest"].update(sha256=s["subject"][0]["digest"]["sha256"] + "\n"),
+        lambda s: s["subject"][0]["digest"].update(flowpinSha256=s["subject"][0]["digest"]["flowpinSha256"] + "\n"),
         lambda s: s["predicate"]["runDetails"]["metadata"].update(startedOn="2026-01-01T00:00:00Z\n"),
     ],
     ids=[
@@ -176,8 +176,8 @@ def test_unknown_manifest_version(project: Project, recorded: Path) -> None:
 def test_payload_edited_after_signing(project: Project, recorded: Path) -> None:
     envelope = json.loads(recorded.read_text())
     statement = json.loads(base64.b64decode(envelope["payload"]))
-    digest = statement["subject"][0]["digest"]["sha256"]
-    statement["subject"][0]["digest"]["sha256"] = ("0" if digest[0] != "0" else "1") + digest[1:]
+    digest = statement["subject"][0]["digest"]["flowpinSha256"]
+    statement["subject"][0]["digest"]["flowpinSha256"] = ("0" if digest[0] != "0" else "1") + digest[1:]
     envelope["payload"] = base64.b64encode(canonical_json(statement)).decode()  # old signature kept
     recorded.write_text(json.dumps(envelope))
     load_manifest(recorded)  # still well-formed: only the signature can tell

@@ -300,7 +300,9 @@ def flow(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def subjects(root: Path, name: str) -> dict[str, str]:
-    return {s["name"]: s["digest"]["sha256"] for s in load_manifest(root / "manifests" / f"{name}.json").subjects}
+    return {
+        s["name"]: s["digest"]["flowpinSha256"] for s in load_manifest(root / "manifests" / f"{name}.json").subjects
+    }
 
 
 @pytest.mark.slow

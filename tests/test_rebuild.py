@@ -319,7 +319,8 @@ def test_an_untrusted_manifest_is_not_rebuilt(copy: Path) -> None:
         pub.unlink()
     with pytest.raises(Exception, match="trust store") as info:
         rebuild_manifest(copy / "manifests" / "salted.json", root=copy)
-    assert type(info.value).__name__ == "UntrustedKeyError"
+    assert type(info.value).__name__ == "UnverifiedManifestError"
+    assert type(info.value.__cause__).__name__ == "UntrustedKeyError"
 
 
 # --- the pieces ------------------------------------------------------------------------------------
@@ -330,7 +331,7 @@ def test_subject_differences_name_changed_added_and_removed_files() -> None:
         ann: dict[str, object] = {"flowpin.type": "directory" if files else "file", "flowpin.size": 1}
         if files:
             ann["flowpin.files"] = files
-        return {"name": name, "digest": {"sha256": digest}, "annotations": ann}
+        return {"name": name, "digest": {"flowpinSha256": digest}, "annotations": ann}
 
     pinned = [subject("d", "1", {"a": "x", "b": "y", "gone": "z"}), subject("f", "2"), subject("same", "3")]
     rebuilt = [subject("d", "9", {"a": "x", "b": "Y", "new": "n"}), subject("same", "3"), subject("extra", "4")]

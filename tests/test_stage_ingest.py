@@ -28,7 +28,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _subject_digests(manifest: Path) -> dict[str, str]:
-    return {s["name"]: s["digest"]["sha256"] for s in load_manifest(manifest).subjects}
+    return {s["name"]: s["digest"]["flowpinSha256"] for s in load_manifest(manifest).subjects}
 
 
 @pytest.mark.slow

@@ -228,8 +228,15 @@ def test_report_counts(corpus: Path, tmp_path: Path) -> None:
     assert report["tokens"]["eos"] == report["documents"]
     assert report["vocab_size"] == 400
     assert 1 < report["bytes_per_token"] < 10
-    assert report["timing"]["pack_tokens_per_second"] > 0
     assert report["tokenizer"]["train_documents"] == report["documents"]
+
+
+def test_the_report_is_a_pure_function_of_inputs_and_recipe(corpus: Path, tmp_path: Path) -> None:
+    """The report is a DVC output pinned in dvc.lock: wall-clock timings there changed dvc.lock on every fresh
+    clone (issue #14). They are run metadata now (the manifest's "timing" note)."""
+    first, second = tokenize(corpus, tmp_path / "a"), tokenize(corpus, tmp_path / "b")
+    assert "timing" not in first
+    assert canonical_json(first) == canonical_json(second)
 
 
 def test_train_max_bytes_trains_on_a_seeded_sample(corpus: Path, tmp_path: Path) -> None:
@@ -568,7 +575,7 @@ def test_stage_runs_verifies_and_answers_batch(
     assert "sequences of 16" in proc.stdout
     m = load_manifest(root / "manifests" / "tokenize.json")
     assert [s["name"] for s in m.subjects] == ["data/tokenize"]
-    assert m.subjects[0]["digest"]["sha256"] == dataset_digest(root / "data" / "tokenize")
+    assert m.subjects[0]["digest"]["flowpinSha256"] == dataset_digest(root / "data" / "tokenize")
     kinds = {d["name"]: d["annotations"]["kind"] for d in m.dependencies}
     assert kinds["data/corpus"] == "dataset" and kinds["manifests/mix.json"] == "manifest"
     assert kinds["stages/tokenize_corpus.py"] == "code" and kinds["params/tokenize.yaml"] == "config"

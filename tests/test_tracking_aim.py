@@ -387,7 +387,7 @@ def note_of(manifest: Path) -> dict[str, Any]:
 
 
 def test_a_stage_run_logs_to_aim_and_its_manifest_records_the_run(
-    toy: Path, capsys: pytest.CaptureFixture[str]
+    toy: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     proc = run_toy(toy, "toy.size=4")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -396,6 +396,7 @@ def test_a_stage_run_logs_to_aim_and_its_manifest_records_the_run(
     note = note_of(manifest)
     assert note["tracker"] == "aim" and note["repo"] == ".aim" and note["experiment"] == "toy"
     assert note["status"] == "ok" and len(note["runHash"]) == HASH
+    monkeypatch.setenv("FLOWPIN_ROOT", str(toy))  # show checks the signature against this project's keys/
     assert flowpin_main(["show", str(manifest)]) == 0
     assert f"tracking   aim run {note['runHash']} in .aim (experiment toy)\n" in capsys.readouterr().out
 

@@ -40,7 +40,7 @@ def paths(name: str) -> list[str]:
 
 def subjects(root: Path, name: str) -> dict[str, str]:
     m = load_manifest(root / "manifests" / f"{name}.json")
-    return {s["name"].rsplit("/", 1)[-1]: s["digest"]["sha256"] for s in m.subjects}
+    return {s["name"].rsplit("/", 1)[-1]: s["digest"]["flowpinSha256"] for s in m.subjects}
 
 
 @pytest.fixture(scope="module")

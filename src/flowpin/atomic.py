@@ -76,6 +76,63 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int =
         fh.write(view[half:])
 
 
+_NO_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK)
+"""errnos of a filesystem (or mount) that offers no hard link here."""
+
+
+def atomic_create_exclusive(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o600) -> bool:
+    """Publish ``data`` as ``path`` only if nothing is there yet; True if this call created it.
+
+    ``O_EXCL`` semantics without a partial file: the content goes to a temporary sibling, is fsynced,
+    then hard-linked to ``path`` (``link(2)`` fails with ``EEXIST`` when another process got there first,
+    and never replaces anything), and the temporary is removed. Of concurrent callers exactly one returns
+    True; the others return False and leave the winner's file untouched. A filesystem without hard links
+    gets ``open(O_CREAT | O_EXCL)`` and a write in place instead (a crash then may leave a partial file).
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in _NO_LINKS:
+                raise
+            return _create_in_place(target, data, mode)
+        fsync_dir(target.parent)
+        return True
+    except OSError as exc:
+        raise write_error(target, exc) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _create_in_place(target: Path, data: bytes, mode: int) -> bool:
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    except FileExistsError:
+        return False
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), mode)  # the umask may have narrowed the creation mode
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    fsync_dir(target.parent)
+    return True
+
+
 def write_error(target: Path, exc: OSError) -> WriteError:
     """The :class:`WriteError` for an ``OSError`` raised while publishing ``target`` (chain it ``from exc``)."""
     if exc.errno in _FULL:

@@ -1,34 +1,48 @@
 """The ``flowpin`` command line: key, verify, diff, lineage, show, batch, fork, rebuild, model-sign.
 
-Exit status: 0 success; 1 a verification failed / manifests differ; 2 usage or input error (a
-:class:`FlowpinError` that prevents the command from giving an answer).
+Exit status: 0 success; 1 a verification failed / manifests differ / ``show`` of a manifest that is not
+signed by a trusted key (UNVERIFIED); 2 usage or input error (a :class:`FlowpinError` that prevents the
+command from giving an answer); 141 (128 + SIGPIPE) when whoever reads stdout closed it early
+(``flowpin show M | head``): the command stops quietly, without a traceback, whatever it was doing.
+
+Human output escapes control and bidi characters in every string that comes from a manifest
+(:func:`flowpin.display.safe`); ``--json`` output is JSON (which escapes them itself).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flowpin import __version__
+from flowpin.display import safe, safe_lines
 from flowpin.errors import FlowpinError
 from flowpin.hashing import DEFAULT_ALGORITHM, Hasher, default_cache
 from flowpin.paths import find_root
 
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 
 def _cmd_key_init(args: argparse.Namespace) -> int:
-    from flowpin.signing import default_key_path, ensure_trusted, init_key
+    from flowpin.signing import default_key_path, init_key, init_key_if_missing
 
     root = find_root()
     path = Path(args.path) if args.path else default_key_path(root)
-    if args.if_missing and path.exists():
-        existing, added = ensure_trusted(root, path)  # a key init killed before trusting its public key
-        print(f"signing key exists: {path}" + (f"\ntrusted its public key keys/{existing.keyid}.pub" if added else ""))
-        return 0
-    signer = init_key(root, key_path=path, force=args.force)
+    if args.if_missing:  # exactly one of concurrent callers creates the key; the others load it
+        signer, created, added = init_key_if_missing(root, path)  # added: a key init killed before trusting it
+        if not created:
+            repaired = f"\ntrusted its public key keys/{signer.keyid}.pub" if added else ""
+            print(f"signing key exists: {path}{repaired}")
+            return 0
+    else:
+        signer = init_key(root, key_path=path, force=args.force)
     print(f"created signing key {path} (mode 600)\nkeyid {signer.keyid}\ntrusted public key keys/{signer.keyid}.pub")
     return 0
 
@@ -42,24 +56,18 @@ def _cmd_key_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_model_sign_key_init(args: argparse.Namespace) -> int:
-    from cryptography.hazmat.primitives import serialization
-
-    from flowpin.modelsign import default_key_path, init_key, load_private_key, trust_public_key
+    from flowpin.modelsign import default_key_path, init_key, init_key_if_missing
 
     root = find_root()
     path = default_key_path(root)
-    if args.if_missing and path.exists():
-        info, private = load_private_key(root, path)
-        repaired = ""
-        if not info.public_path.is_file():  # e.g. a key-init killed between the private and the public key
-            pem = private.public_key().public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
-            trust_public_key(root, pem)
-            repaired = " (its public key was missing from the trust store: added)"
-        print(f"model-signing key exists: {path}\nkeyid {info.keyid}, trusted {info.public_path}{repaired}")
-        return 0
-    info = init_key(root, key_path=path, force=args.force)
+    if args.if_missing:  # exactly one of concurrent callers creates the key; the others load it
+        info, created, added = init_key_if_missing(root, path)  # added: a key-init killed before trusting it
+        if not created:
+            repaired = " (its public key was missing from the trust store: added)" if added else ""
+            print(f"model-signing key exists: {path}\nkeyid {info.keyid}, trusted {info.public_path}{repaired}")
+            return 0
+    else:
+        info = init_key(root, key_path=path, force=args.force)
     print(
         f"created model-signing key {path} (EC P-256, mode 600)\nkeyid {info.keyid}\n"
         f"trusted public key {info.public_path.relative_to(root)}"
@@ -112,12 +120,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         report = verify_manifest(path, root=root, trusted=trusted, hasher=hasher)
         if report.ok:
             signer = (report.keyid or "?")[:16]
-            print(f"OK   {path} [{report.stage}] {report.checked} artifacts, signed by {signer}…")
+            print(safe(f"OK   {path} [{report.stage}] {report.checked} artifacts, signed by {signer}…"))
         else:
             failed += 1
-            print(f"FAIL {path} [{report.stage or '?'}]")
+            print(safe(f"FAIL {path} [{report.stage or '?'}]"))
             for finding in report.findings:
-                print(f"     {finding}")
+                print(f"     {safe(finding)}")
     if cache is not None:
         cache.close()
     print(
@@ -130,7 +138,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_diff(args: argparse.Namespace) -> int:
     from flowpin.manifest.diff import diff_paths, render_text
 
-    diffs = diff_paths(Path(args.a), Path(args.b), include_run=args.include_run)
+    diffs = diff_paths(Path(args.a), Path(args.b), include_run=args.include_run, trusted=_trust_store())
     if args.json:
         print(json.dumps([d.as_dict() for d in diffs], indent=2, sort_keys=True, default=str))
     else:
@@ -149,59 +157,86 @@ def _cmd_lineage(args: argparse.Namespace) -> int:
         print(render_tree(node))
     problems = node.problems()
     for p in problems:
-        print(f"problem: {p}", file=sys.stderr)
+        print(f"problem: {safe(p)}", file=sys.stderr)
     return 1 if problems else 0
 
 
+def _trust_store() -> dict[str, Ed25519PublicKey]:
+    """The project's trusted keys; none outside a project (then nothing verifies)."""
+    from flowpin.errors import PathError
+    from flowpin.signing import load_trust_store
+
+    try:
+        root = find_root()
+    except PathError:
+        return {}
+    return load_trust_store(root)
+
+
 def _cmd_show(args: argparse.Namespace) -> int:
+    """Exit 0 when the manifest is VERIFIED (signed by a trusted key; with --digests also every digest), 1
+    when UNVERIFIED (it is shown all the same, marked), 2 when it cannot be read. Every line is escaped."""
+    from flowpin.errors import UnverifiedManifestError
     from flowpin.manifest.model import load_manifest
+    from flowpin.manifest.trust import check_signature, require_digests, short_digest
 
     m = load_manifest(Path(args.path))
-    if args.json:
+    try:
+        keyid = check_signature(m, _trust_store(), purpose="show it as signed")
+        if args.digests:
+            require_digests(m, None, root=find_root(), purpose="show it as verified")
+        scope = "every digest re-hashed" if args.digests else "digests not re-hashed: add --digests"
+        status = f"VERIFIED (signed by {keyid[:16]}…, trusted in keys/; {scope})"
+    except UnverifiedManifestError as exc:
+        status, keyid = f"UNVERIFIED: {exc}", ""
+    if args.json:  # the statement as signed (JSON escapes control characters); the verdict on stderr
         print(json.dumps(m.statement, indent=2, sort_keys=True))
-        return 0
+        if not keyid:
+            print(f"flowpin: {safe(status)}", file=sys.stderr)
+        return 0 if keyid else 1
+
+    def out(line: str) -> None:
+        print(safe(line))
+
     b, r = m.build, m.run_details
     env = b["internalParameters"]["environment"]
     git = env.get("git") or {}
     meta = r["metadata"]
-    print(f"manifest   {m.path}\nstage      {m.stage}\nidentity   sha256:{m.identity_digest()}")
-    print(f"signed by  {', '.join(s['keyid'][:16] + '…' for s in m.envelope['signatures']) or '(unsigned)'}")
-    print(f"run        {meta['invocationId']}  {meta['startedOn']} → {meta['finishedOn']}")
+    out(f"manifest   {m.path}")
+    out(f"stage      {m.stage}")
+    out(f"identity   sha256:{m.identity_digest()}")
+    out(f"signature  {status}")
+    out(f"run        {meta['invocationId']}  {meta['startedOn']} → {meta['finishedOn']}")
     tracking = next((bp for bp in r["byproducts"] if bp["name"] == "tracking"), None)
     if tracking is not None:  # the Aim run of this stage run (open it with `flowpin ui`)
         from flowpin.tracking.aim import describe_note
 
-        print(f"tracking   {describe_note(tracking.get('annotations', {}))}")
+        out(f"tracking   {describe_note(tracking.get('annotations', {}))}")
     dirty = f" + uncommitted changes {git.get('dirtyDigest')}" if git.get("dirty") else ""
-    print(f"code       git {git.get('commit') or '(none)'}{dirty}")
+    out(f"code       git {git.get('commit') or '(none)'}{dirty}")
     torch = env.get("torch") or {}
-    print(
+    out(
         f"env        python {env.get('python', {}).get('version')}, torch {torch.get('version')}, "
         f"threads {torch.get('numThreads')}, deterministic {torch.get('deterministicAlgorithms')}"
     )
     overrides = b["externalParameters"]["overrides"]
-    print(f"overrides  {' '.join(overrides) if overrides else '(none)'}")
-    print("outputs")
+    out(f"overrides  {' '.join(overrides) if overrides else '(none)'}")
+    out("outputs")
     for s in m.subjects:
-        algo, value = next(iter(s["digest"].items()))
         n = len(s["annotations"].get("flowpin.files", []))
-        print(
-            f"  {s['name']}  {algo}:{value[:16]}…  {s['annotations']['flowpin.size']} B" + (f", {n} files" if n else "")
-        )
-    print("inputs")
+        out(f"  {s['name']}  {short_digest(s)}  {s['annotations']['flowpin.size']} B" + (f", {n} files" if n else ""))
+    out("inputs")
     for d in m.dependencies:
-        algo, value = next(iter(d["digest"].items()))
-        print(
-            f"  [{d['annotations']['kind']}] {d['name']}  {algo}:{value[:16]}…"
-            + (f"  ({d['uri']})" if "uri" in d else "")
-        )
+        uri = f"  ({d['uri']})" if "uri" in d else ""
+        out(f"  [{d['annotations']['kind']}] {d['name']}  {short_digest(d)}{uri}")
     for bp in r["byproducts"]:
         if "digest" in bp:
-            algo, value = next(iter(bp["digest"].items()))
-            print(f"byproduct  {bp['name']}  {algo}:{value[:16]}…")
+            out(f"byproduct  {bp['name']}  {short_digest(bp)}")
         else:
-            print(f"byproduct  {bp['name']}  {json.dumps(bp.get('annotations', {}), sort_keys=True)[:100]}")
-    return 0
+            out(f"byproduct  {bp['name']}  {json.dumps(bp.get('annotations', {}), sort_keys=True)[:100]}")
+    if not keyid:
+        print(f"flowpin: {safe(status)}", file=sys.stderr)
+    return 0 if keyid else 1
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
@@ -211,12 +246,17 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
-    from flowpin.data.order import batch_target, describe_samples, order_digest, order_for
+    from flowpin.data.order import batch_target, check_batch_request, describe_samples, order_digest, order_for
     from flowpin.data.tokenize import TokenizedDataset
 
+    names = ("--step", "--batch-size" if args.batch_size is not None else "tokenize.order.batch_size")
+    given = 1 if args.batch_size is None else args.batch_size  # the recipe's is checked by OrderConfig
+    check_batch_request(step=args.step, batch_size=given, names=names)  # before reading anything
     root = find_root()
     target = batch_target(Path(args.path), root)
     data = TokenizedDataset.open(target.data_dir)
+    size = target.order.batch_size if args.batch_size is None else args.batch_size
+    check_batch_request(step=args.step, batch_size=size, seq_len=data.seq_len, names=names)  # before hashing the data
     order = order_for(
         data,
         order_seed=target.order.seed if args.order_seed is None else args.order_seed,
@@ -357,7 +397,7 @@ def _cmd_release_import(args: argparse.Namespace) -> int:
             print(f"flowpin: {' '.join(r.pull)} failed (exit {pull.returncode})", file=sys.stderr)
             return 1
     if args.verify:
-        return _cmd_verify(argparse.Namespace(paths=[], all=True, trust=[], no_cache=False))
+        return _cmd_verify(argparse.Namespace(paths=[], all=True, trust=[], no_cache=True))  # cache: no evidence
     if not args.pull:
         print(f"next: {' '.join(r.pull)} && flowpin verify --all")
     return 0
@@ -493,6 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("show", help="human summary of a manifest")
     s.add_argument("path")
     s.add_argument("--json", action="store_true", help="print the decoded statement")
+    s.add_argument(
+        "--digests", action="store_true", help="also re-hash every subject and dependency (as flowpin verify)"
+    )
     s.set_defaults(func=_cmd_show)
 
     ui = sub.add_parser("ui", help="open the Aim UI of the project's runs (.aim) on 127.0.0.1 until Ctrl-C")
@@ -502,8 +545,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("batch", help="which sequences, documents and text the batch at a training step holds")
     b.add_argument("path", help="the tokenize manifest (manifests/tokenize.json) or its recipe (params/tokenize.yaml)")
-    b.add_argument("--step", type=int, required=True, help="training step (0-based; epochs wrap)")
-    b.add_argument("--batch-size", type=int, help="sequences per step (default: the recipe's tokenize.order)")
+    b.add_argument("--step", type=int, required=True, help="training step (0-based, >= 0; epochs wrap)")
+    b.add_argument(
+        "--batch-size",
+        type=int,
+        help="sequences per step, >= 1 (default: the recipe's tokenize.order); at most 16,777,216 tokens "
+        "(batch size x seq_len) are described at once",
+    )
     b.add_argument("--order-seed", type=int, help="order seed (default: the recipe's tokenize.order.seed)")
     b.add_argument("--width", type=int, default=160, help="characters of text shown per sample (text mode)")
     b.add_argument("--json", action="store_true", help="full samples (untruncated text) as JSON")
@@ -524,11 +572,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     from flowpin.progress import hash_progress
 
     try:
-        with hash_progress() as bar, reporting_progress(bar):  # long hashing (verify, rebuild…): a bar on a TTY
-            return int(args.func(args))
-    except FlowpinError as exc:
-        print(f"flowpin: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
+        try:
+            with hash_progress() as bar, reporting_progress(bar):  # long hashing (verify, rebuild…): a bar on a TTY
+                status = int(args.func(args))
+            sys.stdout.flush()  # here, not at interpreter exit, so that a closed pipe is caught below
+            return status
+        except FlowpinError as exc:
+            print(f"flowpin: {type(exc).__name__}: {safe_lines(exc)}", file=sys.stderr)
+            return 2
+    except BrokenPipeError:
+        return _stdout_closed()
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``flowpin show M | head``): stop quietly with status 141 (128 + SIGPIPE,
+    what a shell reports for a command killed by SIGPIPE). stdout is pointed at /dev/null so that Python's
+    final flush of what is still buffered cannot raise again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no real file (captured in tests): nothing to redirect
+        pass
+    finally:
+        os.close(devnull)
+    return 141
 
 
 if __name__ == "__main__":

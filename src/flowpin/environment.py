@@ -259,11 +259,14 @@ def _cpu(cpuinfo: str) -> dict[str, Any]:
         if sep:
             fields.setdefault(key.strip(), value.strip())
     flags = sorted(set((fields.get("flags") or fields.get("Features") or "").split()))
+    simd = [f for f in flags if f.startswith(_FLAG_PREFIXES)]
     return {
         "model": fields.get("model name") or platform.processor() or None,
         "logicalCount": os.cpu_count(),
-        "flags": [f for f in flags if f.startswith(_FLAG_PREFIXES)],
-        "flagsDigest": hashlib.sha256(" ".join(flags).encode()).hexdigest(),
+        "flags": simd,
+        # Over the SIMD flags only (what selects kernels): two machines that differ in, say, `hypervisor` or a
+        # microcode bug flag run the same kernels and must not be told their numerics may differ.
+        "flagsDigest": hashlib.sha256(" ".join(simd).encode()).hexdigest(),
     }
 
 

@@ -54,6 +54,52 @@ class TensorFileError(ArtifactUnreadableError):
     """A safetensors file's header or data offsets are malformed; refused before the safetensors library reads it."""
 
 
+class NotRegularFileError(ArtifactUnreadableError):
+    """A path that must be a regular file is a FIFO, device, directory, socket or (no-follow) symlink; refused
+    before anything is read (:mod:`flowpin.safeio`)."""
+
+
+class FileTooLargeError(ArtifactUnreadableError):
+    """A file is larger than any file of its kind flowpin reads; refused before it is read (:mod:`flowpin.safeio`)."""
+
+
+# --- strict JSON (flowpin.jsonio): callers re-raise these as their domain error, chained with ``from`` ---
+
+
+class StrictJSONError(FlowpinError):
+    """Signed or untrusted JSON breaks flowpin's strict rules. ``where`` names the document, ``reason`` says how."""
+
+    def __init__(self, where: str, reason: str, *, key: str | None = None) -> None:
+        super().__init__(f"{where}: {reason}")
+        self.where = where
+        self.reason = reason
+        self.key = key
+
+
+class JSONSyntaxError(StrictJSONError):
+    """Not JSON: malformed, truncated, or a number Python refuses to parse (more than 4300 digits)."""
+
+
+class JSONEncodingError(StrictJSONError):
+    """Not UTF-8 text."""
+
+
+class JSONDuplicateKeyError(StrictJSONError):
+    """An object repeats a key (parsers disagree on which one counts); ``key`` is the key."""
+
+
+class JSONNonFiniteError(StrictJSONError):
+    """``NaN``, ``Infinity`` or a number that overflows to infinity (``1e999``): not JSON (RFC 8259)."""
+
+
+class JSONTooDeepError(StrictJSONError):
+    """Arrays/objects nested deeper than the reader's bound."""
+
+
+class JSONTooLargeError(StrictJSONError):
+    """The document is larger than the reader's bound."""
+
+
 class UnsupportedAlgorithmError(FlowpinError):
     """A digest algorithm that flowpin does not implement was requested."""
 
@@ -79,6 +125,17 @@ class UnsupportedVersionError(ManifestError):
 
 class DuplicateSubjectError(ManifestError):
     """Two subjects (or two dependencies) share one name."""
+
+
+class UnverifiedManifestError(ManifestError):
+    """A consumer was handed a manifest that does not verify (signature, trusted key, or a digest it relies on).
+
+    ``findings`` holds each failed check; the first cause is chained with ``from``.
+    """
+
+    def __init__(self, message: str, findings: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.findings = findings
 
 
 # --- signatures / keys ----------------------------------------------------------------------------

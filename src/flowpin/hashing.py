@@ -13,6 +13,11 @@ Digest rules (these are what manifests pin; the README documents them):
 * **File set** (inputs outside the repository, e.g. the Python standard library): the directory rule
   applied to an explicit list of relative paths under a base directory.
 
+Beside that content digest, every file's **raw** digest (of its bytes; different only for ``.zst`` files)
+is taken in the same read, and directories get the directory rule over the raw digests too: with sha256
+that is in-toto's ``dirHash``, what a verifier outside flowpin recomputes (``manifest/digests.py`` names
+each digest in a manifest).
+
 Files are hashed in parallel across worker processes (see ``Hasher._map_batches`` for why not
 threads). A stat cache maps ``(device, inode, size, mtime_ns, ctime_ns)`` of a real path
 to its digest so re-verifying unchanged files does not re-read them; any change of those fields
@@ -40,7 +45,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Any, Protocol
 
 import blake3
 import zstandard
@@ -126,25 +131,31 @@ def hash_bytes(data: bytes, algorithm: str = DEFAULT_ALGORITHM) -> str:
 def hash_file(
     path: Path | str, algorithm: str = DEFAULT_ALGORITHM, *, size_hint: int = CHUNK, on_bytes: _Tick | None = None
 ) -> str:
-    """Digest one file by the file rule (``.zst`` files by their decompressed content).
+    """Digest one file by the content rule (``.zst`` files by their decompressed content)."""
+    return hash_file_digests(path, algorithm, size_hint=size_hint, on_bytes=on_bytes)[0]
 
+
+def hash_file_digests(
+    path: Path | str, algorithm: str = DEFAULT_ALGORITHM, *, size_hint: int = CHUNK, on_bytes: _Tick | None = None
+) -> tuple[str, str]:
+    """``(content, raw)`` digests of one file: the content rule, and the hash of the file's bytes.
+
+    They differ only for a ``.zst`` file (content = decompressed). The file is opened non-blocking and must
+    be a regular file (a FIFO or device swapped in after the caller's stat is refused, never read).
     ``size_hint`` (the size from a recent stat) lets small files be read in one right-sized call.
     ``on_bytes(n)`` hears every read of ``n`` file bytes (a ``.zst`` file's size once, when done).
     """
-    h = new_hash(algorithm, size_hint=size_hint)
-    if str(path).endswith(ZSTD_SUFFIX):
-        with open(path, "rb", buffering=0) as raw:
-            try:  # what the frames declare bounds the decompression (a lying header is a zstd bomb)
-                declared = _check_zstd_complete(raw.fileno(), path)
-            except ArtifactUnreadableError:
-                declared = None  # reported by the check below, after the content (corrupt vs truncated)
-            _update_zstd(h, raw, path, declared)
-            _check_zstd_complete(raw.fileno(), path)
-            if on_bytes is not None:
-                on_bytes(os.fstat(raw.fileno()).st_size)
-        return h.hexdigest()
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ArtifactUnreadableError(
+                f"{path}: not a regular file (mode {stat.filemode(st.st_mode)}); flowpin pins files and directories "
+                "-- replace it with the real file"
+            )
+        if str(path).endswith(ZSTD_SUFFIX):
+            return _hash_zstd(fd, path, algorithm, st.st_size, on_bytes)
+        h = new_hash(algorithm, size_hint=size_hint)
         want = min(size_hint + 1, CHUNK)
         first = os.read(fd, want)  # small files: one right-sized read (the common case for many files)
         h.update(first)
@@ -157,12 +168,42 @@ def hash_file(
                 h.update(view[:n])
                 if on_bytes is not None:
                     on_bytes(n)
+        digest = h.hexdigest()
+        return digest, digest
     finally:
         os.close(fd)
-    return h.hexdigest()
 
 
-def _update_zstd(h: _Hash, raw: IO[bytes], path: Path | str, declared: int | None = None) -> None:
+class _TeeReader:
+    """A read-only file object over ``fd`` that feeds every byte it returns to a second hash."""
+
+    def __init__(self, fd: int, h: _Hash) -> None:
+        self.fd, self.h = fd, h
+
+    def read(self, n: int = -1) -> bytes:
+        data = os.read(self.fd, n if n >= 0 else CHUNK)
+        self.h.update(data)
+        return data
+
+
+def _hash_zstd(fd: int, path: Path | str, algorithm: str, size: int, on_bytes: _Tick | None) -> tuple[str, str]:
+    content = new_hash(algorithm, size_hint=size)
+    raw = new_hash(algorithm, size_hint=size)
+    try:  # what the frames declare bounds the decompression (a lying header is a zstd bomb)
+        declared = _check_zstd_complete(fd, path)
+    except ArtifactUnreadableError:
+        declared = None  # reported by the check below, after the content (corrupt vs truncated)
+    tee = _TeeReader(fd, raw)
+    _update_zstd(content, tee, path, declared)
+    while tee.read(CHUNK):  # bytes after the last frame the decompressor did not ask for (skippable frames)
+        pass
+    _check_zstd_complete(fd, path)
+    if on_bytes is not None:
+        on_bytes(size)
+    return content.hexdigest(), raw.hexdigest()
+
+
+def _update_zstd(h: _Hash, raw: Any, path: Path | str, declared: int | None = None) -> None:
     """Hash the decompressed content; more than ``declared`` bytes (the frames' sum) or the cap is refused."""
     total = 0
     limit = MAX_DECOMPRESSED_BYTES if declared is None else min(declared, MAX_DECOMPRESSED_BYTES)
@@ -235,7 +276,10 @@ class FileDigest:
     path: str
     """POSIX path relative to the artifact (a directory) or the artifact name itself (a file)."""
     digest: str
+    """The content rule (a ``.zst`` file by its decompressed content)."""
     size: int
+    raw: str = ""
+    """The digest of the file's bytes (equal to ``digest`` except for ``.zst`` files)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -248,6 +292,9 @@ class ArtifactDigest:
     size: int
     files: tuple[FileDigest, ...] = ()
     """Per-file digests of a directory or file set (empty for a single file)."""
+    raw: str = ""
+    """Over the bytes: a file's hash, or the directory rule over the files' byte digests (with sha256 this is
+    in-toto's ``dirHash``). Equal to ``digest`` unless ``.zst`` files are involved."""
 
 
 @dataclasses.dataclass
@@ -271,8 +318,8 @@ class StatCache:
             self._db = sqlite3.connect(path, timeout=30, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(
-                "CREATE TABLE IF NOT EXISTS digests (path TEXT, algorithm TEXT, dev INT, ino INT, size INT,"
-                " mtime_ns INT, ctime_ns INT, digest TEXT, PRIMARY KEY (path, algorithm))"
+                "CREATE TABLE IF NOT EXISTS digests_v2 (path TEXT, algorithm TEXT, dev INT, ino INT, size INT,"
+                " mtime_ns INT, ctime_ns INT, digest TEXT, raw TEXT, PRIMARY KEY (path, algorithm))"
             )
         except (OSError, sqlite3.Error) as exc:
             raise self._write_error(exc) from exc
@@ -285,26 +332,27 @@ class StatCache:
             f"rerun; deleting {self.path.parent} only drops cached digests"
         )
 
-    def lookup(self, paths: Sequence[str], algorithm: str) -> dict[str, tuple[tuple[int, ...], str]]:
-        found: dict[str, tuple[tuple[int, ...], str]] = {}
+    def lookup(self, paths: Sequence[str], algorithm: str) -> dict[str, tuple[tuple[int, ...], str, str]]:
+        """``real path → (stat key, content digest, raw digest)`` for the paths the cache holds."""
+        found: dict[str, tuple[tuple[int, ...], str, str]] = {}
         for i in range(0, len(paths), 500):
             chunk = paths[i : i + 500]
             marks = ",".join("?" * len(chunk))
             rows = self._db.execute(
-                f"SELECT path, dev, ino, size, mtime_ns, ctime_ns, digest FROM digests "  # noqa: S608
+                f"SELECT path, dev, ino, size, mtime_ns, ctime_ns, digest, raw FROM digests_v2 "  # noqa: S608
                 f"WHERE algorithm = ? AND path IN ({marks})",
                 (algorithm, *chunk),
             )
-            for path, dev, ino, size, mtime, ctime, digest in rows:
-                found[path] = ((dev, ino, size, mtime, ctime), digest)
+            for path, dev, ino, size, mtime, ctime, digest, raw in rows:
+                found[path] = ((dev, ino, size, mtime, ctime), digest, raw)
         return found
 
-    def store(self, entries: Iterable[tuple[str, tuple[int, ...], str]], algorithm: str) -> None:
-        rows = [(path, algorithm, *key, digest) for path, key, digest in entries]
+    def store(self, entries: Iterable[tuple[str, tuple[int, ...], str, str]], algorithm: str) -> None:
+        rows = [(path, algorithm, *key, digest, raw) for path, key, digest, raw in entries]
         if rows:
             try:
                 with self._db:
-                    self._db.executemany("INSERT OR REPLACE INTO digests VALUES (?,?,?,?,?,?,?,?)", rows)
+                    self._db.executemany("INSERT OR REPLACE INTO digests_v2 VALUES (?,?,?,?,?,?,?,?,?)", rows)
             except sqlite3.Error as exc:
                 raise self._write_error(exc) from exc
 
@@ -323,8 +371,10 @@ class _Job:
 
 
 _StatKey = tuple[int, int, int, int, int]
-_Outcome = tuple[str, _StatKey] | FlowpinError
-"""A worker's answer for one file: (hexdigest, stat key) or the error."""
+_Outcome = tuple[str, str, _StatKey] | FlowpinError
+"""A worker's answer for one file: (content hexdigest, raw hexdigest, stat key) or the error."""
+_Cached = tuple[tuple[int, ...], str, str]
+"""A stat-cache row: (stat key, content digest, raw digest)."""
 
 
 class Hasher:
@@ -459,7 +509,7 @@ class Hasher:
                 if isinstance(outcome, FlowpinError):
                     error = error or type(outcome)(f"{job.label}: {outcome}")
                     continue
-                files.append(FileDigest(path=rel, digest=outcome[0], size=outcome[1][2]))
+                files.append(FileDigest(path=rel, digest=outcome[0], raw=outcome[1], size=outcome[2][2]))
             if error is not None:
                 out[name] = error
                 continue
@@ -467,14 +517,25 @@ class Hasher:
             size = sum(fd.size for fd in files)
             if kind == "file":
                 out[name] = ArtifactDigest(
-                    name=name, algorithm=self.algorithm, digest=files[0].digest, kind="file", size=size
+                    name=name,
+                    algorithm=self.algorithm,
+                    digest=files[0].digest,
+                    raw=files[0].raw,
+                    kind="file",
+                    size=size,
                 )
             else:
                 digest = tree_digest([(fd.path, fd.digest) for fd in files], self.algorithm)
+                raw = (
+                    digest
+                    if all(fd.raw == fd.digest for fd in files)
+                    else tree_digest([(fd.path, fd.raw) for fd in files], self.algorithm)
+                )
                 out[name] = ArtifactDigest(
                     name=name,
                     algorithm=self.algorithm,
                     digest=digest,
+                    raw=raw,
                     kind=kind,
                     size=size,
                     files=tuple(files),
@@ -482,12 +543,12 @@ class Hasher:
         return out
 
     def _hash_jobs(self, jobs: list[_Job]) -> dict[str, _Outcome]:
-        cached: dict[str, tuple[tuple[int, ...], str]] = {}
+        cached: dict[str, _Cached] = {}
         if self.cache is not None and jobs:
             cached = self.cache.lookup([j.real for j in jobs], self.algorithm)
         items = [(j.path, cached.get(j.real)) for j in jobs]
         results: dict[str, _Outcome] = {}
-        fresh: list[tuple[str, tuple[int, ...], str]] = []
+        fresh: list[tuple[str, tuple[int, ...], str, str]] = []
         hook = self.progress if self.progress is not None else _DEFAULT_PROGRESS.get()
         meter = _Meter(hook, sum(_size_or_zero(j.path) for j in jobs)) if hook is not None and jobs else None
         now = time.time_ns()  # before any read: the racy-window test must not see a later time
@@ -497,7 +558,7 @@ class Hasher:
         for job, outcome in zip(jobs, outcomes, strict=True):
             results[job.real] = outcome
             if not isinstance(outcome, FlowpinError):
-                digest, key = outcome
+                digest, raw, key = outcome
                 hit = cached.get(job.real)
                 if hit is not None and hit[0] == key:
                     self.stats.cache_hits += 1
@@ -505,14 +566,12 @@ class Hasher:
                     self.stats.files += 1
                     self.stats.bytes_read += key[2]
                     if now - max(key[3], key[4]) > RACY_WINDOW_NS:
-                        fresh.append((job.real, key, digest))
+                        fresh.append((job.real, key, digest, raw))
         if self.cache is not None:
             self.cache.store(fresh, self.algorithm)
         return results
 
-    def _map_batches(
-        self, items: list[tuple[str, tuple[tuple[int, ...], str] | None]], tick: _Tick | None = None
-    ) -> list[_Outcome]:
+    def _map_batches(self, items: list[tuple[str, _Cached | None]], tick: _Tick | None = None) -> list[_Outcome]:
         """Stat, check the cache and hash ``items``; outcomes come back in the order of ``items``.
 
         Parallelism is by processes, not threads: with many small files the per-file Python work holds
@@ -550,7 +609,7 @@ def _size_or_zero(path: str) -> int:
 
 def _fork_map(
     algorithm: str,
-    items: list[tuple[str, tuple[tuple[int, ...], str] | None]],
+    items: list[tuple[str, _Cached | None]],
     workers: int,
     tick: _Tick | None = None,
 ) -> list[_Outcome]:
@@ -588,7 +647,7 @@ def _fork_map(
         if status == 0:
             results[index] = [_outcome_from_json(o) for o in json.loads(data)]
             if tick is not None:
-                tick(sum(o[1][2] for o in results[index] if not isinstance(o, FlowpinError)))
+                tick(sum(o[2][2] for o in results[index] if not isinstance(o, FlowpinError)))
         else:
             results[index] = _hash_batch(algorithm, shares[index], tick)
     return [outcome for share in results for outcome in share]
@@ -597,15 +656,15 @@ def _fork_map(
 def _outcome_to_json(outcome: _Outcome) -> list[Any]:
     if isinstance(outcome, FlowpinError):
         return ["error", type(outcome).__name__, str(outcome)]
-    return ["ok", outcome[0], list(outcome[1])]
+    return ["ok", outcome[0], outcome[1], list(outcome[2])]
 
 
 def _outcome_from_json(value: list[Any]) -> _Outcome:
     if value[0] == "error":
         cls = {c.__name__: c for c in (ArtifactMissingError, ArtifactUnreadableError)}.get(value[1], FlowpinError)
         return cls(value[2])
-    key = value[2]
-    return value[1], (key[0], key[1], key[2], key[3], key[4])
+    key = value[3]
+    return value[1], value[2], (key[0], key[1], key[2], key[3], key[4])
 
 
 def _fork_is_cheap() -> bool:
@@ -630,9 +689,7 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-def _hash_batch(
-    algorithm: str, items: list[tuple[str, tuple[tuple[int, ...], str] | None]], tick: _Tick | None = None
-) -> list[_Outcome]:
+def _hash_batch(algorithm: str, items: list[tuple[str, _Cached | None]], tick: _Tick | None = None) -> list[_Outcome]:
     """Stat each file; reuse the cached digest when the stat key is unchanged, else read and hash it.
 
     Runs in worker processes (there without ``tick``); per-file failures come back as FlowpinError values.
@@ -646,11 +703,12 @@ def _hash_batch(
                 continue
             key: _StatKey = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
             if cached is not None and cached[0] == key:
-                out.append((cached[1], key))
+                out.append((cached[1], cached[2], key))
                 if tick is not None:
                     tick(st.st_size)
             else:
-                out.append((hash_file(path, algorithm, size_hint=st.st_size, on_bytes=tick), key))
+                content, raw = hash_file_digests(path, algorithm, size_hint=st.st_size, on_bytes=tick)
+                out.append((content, raw, key))
         except FlowpinError as exc:
             out.append(exc)
         except FileNotFoundError:

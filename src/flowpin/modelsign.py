@@ -18,8 +18,9 @@ so checkpoints get a second, separate key pair and signature:
   checkpoint, because checkpoints live in DVC-tracked directories (``runs/<stage>/checkpoints``) whose
   digest a new file would change: by default ``<run>/model-signatures/<step-NNNNNN>.sig`` for a
   checkpoint in a ``checkpoints/`` directory, else ``<checkpoint>.sig`` beside it. Written atomically.
-* **Sign**: flowpin's own integrity check first (every file's sha256 against ``state.json``, and no
-  file that is not part of the checkpoint), so a damaged checkpoint is never signed; nothing is ignored
+* **Sign**: flowpin's own integrity check first (every file's sha256 against ``state.json``, every
+  ``*.safetensors`` header and offsets as flowpin's loader checks them, and no file that is not part of
+  the checkpoint), so a damaged or crafted checkpoint is never signed; nothing is ignored
   (git-related names included); afterwards the signed statement's digests are compared with
   ``state.json``'s records, so what was signed is exactly what flowpin checked.
 * **Verify**: the bundle's key hint must name a trusted key; model-signing checks the ECDSA signature
@@ -34,7 +35,6 @@ import base64
 import binascii
 import dataclasses
 import hashlib
-import json
 import os
 import shlex
 import stat
@@ -47,7 +47,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from flowpin.atomic import atomic_write_bytes
+from flowpin.atomic import atomic_create_exclusive, atomic_write_bytes
 from flowpin.errors import (
     BadModelSignatureError,
     CheckpointError,
@@ -57,9 +57,13 @@ from flowpin.errors import (
     ModelSigningError,
     ModelSigningInputError,
     ModelSigningKeyError,
+    StrictJSONError,
     UntrustedModelKeyError,
 )
-from flowpin.train.checkpoint import STATE_FILE, read_state
+from flowpin.jsonio import loads_strict
+from flowpin.safeio import read_regular
+from flowpin.tensorfile import validate_safetensors
+from flowpin.train.checkpoint import MAX_STATE_BYTES, STATE_FILE, read_state
 
 KEY_ENV = "FLOWPIN_MODEL_SIGNING_KEY"
 """Environment variable naming the private key file (overrides :data:`DEFAULT_KEY_PATH`)."""
@@ -106,7 +110,11 @@ class SignedCheckpoint:
     """Relative file name -> sha256, as signed (and equal to ``state.json``'s records)."""
 
     def openssf_command(self) -> str:
-        """The ``model_signing verify key`` command line that checks this signature without flowpin."""
+        """The ``model_signing verify key`` command line that checks this signature without flowpin.
+
+        ``--no-ignore-git-paths``: by default the OpenSSF tool skips ``.git*`` files in the model
+        directory, so a ``.gitignore`` dropped into the checkpoint after signing would pass it.
+        """
         return shlex.join(
             [
                 "model_signing",
@@ -116,6 +124,7 @@ class SignedCheckpoint:
                 _shown(self.signature),
                 "--public_key",
                 _shown(self.public_key),
+                "--no-ignore-git-paths",
                 _shown(self.checkpoint),
             ]
         )
@@ -152,19 +161,50 @@ def _info(root: Path, path: Path, public: ec.EllipticCurvePublicKey) -> KeyInfo:
 
 
 def init_key(root: Path, *, key_path: Path | None = None, force: bool = False) -> KeyInfo:
-    """Create an EC P-256 private key (0600, atomically) and trust its public key in ``keys/model-signing/``."""
+    """Create an EC P-256 private key (0600, atomically) and trust its public key in ``keys/model-signing/``.
+
+    Without ``force`` the private key is created exclusively: of two concurrent calls one creates it and
+    the other raises, so no key is lost and only the surviving key is trusted.
+    """
     path = key_path or default_key_path(root)
-    if path.exists() and not force:
+    info = None if path.exists() and not force else _create_key(root, path, force=force)
+    if info is None:
         raise ModelSigningKeyError(
             f"{path} already exists; use it, or pass --force to replace it (signatures it made stay valid as "
             "long as its public key stays in keys/model-signing/)"
         )
+    return info
+
+
+def init_key_if_missing(root: Path, key_path: Path | None = None) -> tuple[KeyInfo, bool, bool]:
+    """The model-signing key, created unless one exists; ``(info, created, trusted_now)``.
+
+    Safe to run concurrently: exactly one caller creates the key, the others load it. An existing key
+    whose public key is missing from ``keys/model-signing/`` (a key-init killed in between) is trusted now.
+    """
+    path = key_path or default_key_path(root)
+    if not path.exists():
+        created = _create_key(root, path, force=False)
+        if created is not None:
+            return created, True, True
+    info, private = load_private_key(root, path)
+    if info.public_path.is_file():
+        return info, False, False
+    trust_public_key(root, _public_pem(private.public_key()))
+    return info, False, True
+
+
+def _create_key(root: Path, path: Path, *, force: bool) -> KeyInfo | None:
+    """Write a new private key (0600) to ``path`` and trust its public key; None if ``path`` was taken."""
     private = ec.generate_private_key(ec.SECP256R1())
     pem = private.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    atomic_write_bytes(path, pem, mode=0o600)
+    if force:
+        atomic_write_bytes(path, pem, mode=0o600)
+    elif not atomic_create_exclusive(path, pem, mode=0o600):
+        return None  # another process created the key first: its key is the one, ours was never published
     info = _info(root, path, private.public_key())
     trust_public_key(root, _public_pem(private.public_key()))
     return info
@@ -194,7 +234,7 @@ def load_private_key(root: Path, key_path: Path | None = None) -> tuple[KeyInfo,
             f"run `chmod 600 {path}`"
         )
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        key = serialization.load_pem_private_key(_read_key(path, "model-signing key"), password=None)
     except (ValueError, TypeError) as exc:
         raise ModelSigningKeyError(
             f"{path} is not an unencrypted PEM private key ({exc}); recreate it with "
@@ -216,6 +256,17 @@ def _describe_key(key: object) -> str:
     return f"a {type(key).__name__}"
 
 
+MAX_KEY_BYTES = 64 << 10
+"""Largest key file read (a PEM EC key is a few hundred bytes)."""
+MAX_BUNDLE_BYTES = 64 << 20
+"""Largest signature bundle read (one digest per checkpoint file: a few KiB)."""
+
+
+def _read_key(path: Path, what: str) -> bytes:
+    """A key file's bytes: a regular file of at most :data:`MAX_KEY_BYTES` (never a FIFO or a device)."""
+    return read_regular(path, max_bytes=MAX_KEY_BYTES, what=what, fix="replace it with the PEM key file or remove it")
+
+
 def _load_public(pem: bytes, where: str) -> ec.EllipticCurvePublicKey:
     try:
         key = serialization.load_pem_public_key(pem)
@@ -235,7 +286,7 @@ def load_trusted_keys(root: Path) -> dict[str, Path]:
     trusted: dict[str, Path] = {}
     for path in sorted(directory.glob("*.pem")) if directory.is_dir() else []:
         try:
-            pem = path.read_bytes()
+            pem = _read_key(path, "trusted model-signing key")
         except OSError as exc:
             raise ModelSigningKeyError(f"cannot read trusted key {path}: {exc.strerror or exc}") from exc
         keyid = keyid_of(_load_public(pem, str(path)))
@@ -274,10 +325,11 @@ def checkpoint_files(checkpoint: Path) -> dict[str, str]:
     if not checkpoint.is_dir():
         raise ModelSigningInputError(f"no checkpoint directory at {checkpoint}; name a step-NNNNNN directory")
     state = read_state(checkpoint, verify_files=True)
-    raw = (checkpoint / STATE_FILE).read_bytes()
+    raw = read_regular(checkpoint / STATE_FILE, max_bytes=MAX_STATE_BYTES, what="checkpoint file")
     if state.source is None or state.source.state_sha256 != hashlib.sha256(raw).hexdigest():
         raise CheckpointError(f"{checkpoint / STATE_FILE}: changed while it was being checked; retry")
-    expected = {name: str(entry["sha256"]) for name, entry in json.loads(raw)["files"].items()}
+    files = loads_strict(raw, where=str(checkpoint / STATE_FILE), max_bytes=MAX_STATE_BYTES)["files"]
+    expected = {name: str(entry["sha256"]) for name, entry in files.items()}
     expected[STATE_FILE] = state.source.state_sha256
     for child in sorted(checkpoint.iterdir()):
         if child.name not in expected or child.is_symlink() or not child.is_file():
@@ -286,6 +338,29 @@ def checkpoint_files(checkpoint: Path) -> dict[str, str]:
                 "move it out of the checkpoint directory"
             )
     return expected
+
+
+def check_tensor_files(checkpoint: Path, expected: Mapping[str, str]) -> None:
+    """Validate the header and offsets of every ``*.safetensors`` file of a checked checkpoint.
+
+    ``state.json`` is not signed, so a crafted tensor file re-pinned there passes :func:`checkpoint_files`;
+    :func:`flowpin.tensorfile.validate_safetensors` is what flowpin's loader holds it to, and a checkpoint
+    that loader would refuse must not be signed. The bytes validated must still have the sha256 in
+    ``expected`` (what is then signed and cross-checked), so a file swapped meanwhile is refused too.
+    """
+    for name in sorted(expected):
+        if not name.endswith(".safetensors"):
+            continue
+        path = checkpoint / name
+        data = path.read_bytes()  # checkpoint_files: a regular file of the checkpoint, no symlink
+        if hashlib.sha256(data).hexdigest() != expected[name]:
+            raise CheckpointError(f"{path}: changed while it was being checked; retry")
+        validate_safetensors(
+            data,
+            where=str(path),
+            fix="flowpin's loader would refuse this checkpoint, so it is not signed -- restore it or sign an "
+            "earlier checkpoint",
+        )
 
 
 # --- bundle ---------------------------------------------------------------------------------------
@@ -312,7 +387,7 @@ def parse_bundle(data: bytes, where: str) -> Bundle:
     """Decode a model-signing bundle's key hint and statement; structure only, no signature check."""
     fix = "re-sign the checkpoint with `flowpin model-sign sign` or restore the signature file"
     try:
-        document = json.loads(data)
+        document = loads_strict(data, where=where, max_bytes=MAX_BUNDLE_BYTES)
         if document["mediaType"] != BUNDLE_MEDIA_TYPE:
             raise ModelSignatureFormatError(
                 f"{where}: media type {document['mediaType']!r}, expected {BUNDLE_MEDIA_TYPE!r}; {fix}"
@@ -322,10 +397,11 @@ def parse_bundle(data: bytes, where: str) -> Bundle:
         envelope = document["dsseEnvelope"]
         if envelope["payloadType"] != PAYLOAD_TYPE:
             raise ModelSignatureFormatError(f"{where}: DSSE payload type {envelope['payloadType']!r}; {fix}")
-        statement = json.loads(base64.b64decode(envelope["payload"], validate=True))
+        payload = base64.b64decode(envelope["payload"], validate=True)
+        statement = loads_strict(payload, where=f"{where}: payload", max_bytes=MAX_BUNDLE_BYTES)
     except ModelSignatureFormatError:
         raise
-    except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
+    except (StrictJSONError, ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
         raise ModelSignatureFormatError(
             f"{where}: not a model-signing Sigstore bundle ({type(exc).__name__}: {exc}); {fix}"
         ) from exc
@@ -386,6 +462,7 @@ def sign_checkpoint(
             f"what it signs; add it: `openssl pkey -in {info.path} -pubout -out {info.public_path}`"
         )
     expected = checkpoint_files(checkpoint)  # a damaged checkpoint is never signed
+    check_tensor_files(checkpoint, expected)  # nor a crafted one re-pinned in state.json
     with tempfile.TemporaryDirectory(prefix="flowpin-modelsign-") as tmp:
         out = Path(tmp) / "bundle.sig"
         try:
@@ -425,7 +502,7 @@ def verify_checkpoint(checkpoint: Path, *, root: Path, signature: Path | None = 
     if not checkpoint.is_dir():
         raise ModelSigningInputError(f"no checkpoint directory at {checkpoint}; name a step-NNNNNN directory")
     try:
-        data = sig_path.read_bytes()
+        data = read_regular(sig_path, max_bytes=MAX_BUNDLE_BYTES, what="model-signing signature")
     except FileNotFoundError as exc:
         raise ModelSigningInputError(
             f"no signature at {sig_path}; sign the checkpoint with `flowpin model-sign sign {checkpoint}`, or pass "
@@ -475,6 +552,7 @@ def verify_checkpoint(checkpoint: Path, *, root: Path, signature: Path | None = 
                     f"{where}: model-signing could not read it ({type(exc).__name__}: {exc}); re-sign the checkpoint"
                 ) from exc
             expected = checkpoint_files(checkpoint)
+            check_tensor_files(checkpoint, expected)
             _cross_check(bundle, expected, where)
             return SignedCheckpoint(
                 checkpoint=checkpoint, signature=sig_path, keyid=keyid, public_key=trusted[keyid], files=expected
@@ -494,10 +572,12 @@ __all__ = [
     "Bundle",
     "KeyInfo",
     "SignedCheckpoint",
+    "check_tensor_files",
     "checkpoint_files",
     "default_key_path",
     "default_signature_path",
     "init_key",
+    "init_key_if_missing",
     "keyid_of",
     "load_private_key",
     "load_trusted_keys",

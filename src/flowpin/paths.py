@@ -3,7 +3,9 @@
 An artifact name is a repository-relative POSIX path (``data/ingest/shard-00000.jsonl.zst``). It is
 what gets hashed and signed, so it must not depend on where the checkout lives: absolute paths,
 ``..`` components, backslashes and empty names are refused, and so is any path that (through
-symlinks) resolves outside the repository.
+symlinks) resolves outside the repository. :func:`check_output_path` applies the same rules to a path a
+recipe key (``paths.out``, ``hydra.run.dir``, ``flowpin fork --out``...) tells flowpin to write, naming the key,
+before anything is written.
 """
 
 from __future__ import annotations
@@ -53,6 +55,58 @@ def check_name(name: str) -> str:
     if normal in ("", "."):
         raise PathError(f"artifact name {name!r} names the repository root itself; name a file or directory in it")
     return normal
+
+
+PROTECTED = (".git", ".dvc", "keys", ".flowpin/keys")
+"""Repository places no stage output (nor anything Hydra writes) may land in: git's and DVC's own state, the
+trusted public keys and the signing key."""
+
+
+def check_output_path(value: object, root: Path, *, what: str) -> str:
+    """Validate a path a stage is told to write (or read) and return it as an artifact name.
+
+    ``value`` is a recipe value such as ``paths.out``, named in every message by ``what``. Refused, with a
+    :class:`PathError` naming ``what``, the value and the fix, *before* anything is written: an empty or
+    non-string value, a backslash or NUL, an absolute path, a ``..`` component, the repository root itself,
+    a path inside (or holding) one of :data:`PROTECTED` (``.git/``, ``.dvc/``, ``keys/``, ``.flowpin/keys/``),
+    and a path whose existing parents are symlinks resolving outside the repository (or into a protected place).
+    """
+    fix = f"set {what} to a path inside the repository, relative to its root (e.g. data/<name>)"
+    if not isinstance(value, str) or not value.strip():
+        raise PathError(f"{what}={value!r} is empty or not a path; {fix}")
+    if "\\" in value or "\x00" in value:
+        raise PathError(f"{what}={value!r} contains a backslash or NUL; {fix}, '/' separated")
+    pure = PurePosixPath(value)
+    if pure.is_absolute():
+        raise PathError(f"{what}={value!r} is absolute; {fix}")
+    if ".." in pure.parts:
+        raise PathError(f"{what}={value!r} contains '..' and could leave the repository; {fix}")
+    name = pure.as_posix()
+    if name == ".":
+        raise PathError(f"{what}={value!r} names the repository root itself; {fix}, naming a file or directory in it")
+    _refuse_protected(name, value, what, fix)
+    real_root = root.resolve()
+    try:
+        real = (root / name).resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise PathError(f"{what}={value!r}: cannot resolve ({exc}); remove the symlink loop or {fix}") from exc
+    if real == real_root:
+        raise PathError(f"{what}={value!r} resolves (through a symlink) to the repository root itself; {fix}")
+    if real_root not in real.parents:
+        raise PathError(
+            f"{what}={value!r} resolves through a symlink to {real}, outside the repository {real_root}; "
+            f"replace the symlink with a real directory or {fix}"
+        )
+    _refuse_protected(real.relative_to(real_root).as_posix(), value, what, fix)
+    return name
+
+
+def _refuse_protected(name: str, value: object, what: str, fix: str) -> None:
+    for place in PROTECTED:
+        if name == place or name.startswith(place + "/"):
+            raise PathError(f"{what}={value!r} lies in {place}/, which is no stage's to read or write; {fix}")
+        if place.startswith(name + "/"):  # a directory output replaces its whole tree
+            raise PathError(f"{what}={value!r} holds {place}/, which no stage may replace; {fix}")
 
 
 def to_name(path: str | os.PathLike[str], root: Path) -> str:

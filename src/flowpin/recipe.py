@@ -3,14 +3,18 @@
 Library code never sees a ``DictConfig``: a stage script composes its recipe with Hydra (from
 ``params/``), calls :func:`to_config` to get the stage's dataclass (unknown keys and wrong types raise
 :class:`RecipeError` naming the key), and :func:`hydra_sources` to learn which overrides were given and
-which recipe files were composed, so that the manifest can pin them.
+which recipe files were composed, so that the manifest can pin them: every override given, Hydra's own
+(``hydra.run.dir=...``) included. :func:`check_hydra_outputs` refuses Hydra settings that would write
+outside the repository (run/sweep directories, ``.hydra/`` snapshot, log files) before Hydra writes.
 """
 
 from __future__ import annotations
 
 import collections.abc
+import copy
 import dataclasses
 import math
+import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -20,7 +24,8 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from flowpin.errors import RecipeError
+from flowpin.errors import PathError, RecipeError
+from flowpin.paths import check_output_path, find_root
 
 T = TypeVar("T")
 
@@ -153,7 +158,9 @@ class HydraSources:
     config_name: str
     """Primary config name (``params/<config_name>.yaml``)."""
     overrides: tuple[str, ...]
-    """Task overrides given on the command line (``optim.lr=1e-3``), in the order given."""
+    """Every override given on the command line: the task's (``optim.lr=1e-3``) in the order given, then
+    Hydra's own (``hydra.run.dir=...``, ``hydra/launcher=joblib``) in the order given, without the
+    ``hydra.mode=...`` Hydra appends itself (:func:`user_hydra_overrides`)."""
     config_files: tuple[Path, ...]
     """Absolute paths of every recipe file composed: the primary config and each chosen group option."""
 
@@ -174,7 +181,133 @@ def hydra_sources(config_dir: Path) -> HydraSources:
         candidate = config_dir / group / f"{option}.yaml"
         if candidate.is_file():
             files.append(candidate)
-    return HydraSources(config_name=name, overrides=tuple(hc.overrides.task), config_files=tuple(files))
+    overrides = (*hc.overrides.task, *user_hydra_overrides(hc.overrides.hydra))
+    return HydraSources(config_name=name, overrides=overrides, config_files=tuple(files))
+
+
+def user_hydra_overrides(overrides: Sequence[str]) -> tuple[str, ...]:
+    """The Hydra overrides (``hydra.*``, ``hydra/<group>=``) a user gave, as Hydra keeps them apart from the
+    task's (``HydraConfig.overrides.hydra``). ``hydra.mode=RUN|MULTIRUN`` is left out: Hydra appends it itself
+    for every run (``-m`` or not), and a sweep job's manifest says it was one (its ``sweep-job`` note)."""
+    return tuple(str(o) for o in overrides if not str(o).lstrip("+~").startswith("hydra.mode="))
+
+
+# --- where Hydra writes -------------------------------------------------------------------------------
+
+
+def hydra_fix(key: str) -> str:
+    """How-to-fix suffix of a refused Hydra output location."""
+    return (
+        f"set {key} to a path inside the repository, relative to its root (the defaults are in "
+        "params/common/hydra.yaml), and run the stage from the repository root"
+    )
+
+
+def check_hydra_location(key: str, location: str | os.PathLike[str], root: Path, *, value: object = None) -> str:
+    """Refuse (:class:`PathError` naming ``key``) a place Hydra writes (``location``, absolute or relative to
+    the working directory, as Hydra takes it) unless it lies inside ``root`` (:func:`check_output_path`'s
+    rules: no symlink out, nothing under ``.git/``, ``.dvc/``, ``keys/``...); returns its artifact name."""
+    given = location if value is None else value
+    full = Path(os.path.abspath(location))
+    real_root = root.resolve()
+    for base in (root.absolute(), real_root):
+        if full == base or base in full.parents:
+            name = full.relative_to(base).as_posix()
+            break
+    else:
+        raise PathError(
+            f"{key}={str(given)!r}: Hydra would write to {full} (from the working directory {os.getcwd()}), "
+            f"outside the repository {real_root}; {hydra_fix(key)}"
+        )
+    try:
+        return check_output_path(name, root, what=key)
+    except PathError as exc:
+        raise PathError(f"{exc} (Hydra would write to {full}; {key} was {str(given)!r})") from exc
+
+
+def check_hydra_outputs(config: DictConfig, *, multirun: bool, root: Path | None = None) -> None:
+    """Refuse a run whose Hydra settings would write outside the repository, before Hydra writes anything.
+
+    ``config`` is the composed config with its ``hydra`` node, as Hydra's callbacks get it in
+    ``on_run_start`` / ``on_multirun_start`` (before the run or sweep directory is created, the log opened,
+    ``.hydra/`` saved). Checked (:func:`check_hydra_location`): the run directory (``hydra.run.dir``), or the
+    sweep directory and job 0's directory (``hydra.sweep.dir``, ``hydra.sweep.subdir``); the ``.hydra/``
+    snapshot (``hydra.output_subdir``); the file of every logging handler (``hydra.job_logging`` and
+    ``hydra.hydra_logging`` handlers' ``filename``); a launcher's ``submitit_folder``. A value given as an
+    absolute path is refused even inside the repository: the manifest records the overrides as given and holds
+    no absolute path. ``root`` defaults to the parent of the primary config directory (``<root>/params``).
+    """
+    root = root or config_root(config)
+    probe = copy.deepcopy(config)
+    OmegaConf.set_readonly(probe, False)
+    OmegaConf.set_struct(probe, False)
+    if multirun:  # the job's own values, as the launcher sets them: job 0 stands for every job
+        probe.hydra.job.num = 0
+        probe.hydra.job.id = "0"
+    locations: list[tuple[str, str]] = []  # (key, location: absolute or relative to the working directory)
+    from hydra.core.hydra_config import HydraConfig
+
+    saved = HydraConfig.instance().cfg
+    try:
+        HydraConfig.instance().set_config(probe)  # for ${hydra:...} interpolations, as run_job sets it
+        dir_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+        job_dir = _resolved(probe, dir_key)
+        locations.append((dir_key, job_dir))
+        if multirun:
+            job_dir = os.path.join(job_dir, _resolved(probe, "hydra.sweep.subdir"))
+            locations.append(("hydra.sweep.subdir", job_dir))
+        OmegaConf.set_readonly(probe.hydra, False)
+        probe.hydra.runtime.output_dir = os.path.abspath(job_dir)  # what the log file names interpolate
+        HydraConfig.instance().set_config(probe)
+        subdir = _resolved(probe, "hydra.output_subdir", optional=True)
+        if subdir is not None:
+            locations.append(("hydra.output_subdir", os.path.join(job_dir, subdir)))
+        for logging in ("hydra.job_logging", "hydra.hydra_logging"):
+            for handler, spec in _raw_mapping(probe, f"{logging}.handlers").items():
+                if isinstance(spec, Mapping) and spec.get("filename") is not None:
+                    key = f"{logging}.handlers.{handler}.filename"
+                    locations.append((key, str(_resolved(probe, key))))
+        if multirun and _raw_mapping(probe, "hydra.launcher").get("submitit_folder") is not None:
+            locations.append(("hydra.launcher.submitit_folder", _resolved(probe, "hydra.launcher.submitit_folder")))
+    finally:
+        HydraConfig.instance().cfg = saved
+    for key, location in locations:
+        parent, _, leaf = key.rpartition(".")
+        raw = _raw_mapping(config, parent).get(leaf)
+        if isinstance(raw, str) and "${" not in raw and os.path.isabs(raw):
+            raise PathError(
+                f"{key}={raw!r} is absolute; the manifest records every override as given and never holds an "
+                f"absolute path; {hydra_fix(key)}"
+            )
+        check_hydra_location(key, location, root, value=raw)
+
+
+def config_root(config: DictConfig) -> Path:
+    """The project a Hydra app runs in: the parent of its primary config directory (``<root>/params``, the
+    ``config_path`` of every stage script), else :func:`~flowpin.paths.find_root`."""
+    for source in OmegaConf.select(config, "hydra.runtime.config_sources") or []:
+        if source.get("provider") == "main" and source.get("schema") == "file" and source.get("path"):
+            return Path(str(source["path"])).resolve().parent
+    return find_root()
+
+
+def _resolved(config: DictConfig, key: str, *, optional: bool = False) -> Any:
+    try:
+        value = OmegaConf.select(config, key, throw_on_missing=True)
+    except OmegaConfBaseException as exc:
+        raise RecipeError(f"{key}: cannot resolve ({str(exc).splitlines()[0]}); fix the override") from exc
+    if value is None and not optional:
+        raise RecipeError(f"{key}: not set; {hydra_fix(key)}")
+    return None if value is None else str(value)
+
+
+def _raw_mapping(config: DictConfig, key: str) -> Mapping[str, Any]:
+    """The node at ``key`` as a plain mapping, interpolations unresolved ({} when absent or not a mapping)."""
+    node = OmegaConf.select(config, key, default=None, throw_on_resolution_failure=False)
+    if not isinstance(node, DictConfig):
+        return {}
+    plain = OmegaConf.to_container(node, resolve=False)
+    return {str(k): v for k, v in plain.items()} if isinstance(plain, dict) else {}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

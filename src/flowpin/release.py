@@ -53,12 +53,16 @@ from flowpin.errors import (
     ReleaseTamperedError,
     ReleaseTargetError,
     StoreObjectMissingError,
+    StrictJSONError,
     UntrustedKeyError,
 )
-from flowpin.hashing import DEFAULT_ALGORITHM, Hasher, default_cache
-from flowpin.manifest.model import MANIFEST_DIR, load_manifest
+from flowpin.hashing import DEFAULT_ALGORITHM, Hasher
+from flowpin.jsonio import loads_strict
+from flowpin.manifest.model import MANIFEST_DIR
+from flowpin.manifest.trust import load_verified
 from flowpin.manifest.verify import verify_manifest
 from flowpin.paths import check_name
+from flowpin.safeio import open_regular, read_regular
 from flowpin.signing import TRUST_DIR, load_signer, load_trust_store, verify_envelope
 
 RELEASE_PAYLOAD_TYPE = "application/vnd.flowpin.release+json"
@@ -73,6 +77,8 @@ RECORD_PATHS = ("dvc.yaml", "dvc.lock", MANIFEST_DIR, TRUST_DIR, "params")
 """What of the commit is copied beside the bundle as the release record (files, or trees)."""
 _MD5 = re.compile(r"[0-9a-f]{32}")
 _CHUNK = 1 << 20
+MAX_RELEASE_JSON_BYTES = 256 << 20
+"""Largest ``release.json`` (and DVC ``.dir`` object) read: one ~200-byte entry per file, so over a million files."""
 
 
 # --- values ---------------------------------------------------------------------------------------
@@ -280,15 +286,13 @@ def _check_dvc_status(root: Path, stages: Sequence[str]) -> None:
 
 
 def _check_manifests(root: Path, manifests: Sequence[str], trusted: dict[str, Ed25519PublicKey]) -> None:
-    cache = default_cache(root)
-    try:
-        hasher = Hasher(root, DEFAULT_ALGORITHM, cache=cache)
-        failures: list[str] = []
-        for name in manifests:
-            report = verify_manifest(root / name, root=root, trusted=trusted, hasher=hasher)
-            failures.extend(f"{name}: {finding}" for finding in report.findings)
-    finally:
-        cache.close()
+    # Every file is read: the stat cache is a local speed-up anyone with write access to .flowpin/ can
+    # edit, never evidence for a release (docs/hardening.md, "Trust model: the stat cache").
+    hasher = Hasher(root, DEFAULT_ALGORITHM, cache=None)
+    failures: list[str] = []
+    for name in manifests:
+        report = verify_manifest(root / name, root=root, trusted=trusted, hasher=hasher)
+        failures.extend(f"{name}: {finding}" for finding in report.findings)
     if failures:
         raise ReleaseIncoherentError(
             f"{len(failures)} finding(s) in the committed manifests: {'; '.join(failures[:5])}; "
@@ -303,7 +307,8 @@ def _check_carried(root: Path, manifests: Sequence[str], outs: Sequence[LockedOu
     stored = [o.path for o in outs if o.carrier == "store"]
     missing = []
     for name in manifests:
-        m = load_manifest(root / name)
+        # verified in full by _check_manifests just before; never read one that is not signed by a trusted key
+        m = load_verified(root / name, root=root, check="signature", purpose="release it")
         entries = list(m.subjects) + [
             d for d in m.dependencies if d["annotations"]["flowpin.type"] not in ("fileset", "manifest")
         ]
@@ -334,7 +339,8 @@ def _cache_objects(cache: Path, outs: Sequence[LockedOut]) -> dict[str, Path]:
             )
         objects[name] = path
         if out.md5.endswith(".dir"):
-            for md5, relpath in _dir_entries(path.read_bytes(), f"{out.path} ({path})", ReleaseIncoherentError):
+            listing = read_regular(path, max_bytes=MAX_RELEASE_JSON_BYTES, what="DVC cache object")
+            for md5, relpath in _dir_entries(listing, f"{out.path} ({path})", ReleaseIncoherentError):
                 entry = cache / object_name(md5)
                 if not entry.is_file():
                     raise StoreObjectMissingError(
@@ -452,7 +458,7 @@ def import_release(root: Path, release: Path, *, expect_keyid: str | None = None
             f"check it out first: git checkout {statement['commit']}"
         )
     _check_same_record(root, listed)
-    lock = (root / "dvc.lock").read_bytes()
+    lock = read_regular(root / "dvc.lock", max_bytes=MAX_RELEASE_JSON_BYTES, what="lock file", follow_symlinks=False)
     outs = locked_outs(root, lock, tracked=_head_tree(root).keys())
     released = _locked_stages(lock)
     store = release / STORE_DIR
@@ -487,9 +493,14 @@ def _expected_key(trusted: dict[str, Ed25519PublicKey], expected: str, root: Pat
     return matches
 
 
+_AGAIN = "the release is corrupt or was tampered with: get it again from the exporting lab"
+
+
 def _read_envelope(path: Path) -> dict[str, Any]:
     try:
-        data = path.read_bytes()
+        data = read_regular(
+            path, max_bytes=MAX_RELEASE_JSON_BYTES, what="release file", follow_symlinks=False, fix=_AGAIN
+        )
     except FileNotFoundError as exc:
         raise NotAReleaseError(
             f"{path.parent} is not a release directory: no {RELEASE_FILE}; "
@@ -498,9 +509,9 @@ def _read_envelope(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise NotAReleaseError(f"cannot read {path} ({exc.strerror}); check the path and permissions") from exc
     try:
-        envelope = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise NotAReleaseError(f"{path} is not JSON ({exc}); the release is corrupt or truncated") from exc
+        envelope = loads_strict(data, where=str(path), max_bytes=MAX_RELEASE_JSON_BYTES)
+    except StrictJSONError as exc:  # not JSON, a repeated key, NaN, too deep
+        raise NotAReleaseError(f"{path} is not strict JSON ({exc.reason}); {_AGAIN}") from exc
     if not isinstance(envelope, dict) or envelope.get("payloadType") != RELEASE_PAYLOAD_TYPE:
         kind = envelope.get("payloadType") if isinstance(envelope, dict) else type(envelope).__name__
         raise NotAReleaseError(
@@ -514,9 +525,10 @@ def _parse_statement(envelope: dict[str, Any], where: str) -> dict[str, Any]:
     from flowpin.signing import decode_b64
 
     try:
-        statement = json.loads(decode_b64(envelope.get("payload"), f"{where}: payload"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise NotAReleaseError(f"{where}: the signed payload is not JSON ({exc})") from exc
+        payload = decode_b64(envelope.get("payload"), f"{where}: payload")
+        statement = loads_strict(payload, where=f"{where}: payload", max_bytes=MAX_RELEASE_JSON_BYTES)
+    except StrictJSONError as exc:
+        raise NotAReleaseError(f"{where}: the signed payload is not strict JSON ({exc.reason}); {_AGAIN}") from exc
     if not isinstance(statement, dict) or statement.get("_type") != RELEASE_TYPE:
         raise NotAReleaseError(f"{where}: the payload is not a flowpin release statement ({RELEASE_TYPE})")
     if statement.get("releaseVersion") != RELEASE_VERSION:
@@ -621,7 +633,10 @@ def _store_needs(store: Path, outs: Sequence[LockedOut], present: set[str]) -> i
             )
         needed.add(name)
         if out.md5.endswith(".dir"):
-            for md5, relpath in _dir_entries((store / name).read_bytes(), str(store / name), NotAReleaseError):
+            listing = read_regular(
+                store / name, max_bytes=MAX_RELEASE_JSON_BYTES, what="release store object", follow_symlinks=False
+            )
+            for md5, relpath in _dir_entries(listing, str(store / name), NotAReleaseError):
                 if f"{STORE_DIR}/{object_name(md5)}" not in present:
                     raise StoreObjectMissingError(
                         f"{out.path}/{relpath} (md5 {md5}) has no object in {store}; the release is incomplete — "
@@ -688,9 +703,9 @@ def _dvc_yaml_stages(root: Path) -> set[str]:
 def _dir_entries(data: bytes, where: str, error: type[FlowpinError]) -> list[tuple[str, str]]:
     """(md5, relpath) of every file a DVC ``.dir`` object lists."""
     try:
-        entries = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise error(f"{where}: the .dir object is not JSON ({exc})") from exc
+        entries = loads_strict(data, where=where, max_bytes=MAX_RELEASE_JSON_BYTES)
+    except StrictJSONError as exc:
+        raise error(f"{where}: the .dir object is not strict JSON ({exc.reason})") from exc
     result = []
     for entry in entries if isinstance(entries, list) else [None]:
         if not isinstance(entry, dict) or not isinstance(entry.get("md5"), str) or not _MD5.fullmatch(entry["md5"]):
@@ -766,8 +781,8 @@ def _run(root: Path, cmd: Sequence[str], error: type[FlowpinError], *, stdin: by
 
 def _sha256_file(path: Path) -> tuple[str, int]:
     sha, size = hashlib.sha256(), 0
-    with path.open("rb") as fh:
-        while block := fh.read(_CHUNK):
+    with open_regular(path, max_bytes=None, what="release file", follow_symlinks=False, fix=_AGAIN) as f:
+        while block := os.read(f.fd, _CHUNK):
             sha.update(block)
             size += len(block)
     return sha.hexdigest(), size

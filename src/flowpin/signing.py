@@ -10,7 +10,9 @@
   world-accessible. Default location ``.flowpin/keys/signing.key`` (gitignored); ``FLOWPIN_SIGNING_KEY``
   overrides it.
 * **Trust store**: the committed ``keys/`` directory; every ``*.pub`` file in it is a PEM
-  SubjectPublicKeyInfo Ed25519 key that flowpin trusts.
+  SubjectPublicKeyInfo Ed25519 key that flowpin trusts, named ``<keyid>.pub`` (any other name is
+  refused, so a review of ``keys/`` sees which key it trusts). Extra directories (``verify --trust``)
+  may name their files freely.
 """
 
 from __future__ import annotations
@@ -27,14 +29,16 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from flowpin.atomic import atomic_write_bytes
+from flowpin.atomic import atomic_create_exclusive, atomic_write_bytes
 from flowpin.errors import (
+    ArtifactUnreadableError,
     BadSignatureError,
     KeyFileError,
     MissingSignatureError,
     UntrustedKeyError,
 )
 from flowpin.failpoints import failpoint
+from flowpin.safeio import read_regular
 
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 TRUST_DIR = "keys"
@@ -83,17 +87,44 @@ def init_key(root: Path, *, key_path: Path | None = None, force: bool = False) -
     """Create a new signing key (0600) and add its public key to the trust store ``keys/``.
 
     The private key is published first, then its public key: a crash between the two leaves a key that
-    :func:`ensure_trusted` (``flowpin key init --if-missing``) completes.
+    :func:`ensure_trusted` (``flowpin key init --if-missing``) completes. Without ``force`` the private
+    key is created exclusively (:func:`~flowpin.atomic.atomic_create_exclusive`): of two concurrent
+    calls one creates it and the other raises, so no key is lost and only the surviving key is trusted.
     """
     path = key_path or default_key_path(root)
-    if path.exists() and not force:
+    signer = None if path.exists() and not force else _create_key(root, path, force=force)
+    if signer is None:
         raise KeyFileError(f"{path} already exists; use it, or pass --force to replace it (old signatures stay valid)")
+    return signer
+
+
+def init_key_if_missing(root: Path, key_path: Path | None = None) -> tuple[Signer, bool, bool]:
+    """The signing key, created unless one exists; ``(signer, created, trusted_now)``.
+
+    Safe to run concurrently (``flowpin key init --if-missing`` from several shells or jobs at once):
+    exactly one caller creates the key; the others load that key and see ``created`` False. An existing
+    key whose public key is not trusted yet is trusted now (see :func:`ensure_trusted`).
+    """
+    path = key_path or default_key_path(root)
+    if not path.exists():
+        signer = _create_key(root, path, force=False)
+        if signer is not None:
+            return signer, True, True
+    signer, added = ensure_trusted(root, path)
+    return signer, False, added
+
+
+def _create_key(root: Path, path: Path, *, force: bool) -> Signer | None:
+    """Write a new private key (0600) to ``path`` and trust its public key; None if ``path`` was taken."""
     private = Ed25519PrivateKey.generate()
     pem = private.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    atomic_write_bytes(path, pem, mode=0o600)
+    if force:
+        atomic_write_bytes(path, pem, mode=0o600)
+    elif not atomic_create_exclusive(path, pem, mode=0o600):
+        return None  # another process created the key first: its key is the one, ours was never published
     failpoint("key.after-private", str(path))
     signer = Signer(private, keyid_of(private.public_key()))
     trust_public_key(root, signer.public_pem())
@@ -166,6 +197,10 @@ def _load_public(pem: bytes, where: str) -> Ed25519PublicKey:
     return key
 
 
+MAX_PUBLIC_KEY_BYTES = 64 << 10
+"""Largest trusted key file read (a PEM Ed25519 public key is 113 bytes)."""
+
+
 def load_trust_store(root: Path, extra_dirs: tuple[Path, ...] = ()) -> dict[str, Ed25519PublicKey]:
     """keyid → public key for every ``*.pub`` under ``keys/`` (and any extra directories)."""
     store: dict[str, Ed25519PublicKey] = {}
@@ -173,14 +208,24 @@ def load_trust_store(root: Path, extra_dirs: tuple[Path, ...] = ()) -> dict[str,
         if not directory.is_dir():
             continue
         for path in sorted(directory.glob("*.pub")):
-            try:
-                pem = path.read_bytes()
+            try:  # a regular file only: a FIFO or a device named *.pub would hang or exhaust memory
+                pem = read_regular(path, max_bytes=MAX_PUBLIC_KEY_BYTES, what="trusted key")
             except OSError as exc:
                 raise KeyFileError(
                     f"cannot read trusted key {path} ({exc.strerror or exc}); make it a readable PEM file or remove it"
                 ) from exc
+            except ArtifactUnreadableError as exc:  # not a regular file, or too large for a key
+                raise KeyFileError(f"{exc}; make it a readable PEM file or remove it") from exc
             key = _load_public(pem, str(path))
-            store[keyid_of(key)] = key
+            keyid = keyid_of(key)
+            if directory == root / TRUST_DIR and path.name != f"{keyid}.pub":
+                # The name is what a reviewer of a change to keys/ sees: it must say which key is trusted.
+                raise KeyFileError(
+                    f"{path} holds the Ed25519 key {keyid}, but a trusted key's file is named by its keyid; "
+                    f"rename it: `git mv {TRUST_DIR}/{path.name} {TRUST_DIR}/{keyid}.pub` (or remove it if you "
+                    "do not trust that key)"
+                )
+            store[keyid] = key
     return store
 
 

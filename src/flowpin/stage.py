@@ -13,7 +13,9 @@ call that is the stage's own work::
             run.report = result.report
 
 Nothing is recorded when the recipe is invalid (the previous manifest and outputs stay as they were);
-when the body raises, the stage's manifest is gone and its previous outputs are untouched.
+when the body raises, the stage's manifest is gone and its previous outputs are untouched. Every path of
+the ``paths`` block is checked first (:func:`check_stage_paths`: inside the repository, no ``..``, no
+symlink out, nothing under ``.git/``, ``.dvc/``, ``keys/``): a refused path leaves everything as it was.
 
 **Tracking.** Every run (rank 0) opens an experiment tracker before it records anything
 (:func:`track_stage`: an Aim run in ``<root>/.aim``, or nothing with ``FLOWPIN_TRACKING=off``; one that
@@ -38,17 +40,18 @@ import dataclasses
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Generic, TypeVar, cast
 
 from omegaconf import DictConfig
 
 from flowpin.atomic import atomic_directory, atomic_write_bytes
 from flowpin.canonical import canonical_json
-from flowpin.errors import FlowpinError, RecipeError
+from flowpin.errors import FlowpinError, PathError, RecipeError
 from flowpin.hashing import Hasher, hash_bytes
 from flowpin.manifest.record import StageRecorder, dvc_code_deps, record
-from flowpin.recipe import HydraSources, StagePaths, hydra_sources, to_config, to_plain
+from flowpin.paths import check_output_path
+from flowpin.recipe import HydraSources, StagePaths, check_hydra_location, hydra_sources, to_config, to_plain
 from flowpin.tracking.aim import StageTracker, numeric_leaves, open_stage_tracker
 from flowpin.tracking.base import NullTracker, Tracker
 
@@ -87,6 +90,12 @@ def stage_name(block: str, config_name: str, root: Path) -> str:
     if config_name and config_name != block and dvc_code_deps(root, config_name) is not None:
         return config_name
     return block
+
+
+def published_run_context(cfg: DictConfig) -> tuple[str, ...]:
+    """The recipe's ``provenance.run_context``: which run-context fields the manifest publishes."""
+    chosen = cfg.get("provenance", {}).get("run_context") or ()
+    return tuple(str(f) for f in chosen)
 
 
 @contextlib.contextmanager
@@ -163,12 +172,16 @@ def _stage_run(
     """
     recipe = to_config(config_cls, cfg[block], where=block)
     paths = to_config(StagePaths, cfg.paths, where="paths")
+    check_stage_paths(paths, root, run_dir=persistent_out)  # before anything is removed, created or swapped
+    check_hydra_dir(root)
     # --- sweeps hook (flowpin.sweep, docs/sweeps.md): a Hydra multirun job writes out/report/manifest under
     # its own job directory; the recipe keeps the declared paths (identity), the relocation is run metadata.
     from flowpin.sweep import sweep_job
 
     sweep = sweep_job(paths, root=root)
     paths = paths if sweep is None else sweep.paths
+    if sweep is not None:
+        check_stage_paths(paths, root, run_dir=persistent_out)
     # --- end sweeps hook
     for role in inputs:
         if role not in paths.inputs:
@@ -194,6 +207,7 @@ def _stage_run(
             config_files=src.config_files,
             root=root,
             manifest=paths.manifest,
+            publish=published_run_context(cfg),
         ) as rec,
     ):
         if sweep is not None:  # sweeps hook: where this job wrote (runDetails.byproducts "sweep-job")
@@ -217,6 +231,41 @@ def _stage_run(
         if tracker.active:
             tracker.log_metrics(0, numeric_leaves(run.report), {"subset": "report"})
         rec.note("tracking", **tracker.note())  # after the last log call before signing: a degraded run says so
+
+
+def check_stage_paths(paths: StagePaths, root: Path, *, run_dir: bool = False) -> None:
+    """Refuse a ``paths`` block that names anything outside the repository, before the stage touches a file.
+
+    Every key goes through :func:`~flowpin.paths.check_output_path` (a :class:`~flowpin.errors.PathError`
+    naming the key, e.g. ``paths.out``, the value and the fix): ``out``, ``report``, ``manifest`` and each
+    ``inputs.<role>.data`` / ``.manifest``. With ``run_dir`` (training stages, whose run directory is the
+    parent of ``paths.out``: metrics, tracker files) that parent must be a directory of its own too, not the
+    repository root.
+    """
+    for key in ("out", "report", "manifest"):
+        check_output_path(getattr(paths, key), root, what=f"paths.{key}")
+    if run_dir and PurePosixPath(paths.out).parent == PurePosixPath("."):
+        raise PathError(
+            f"paths.out={paths.out!r}: a training stage writes its run (metrics, tracker files) into the parent "
+            "of paths.out, here the repository root itself; set paths.out to <run dir>/checkpoints "
+            "(e.g. runs/pretrain/checkpoints)"
+        )
+    for role, upstream in paths.inputs.items():
+        check_output_path(upstream.data, root, what=f"paths.inputs.{role}.data")
+        check_output_path(upstream.manifest, root, what=f"paths.inputs.{role}.manifest")
+
+
+def check_hydra_dir(root: Path) -> None:
+    """Refuse a Hydra job directory outside ``root`` (a backstop: ``SweepCallback`` refuses it before Hydra
+    creates it, unless the callback was removed from ``hydra.callbacks``)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    key = "hydra.sweep.dir" if hc.mode == RunMode.MULTIRUN else "hydra.run.dir"
+    check_hydra_location(key, str(hc.runtime.output_dir), root)
 
 
 @contextlib.contextmanager

@@ -50,6 +50,7 @@ import json
 import os
 import secrets
 import socket
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -61,9 +62,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from flowpin.atomic import atomic_write_bytes
 from flowpin.canonical import canonical_json
+from flowpin.display import safe
 from flowpin.errors import FlowpinError, PathError, RecipeError
 from flowpin.paths import to_name
-from flowpin.recipe import StagePaths
+from flowpin.recipe import StagePaths, check_hydra_outputs
 
 SWEEP_FILE = "flowpin-sweep.json"
 """In the sweep directory: what the sweep was launched with and how many jobs it plans."""
@@ -214,11 +216,17 @@ _BARS: dict[str, Any] = {}
 
 
 class SweepCallback(Callback):
-    """Writes the sweep's and each job's state files (see the module docstring); nothing in a single run.
+    """Writes the sweep's and each job's state files (see the module docstring); in a single run it only checks.
 
     Installed by ``params/common/hydra.yaml`` (``hydra.callbacks.flowpin_sweep``). Its import also
-    registers the resolvers the sweep directory's name uses.
+    registers the resolvers the sweep directory's name uses. In every run, single or sweep, it first refuses
+    Hydra settings that would write outside the repository (:func:`flowpin.recipe.check_hydra_outputs`),
+    before Hydra creates a directory or opens a log: ``flowpin: PathError: ...`` on stderr and exit status 1
+    (Hydra turns an exception of a callback into a warning, so the refusal is a ``SystemExit``).
     """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _refuse_writes_outside(config, multirun=False)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         launcher = OmegaConf.select(config, "hydra.launcher") or {}
@@ -228,6 +236,7 @@ class SweepCallback(Callback):
                 f"hydra.launcher: nodes x tasks_per_node = {tasks}; a sweep job is one process (flowpin's data "
                 "parallelism is torchrun's, not SLURM tasks'): set hydra.launcher.tasks_per_node=1 and nodes=1"
             )
+        _refuse_writes_outside(config, multirun=True)
         sweep_dir = Path(str(config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         state = {
@@ -287,6 +296,14 @@ class SweepCallback(Callback):
             state.pop("error", None)
             state.pop("finishedOn", None)
         atomic_write_bytes(path, canonical_json(state) + b"\n")
+
+
+def _refuse_writes_outside(config: DictConfig, *, multirun: bool) -> None:
+    try:
+        check_hydra_outputs(config, multirun=multirun)
+    except FlowpinError as exc:
+        print(f"flowpin: {type(exc).__name__}: {exc}", file=sys.stderr)
+        raise SystemExit(1) from exc
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -536,7 +553,7 @@ def render_sweep(table: SweepTable) -> str:
     for j in table.jobs:
         if j.detail:
             lines.append(f"job {j.num} ({j.dir}): {j.status}: {j.detail}")
-    return "\n".join(lines)
+    return "\n".join(safe(line) for line in lines)  # overrides, metrics and findings come from the jobs' files
 
 
 __all__ = [

@@ -47,6 +47,12 @@ ORDER_DIGEST_ALGORITHM = "sha256"
 MAX_POSITION = 2**53 - 1
 """Largest stream position (``step * batch_size + i``) the order answers (canonical JSON integers)."""
 
+MAX_DESCRIBED_TOKENS = 1 << 24
+"""Most tokens one :func:`describe_samples` call (``flowpin batch``) materialises: 16,777,216 tokens -- 64 MiB
+of int32 ids plus as much of document indices, plus the decoded text -- e.g. 4,096 sequences of 4,096
+tokens, a real pretraining step. A larger request is refused with :class:`DataOrderError` before any
+work, instead of allocating batch_size x seq_len tokens and dying of a MemoryError."""
+
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -313,8 +319,41 @@ def describe_batch(
     return describe_samples(data, order, step)
 
 
+def check_batch_request(
+    *, step: object, batch_size: object, seq_len: int | None = None, names: tuple[str, str] = ("step", "batch_size")
+) -> None:
+    """Refuse, before any work, a step or batch size that :func:`describe_samples` cannot answer.
+
+    ``step`` must be an integer >= 0 and ``batch_size`` >= 1; with ``seq_len`` known, ``batch_size * seq_len``
+    must be at most :data:`MAX_DESCRIBED_TOKENS`. ``names`` are what the messages call the two (e.g. the
+    command line's ``--step``, ``--batch-size``). Raises :class:`DataOrderError`.
+    """
+    step_name, size_name = names
+    for name, key, value, minimum in ((step_name, "step", step, 0), (size_name, "batch_size", batch_size, 1)):
+        at = "" if name == key else f"{name}: "
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise DataOrderError(f"{at}{key} {value!r} is not an integer; pass a whole number")
+        if value < minimum:
+            what = "steps count from 0" if minimum == 0 else "a batch holds at least one sequence"
+            raise DataOrderError(
+                f"{at}{key} must be >= {minimum}, got {value} ({what}); pass a value of {minimum} or more"
+            )
+    assert isinstance(batch_size, int | np.integer)  # checked above
+    if seq_len is not None and int(batch_size) * seq_len > MAX_DESCRIBED_TOKENS:
+        most = max(1, MAX_DESCRIBED_TOKENS // max(seq_len, 1))
+        raise DataOrderError(
+            f"{size_name}: {batch_size} sequences x {seq_len} tokens is more than the {MAX_DESCRIBED_TOKENS} tokens "
+            f"one batch description may hold; pass a batch size of at most {most} (describe a large batch in parts)"
+        )
+
+
 def describe_samples(data: TokenizedDataset, order: DataOrder, step: int) -> list[Sample]:
-    """:func:`describe_batch` for an opened dataset and its order (see :func:`order_for`)."""
+    """:func:`describe_batch` for an opened dataset and its order (see :func:`order_for`).
+
+    Bounded: :func:`check_batch_request` refuses a negative step and a batch of more than
+    :data:`MAX_DESCRIBED_TOKENS` tokens before anything is read.
+    """
+    check_batch_request(step=step, batch_size=order.batch_size, seq_len=data.seq_len)
     if order.n_sequences != data.n_sequences:
         raise DataOrderError(
             f"the order covers {order.n_sequences} sequences, {data.path} holds {data.n_sequences}; "
@@ -389,9 +428,10 @@ class BatchTarget:
 def batch_target(path: Path, root: Path) -> BatchTarget:
     """Read the output directory and ``tokenize.order`` from a tokenize manifest or a params YAML.
 
-    A manifest (``manifests/tokenize.json``) gives the directory as the subject named by its recipe's
-    ``paths.out`` and pins its digest; a recipe (``params/tokenize.yaml``) gives ``paths.out`` and the
-    order, and the digest is computed from the directory as it is.
+    A manifest (``manifests/tokenize.json``) must be signed by a trusted key (``UnverifiedManifestError``
+    otherwise); it gives the directory as the subject named by its recipe's ``paths.out`` and pins its
+    digest, which :func:`order_for` checks against the directory; a recipe (``params/tokenize.yaml``)
+    gives ``paths.out`` and the order, and the digest is computed from the directory as it is.
     """
     if path.suffix in (".yaml", ".yml"):
         return _target_from_recipe(path, root)
@@ -411,10 +451,11 @@ def _order_block(recipe: Any, where: str) -> OrderConfig:
 
 
 def _target_from_manifest(path: Path, root: Path) -> BatchTarget:
-    from flowpin.manifest.model import load_manifest
+    from flowpin.manifest.trust import load_verified, pinned
     from flowpin.paths import resolve_inside
 
-    m = load_manifest(path)
+    # Signed by a trusted key first; the one digest relied on (the directory's) is checked by order_for.
+    m = load_verified(path, root=root, check="signature", purpose="read batches from it")
     recipe = m.build["externalParameters"]["recipe"]
     order = _order_block(recipe, str(path))
     out = recipe.get("paths", {}).get("out") if isinstance(recipe, dict) else None
@@ -425,8 +466,7 @@ def _target_from_manifest(path: Path, root: Path) -> BatchTarget:
             raise DataOrderError(f"{path}: no subject named by paths.out ({out!r}); is this a tokenize manifest?")
         subject = next(iter(subjects.values()))
     name = subject["name"]
-    algorithm, digest = next(iter(subject["digest"].items()))
-    return BatchTarget(data_dir=resolve_inside(name, root), name=name, order=order, pinned=(algorithm, digest))
+    return BatchTarget(data_dir=resolve_inside(name, root), name=name, order=order, pinned=pinned(subject))
 
 
 def _target_from_recipe(path: Path, root: Path) -> BatchTarget:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -24,9 +25,11 @@ import zstandard
 
 from flowpin.atomic import atomic_open, atomic_write_bytes
 from flowpin.canonical import canonical_json
-from flowpin.errors import ShardError
+from flowpin.errors import ShardError, StrictJSONError
 from flowpin.failpoints import failpoint
+from flowpin.jsonio import loads_strict
 from flowpin.recipe import check_int
+from flowpin.safeio import open_regular, read_regular
 
 SHARD_SUFFIX = ".jsonl.zst"
 """File name suffix of every shard."""
@@ -162,8 +165,8 @@ def read_shard_bytes(
     # cannot be a frame within the cap, so do not even read it into memory.
     max_file_size = max_content_size + (max_content_size >> 7) + (1 << 17)
     try:
-        with path.open("rb") as fh:
-            frame = fh.read(max_file_size + 1)
+        with open_regular(path, max_bytes=None, what="shard", fix=_REWRITE) as f:  # never a FIFO or a device
+            frame = os.read(f.fd, min(f.size, max_file_size) + 1)
     except OSError as exc:
         raise ShardError(
             f"cannot read shard {path}: {exc.strerror or exc}; check that it exists and is readable"
@@ -258,14 +261,19 @@ def write_dataset(
     return infos
 
 
+MAX_INDEX_BYTES = 64 << 20
+"""Largest ``index.json`` read (one ~150-byte entry per shard)."""
+
+
 def read_index(data_dir: Path) -> dict[str, Any]:
     """Load and sanity-check a dataset's ``index.json``."""
     path = data_dir / INDEX_NAME
     try:
-        index = json.loads(path.read_bytes())
+        raw = read_regular(path, max_bytes=MAX_INDEX_BYTES, what="dataset index", fix="rerun the stage that writes it")
+        index = loads_strict(raw, where=str(path), max_bytes=MAX_INDEX_BYTES)
     except FileNotFoundError as exc:
         raise ShardError(f"{path} is missing: {data_dir} is not a dataset; run the stage that writes it") from exc
-    except (OSError, ValueError, RecursionError) as exc:
+    except (OSError, StrictJSONError) as exc:  # StrictJSONError: not JSON, a repeated key, NaN, nested too deep
         raise ShardError(f"{path} cannot be read as JSON ({exc}); rerun the stage that writes it") from exc
     shards = index.get("shards") if isinstance(index, dict) else None
     if not isinstance(shards, list) or not all(

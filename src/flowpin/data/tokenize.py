@@ -45,7 +45,6 @@ import collections
 import contextlib
 import dataclasses
 import hashlib
-import json
 import os
 import re
 import time
@@ -65,8 +64,18 @@ from flowpin.atomic import atomic_open, atomic_write_bytes
 from flowpin.canonical import canonical_json
 from flowpin.data.order import OrderConfig, keyed_permutation
 from flowpin.data.shards import read_dataset, read_shard, read_shard_bytes
-from flowpin.errors import DataError, EmptyCorpusError, RecipeError, ShardError, TensorFileError, TokenizerError
+from flowpin.errors import (
+    DataError,
+    EmptyCorpusError,
+    RecipeError,
+    ShardError,
+    StrictJSONError,
+    TensorFileError,
+    TokenizerError,
+)
+from flowpin.jsonio import loads_strict
 from flowpin.recipe import check_int
+from flowpin.safeio import open_regular, read_regular
 from flowpin.tensorfile import validate_safetensors
 
 TOKENIZER_NAME = "tokenizer.json"
@@ -512,7 +521,9 @@ class TokenizeResult:
     shards: int
     """Sequence shards written."""
     report: dict[str, Any]
-    """The stage report (counts, sizes, timings); timings vary between runs, the rest does not."""
+    """The stage report (counts, sizes): a pure function of the inputs and the recipe."""
+    timing: dict[str, Any]
+    """Wall-clock seconds of tokenizer training and packing: run metadata (they vary between runs)."""
 
 
 def _texts(corpus_dir: Path) -> Iterator[tuple[dict[str, Any], str]]:
@@ -684,15 +695,21 @@ def run_tokenize(
             "batch_size": cfg.order.batch_size,
             "steps_per_epoch": round(sequences / cfg.order.batch_size, 4),
         },
-        # Wall-clock measurements: they differ between runs (everything above does not).
-        "timing": {
-            "tokenizer_train_seconds": round(train_seconds, 3),
-            "pack_seconds": round(pack_seconds, 3),
-            "pack_tokens_per_second": round(packer.tokens / pack_seconds) if pack_seconds > 0 else None,
-        },
+    }
+    # Wall-clock measurements differ between runs: run metadata (the manifest's runDetails), never part of the
+    # report, which is a DVC output whose digest dvc.lock pins.
+    timing = {
+        "tokenizer_train_seconds": round(train_seconds, 3),
+        "pack_seconds": round(pack_seconds, 3),
+        "pack_tokens_per_second": round(packer.tokens / pack_seconds) if pack_seconds > 0 else None,
     }
     return TokenizeResult(
-        documents=n_documents, tokens=packer.tokens, sequences=sequences, shards=len(shards), report=report
+        documents=n_documents,
+        tokens=packer.tokens,
+        sequences=sequences,
+        shards=len(shards),
+        report=report,
+        timing=timing,
     )
 
 
@@ -770,8 +787,8 @@ class TokenizedDataset:
         entry = self.index["tokenizer"]
         path = self.path / TOKENIZER_NAME
         try:
-            with path.open("rb") as fh:
-                data = fh.read(entry["bytes"] + 1)
+            with open_regular(path, max_bytes=None, what="tokenizer", fix=_RERUN) as f:
+                data = os.read(f.fd, min(f.size, max(entry["bytes"], 0)) + 1)  # a bigger file fails the sha256
         except OSError as exc:
             raise TokenizerError(f"cannot read {path}: {exc.strerror or exc}; rerun the tokenize stage") from exc
         actual = hashlib.sha256(data).hexdigest()
@@ -891,14 +908,20 @@ class TokenizedDataset:
         return ids, docs
 
 
+MAX_INDEX_BYTES = 64 << 20
+"""Largest ``index.json`` read (one ~150-byte entry per shard)."""
+_RERUN = "restore it (dvc checkout) or rerun the tokenize stage"
+
+
 def read_tokenized_index(data_dir: Path) -> dict[str, Any]:
     """Load and check a tokenized dataset's ``index.json`` (:class:`ShardError` naming the file)."""
     path = data_dir / INDEX_NAME
     try:
-        index = json.loads(path.read_bytes())
+        raw = read_regular(path, max_bytes=MAX_INDEX_BYTES, what="dataset index", fix=_RERUN)
+        index = loads_strict(raw, where=str(path), max_bytes=MAX_INDEX_BYTES)
     except FileNotFoundError as exc:
         raise ShardError(f"{path} is missing: {data_dir} is not a tokenized dataset; run the tokenize stage") from exc
-    except (OSError, ValueError) as exc:
+    except (OSError, StrictJSONError) as exc:  # StrictJSONError: not JSON, a repeated key, NaN, nested too deep
         raise ShardError(f"{path} cannot be read as JSON ({exc}); rerun the tokenize stage") from exc
     where = str(path)
     if not isinstance(index, dict) or index.get("format") != FORMAT:

@@ -4,6 +4,11 @@ Compares identity only (subjects and build definition) unless ``include_run`` is
 changed (old → new), overrides, outputs and inputs whose digests changed (with the files inside
 directories that changed), code revision, and environment differences (each marked when it can change
 numerics). Run metadata (times, hosts, durations) is ignored by default.
+
+:func:`diff_paths` also checks each manifest's signature against the trust store (signed by a trusted
+key: VERIFIED, else UNVERIFIED with the reason; artifact digests are not re-hashed -- ``flowpin verify``
+does that) and says so per manifest; the verdict (identical or not) is about content either way.
+Text output escapes every string taken from a manifest (:func:`flowpin.display.safe`).
 """
 
 from __future__ import annotations
@@ -12,8 +17,13 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from flowpin.display import safe
 from flowpin.environment import numerics_differences
+from flowpin.errors import ManifestError, UnverifiedManifestError
 from flowpin.manifest.model import Manifest, load_manifest
+from flowpin.manifest.trust import check_signature, identity_digests, pinned
 
 
 @dataclasses.dataclass
@@ -29,11 +39,36 @@ class Change:
         return dataclasses.asdict(self)
 
 
+@dataclasses.dataclass(frozen=True)
+class Trust:
+    """Whether a manifest is signed by a trusted key (signature and trust only; digests not re-hashed)."""
+
+    verified: bool
+    detail: str
+    """The signer's keyid when verified, else why not."""
+
+    def label(self) -> str:
+        return f"VERIFIED (signed by {self.detail[:16]}…)" if self.verified else "UNVERIFIED"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"verified": self.verified, ("signer" if self.verified else "reason"): self.detail}
+
+
+def trust_of(m: Manifest, trusted: dict[str, Ed25519PublicKey]) -> Trust:
+    try:
+        return Trust(True, check_signature(m, trusted, purpose="call it signed"))
+    except UnverifiedManifestError as exc:
+        return Trust(False, str(exc))
+
+
 @dataclasses.dataclass
 class ManifestDiff:
     a: str
     b: str
     changes: list[Change]
+    trust_a: Trust | None = None
+    """Set by :func:`diff_paths` when given a trust store (None: not checked, or no manifest on that side)."""
+    trust_b: Trust | None = None
 
     @property
     def identical(self) -> bool:
@@ -45,6 +80,9 @@ class ManifestDiff:
             "b": self.b,
             "identical": self.identical,
             "changes": [c.as_dict() for c in self.changes],
+            "verified": {
+                side: None if t is None else t.as_dict() for side, t in (("a", self.trust_a), ("b", self.trust_b))
+            },
         }
 
 
@@ -78,7 +116,7 @@ def _artifact_changes(section: str, old: list[dict[str, Any]], new: list[dict[st
         a, b = o.get(name), n.get(name)
         if a is None or b is None:
             changes.append(Change(section, name, _digest(a), _digest(b), "added" if a is None else "removed"))
-        elif a["digest"] != b["digest"]:
+        elif identity_digests(a) != identity_digests(b):
             changes.append(Change(section, name, _digest(a), _digest(b), _files_note(a, b)))
         elif a.get("uri") != b.get("uri") or a["annotations"].get("kind") != b["annotations"].get("kind"):
             changes.append(Change(section, name, a.get("uri"), b.get("uri"), "same content, different origin/kind"))
@@ -88,7 +126,10 @@ def _artifact_changes(section: str, old: list[dict[str, Any]], new: list[dict[st
 def _digest(entry: dict[str, Any] | None) -> str:
     if entry is None:
         return _MISSING
-    algo, value = next(iter(sorted(entry["digest"].items())))
+    try:
+        algo, value = pinned(entry)
+    except ManifestError:
+        return "(no flowpin digest)"
     return f"{algo}:{value}"
 
 
@@ -144,8 +185,21 @@ def diff_manifests(a: Manifest, b: Manifest, *, include_run: bool = False) -> Ma
     return ManifestDiff(str(a.path), str(b.path), changes)
 
 
-def diff_paths(a: Path, b: Path, *, include_run: bool = False) -> list[ManifestDiff]:
-    """Diff two manifests, or two directories of manifests paired by relative path."""
+def diff_paths(
+    a: Path, b: Path, *, include_run: bool = False, trusted: dict[str, Ed25519PublicKey] | None = None
+) -> list[ManifestDiff]:
+    """Diff two manifests, or two directories of manifests paired by relative path.
+
+    With ``trusted`` (a trust store), each manifest's signature is checked too (:class:`Trust`).
+    """
+
+    def diff(pa: Path, pb: Path) -> ManifestDiff:
+        ma, mb = load_manifest(pa), load_manifest(pb)
+        d = diff_manifests(ma, mb, include_run=include_run)
+        if trusted is not None:
+            d.trust_a, d.trust_b = trust_of(ma, trusted), trust_of(mb, trusted)
+        return d
+
     if a.is_dir() and b.is_dir():
         ra = {p.relative_to(a).as_posix(): p for p in a.rglob("*.json")}
         rb = {p.relative_to(b).as_posix(): p for p in b.rglob("*.json")}
@@ -168,18 +222,23 @@ def diff_paths(a: Path, b: Path, *, include_run: bool = False) -> list[ManifestD
                     )
                 )
                 continue
-            out.append(diff_manifests(load_manifest(ra[rel]), load_manifest(rb[rel]), include_run=include_run))
+            out.append(diff(ra[rel], rb[rel]))
         return out
-    return [diff_manifests(load_manifest(a), load_manifest(b), include_run=include_run)]
+    return [diff(a, b)]
 
 
 def render_text(diffs: list[ManifestDiff]) -> str:
+    """Human form; every line is escaped (:func:`flowpin.display.safe`): keys and values come from manifests."""
     lines: list[str] = []
     for d in diffs:
+        a, b = (f"{path}{'' if t is None else ' ' + t.label()}" for path, t in ((d.a, d.trust_a), (d.b, d.trust_b)))
+        unverified = [f"  UNVERIFIED {t.detail}" for t in (d.trust_a, d.trust_b) if t is not None and not t.verified]
         if d.identical:
-            lines.append(f"= {d.a} ≡ {d.b}: identical in identity")
+            lines.append(f"= {a} ≡ {b}: identical in identity")
+            lines.extend(unverified)
             continue
-        lines.append(f"≠ {d.a} → {d.b}: {len(d.changes)} difference(s)")
+        lines.append(f"≠ {a} → {b}: {len(d.changes)} difference(s)")
+        lines.extend(unverified)
         section = None
         for c in d.changes:
             if c.section != section:
@@ -187,7 +246,7 @@ def render_text(diffs: list[ManifestDiff]) -> str:
                 lines.append(f"  [{section}]")
             note = f"  ({c.note})" if c.note else ""
             lines.append(f"    {c.key}: {_short(c.old)} → {_short(c.new)}{note}")
-    return "\n".join(lines)
+    return "\n".join(safe(line) for line in lines)
 
 
 def _short(value: Any) -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 from flowpin.errors import ManifestError, UnsupportedAlgorithmError
+from flowpin.hashing import ArtifactDigest
 
 DIRHASH = "dirHash"
 IDENTITY_KEYS: dict[str, str] = {"sha256": "flowpinSha256", "blake3": "flowpinBlake3"}
@@ -97,3 +98,13 @@ def short(entry: dict[str, Any], width: int = 16) -> str:
     except ManifestError:
         return "(no flowpin digest)"
     return f"{algo}:{value[:width]}…"
+
+
+def digest_set(d: ArtifactDigest) -> dict[str, str]:
+    """The digest set flowpin writes for a digested artifact (see the module docstring)."""
+    out = {identity_key(d.algorithm): d.digest}
+    if d.kind == "file":
+        out[d.algorithm] = d.raw or d.digest
+    elif d.algorithm == "sha256":
+        out[DIRHASH] = d.raw or d.digest
+    return out

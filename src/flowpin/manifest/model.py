@@ -26,11 +26,19 @@ from flowpin.atomic import atomic_write_bytes
 from flowpin.canonical import canonical_json
 from flowpin.errors import (
     DuplicateSubjectError,
+    JSONDuplicateKeyError,
+    JSONEncodingError,
+    JSONSyntaxError,
     ManifestParseError,
+    PathError,
     SchemaError,
+    StrictJSONError,
     UnsupportedVersionError,
 )
 from flowpin.hashing import hash_bytes
+from flowpin.jsonio import loads_strict
+from flowpin.paths import check_name
+from flowpin.safeio import read_regular
 from flowpin.signing import PAYLOAD_TYPE, Signer, decode_b64
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
@@ -64,26 +72,57 @@ def _validate(name: str, instance: Any, where: str) -> None:
 
 
 def validate_statement(statement: Any, where: str) -> None:
-    """Version check, JSON Schema validation and uniqueness of subject/dependency names."""
+    """Version check, canonical and unique artifact names, JSON Schema validation.
+
+    Every subject and dependency name, and every key of a ``flowpin.files`` map, must be a canonical
+    artifact name (:func:`flowpin.paths.check_name` returns it unchanged: no ``./`` or empty segment, no
+    trailing ``/``), and no two of them may name the same artifact once normalised: ``data/synth`` and
+    ``./data/synth`` are one artifact, and a statement listing both could pin it twice with different
+    digests. Names are checked before the schema, which says the same, so the message names the fix.
+    """
     version = _dig(statement, "predicate", "buildDefinition", "internalParameters", "manifestVersion")
     if isinstance(version, int) and not isinstance(version, bool) and version != MANIFEST_VERSION:
         raise UnsupportedVersionError(
             f"{where}: manifestVersion {version} is not supported by this flowpin (understands "
             f"{MANIFEST_VERSION}); upgrade flowpin or re-record the stage"
         )
-    _validate("statement-v1.schema.json", statement, where)
     for field, items in (
-        ("subject", statement["subject"]),
-        ("resolvedDependencies", statement["predicate"]["buildDefinition"]["resolvedDependencies"]),
+        ("subject", _dig(statement, "subject")),
+        ("resolvedDependencies", _dig(statement, "predicate", "buildDefinition", "resolvedDependencies")),
     ):
-        seen: set[str] = set()
-        for item in items:
-            if item["name"] in seen:
-                raise DuplicateSubjectError(
-                    f"{where}: {field} names {item['name']!r} twice; each artifact must appear once -- re-run the "
-                    "stage to record a valid manifest"
-                )
-            seen.add(item["name"])
+        if isinstance(items, list):
+            _check_names(field, [_dig(item, "name") for item in items], where)
+            for i, item in enumerate(items):
+                files = _dig(item, "annotations", "flowpin.files")
+                if isinstance(files, dict):
+                    _check_names(f"{field}[{i}].annotations.flowpin.files", list(files), where)
+    _validate("statement-v1.schema.json", statement, where)
+
+
+def _check_names(field: str, names: list[Any], where: str) -> None:
+    """The string ``names`` of ``field`` are canonical and distinct after normalisation (others: the schema's)."""
+    first: dict[str, str] = {}
+    for name in names:
+        if not isinstance(name, str):
+            continue  # the schema reports it
+        try:
+            normal = check_name(name)
+        except PathError:
+            continue  # unsafe ('..', absolute, not Unicode): refused by the schema or, by name, when resolved
+        if normal in first:
+            spelled = f"{first[normal]!r} and {name!r}" if first[normal] != name else f"{name!r} twice"
+            raise DuplicateSubjectError(
+                f"{where}: {field} names the artifact {normal!r} more than once ({spelled}); each artifact must "
+                "appear once -- re-run the stage to record a valid manifest"
+            )
+        first[normal] = name
+    for name in first.values():
+        if check_name(name) != name:
+            raise SchemaError(
+                f"{where}: {field} names {name!r}, which is not a canonical artifact name (flowpin writes "
+                f"{check_name(name)!r}: no './' or empty segment, no trailing '/'); restore it from git or re-run "
+                "its stage"
+            )
 
 
 def _dig(value: Any, *keys: str) -> Any:
@@ -146,62 +185,45 @@ def identity_of(statement: dict[str, Any]) -> dict[str, Any]:
 def parse_manifest_bytes(data: bytes, where: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Parse and validate an envelope and its statement; returns (envelope, statement)."""
     try:
-        envelope = json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys)
-    except _DuplicateKeyError as exc:
+        envelope = loads_strict(data, where=where, max_bytes=MAX_MANIFEST_BYTES)
+    except JSONDuplicateKeyError as exc:
         raise ManifestParseError(
             f"{where}: the envelope repeats the key {exc.key!r} (JSON parsers disagree on which one counts); "
             "restore the manifest from git or re-run its stage"
         ) from exc
-    except UnicodeDecodeError as exc:
+    except JSONEncodingError as exc:
         raise ManifestParseError(
-            f"{where}: not UTF-8 text ({exc.reason}); is this a manifest? If so, restore it from git or re-run "
-            "its stage"
+            f"{where}: {exc.reason}; is this a manifest? If so, restore it from git or re-run its stage"
         ) from exc
-    except json.JSONDecodeError as exc:
-        hint = "truncated?" if exc.pos >= len(data.rstrip()) - 1 else "malformed"
+    except JSONSyntaxError as exc:
+        raise ManifestParseError(f"{where}: {exc.reason}; restore the manifest from git or re-run its stage") from exc
+    except StrictJSONError as exc:  # NaN/Infinity, nested too deep, too large
         raise ManifestParseError(
-            f"{where}: invalid JSON at line {exc.lineno} column {exc.colno} ({exc.msg}; {hint}); "
-            "restore the manifest from git or re-run its stage"
-        ) from exc
-    except (ValueError, RecursionError) as exc:  # a number past 4300 digits, nesting deeper than the stack
-        raise ManifestParseError(
-            f"{where}: JSON that no manifest contains ({exc}); restore the manifest from git or re-run its stage"
+            f"{where}: JSON that no manifest contains ({exc.reason}); restore the manifest from git or re-run its stage"
         ) from exc
     _validate("envelope.schema.json", envelope, where)
     body = decode_b64(envelope["payload"], f"{where}: payload")
     try:
-        statement = json.loads(body.decode("utf-8"), object_pairs_hook=_unique_keys)
-    except _DuplicateKeyError as exc:
+        statement = loads_strict(body, where=f"{where}: payload", max_bytes=MAX_MANIFEST_BYTES)
+    except JSONDuplicateKeyError as exc:
         raise ManifestParseError(
             f"{where}: the payload repeats the key {exc.key!r} (JSON parsers disagree on which one counts); "
             "flowpin never writes such a statement -- re-run its stage"
         ) from exc
-    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, 4300+ digit number, too deep
+    except StrictJSONError as exc:  # not UTF-8, not JSON, NaN, 4300+ digit number, too deep
         raise ManifestParseError(
-            f"{where}: payload is not JSON ({exc}); the envelope is corrupt -- restore it from git or re-run its stage"
+            f"{where}: payload is not JSON ({exc.reason}); the envelope is corrupt -- restore it from git or re-run "
+            "its stage"
         ) from exc
     validate_statement(statement, where)
     return envelope, statement
 
 
-class _DuplicateKeyError(ValueError):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """``json.loads`` hook: a key given twice is refused (Python keeps the last one, other parsers the first)."""
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKeyError(key)
-        out[key] = value
-    return out
+_MANIFEST_FIX = "name a manifest file, or restore the manifest from git or re-run its stage"
 
 
 def load_manifest(path: Path) -> Manifest:
-    """Read, parse and schema-validate one manifest file."""
+    """Read (a regular file only: :func:`flowpin.safeio.read_regular`), parse and schema-validate one manifest."""
     try:
         size = path.stat().st_size
         if size > MAX_MANIFEST_BYTES:
@@ -209,11 +231,9 @@ def load_manifest(path: Path) -> Manifest:
                 f"{path}: {size} bytes is larger than any manifest flowpin writes ({MAX_MANIFEST_BYTES}); refusing -- "
                 "restore the manifest from git or re-run its stage"
             )
-        data = path.read_bytes()
+        data = read_regular(path, max_bytes=MAX_MANIFEST_BYTES, what="manifest", fix=_MANIFEST_FIX)
     except FileNotFoundError as exc:
         raise ManifestParseError(f"{path}: no such manifest; run its stage (dvc repro) or check the path") from exc
-    except IsADirectoryError as exc:
-        raise ManifestParseError(f"{path}: is a directory; name a manifest file") from exc
     except OSError as exc:
         raise ManifestParseError(f"{path}: cannot read ({exc.strerror}); check permissions") from exc
     envelope, statement = parse_manifest_bytes(data, str(path))

@@ -1,8 +1,10 @@
 """``flowpin rebuild``: re-run a recorded stage in a scratch workspace and compare what it produces.
 
 A manifest pins a stage's recipe (primary config + overrides), its code and config files, its inputs
-and the environment it ran in. :func:`rebuild_manifest` re-executes the stage from exactly those pins,
-away from the project, and compares every subject digest of the rebuild with the manifest's:
+and the environment it ran in. Only a manifest signed by a trusted key is rebuilt
+(:func:`~flowpin.manifest.trust.load_verified`, before anything runs). :func:`rebuild_manifest`
+re-executes the stage from exactly those pins, away from the project, and compares every subject
+digest of the rebuild with the manifest's:
 
 * **Workspace** (a fresh temporary directory, or ``workdir``; never inside the project)::
 
@@ -13,6 +15,7 @@ away from the project, and compares every subject digest of the rebuild with the
       <ws>/<inputs>               each pinned dataset/checkpoint/tokenizer: exactly the files the manifest
                                   lists (extra files in the project are left out), copied, then re-hashed
       <ws>/.flowpin/keys/         a throwaway signing key (trusted in <ws>/keys/); only digests are compared
+      <ws>/keys/                  also the project's trusted keys: the stage verifies its parent manifests
       <ws>/rebuild.log            the stage's stdout and stderr
 
   Outputs of the project (persistent training checkpoints included) are never copied: a training stage
@@ -60,14 +63,17 @@ from typing import Any
 import yaml
 
 from flowpin.canonical import canonical_json
+from flowpin.display import safe, safe_lines
 from flowpin.environment import numerics_env_vars as tracked_env_vars
 from flowpin.errors import FlowpinError, IntegrityError, ManifestError
 from flowpin.hashing import ArtifactDigest, Hasher, hash_bytes, hash_file
 from flowpin.manifest.diff import diff_manifests
 from flowpin.manifest.model import MANIFEST_DIR, Manifest, load_manifest, parse_manifest_bytes
 from flowpin.manifest.resolve import fileset_base
+from flowpin.manifest.trust import identity_digests, load_verified
+from flowpin.manifest.trust import pinned as pinned_digest
 from flowpin.paths import check_name, resolve_inside
-from flowpin.signing import init_key, load_trust_store, verify_envelope
+from flowpin.signing import TRUST_DIR, init_key
 
 
 class RebuildError(FlowpinError):
@@ -286,8 +292,9 @@ def rebuild_many(
 def rebuild_manifest(path: Path, *, root: Path, options: RebuildOptions = RebuildOptions()) -> RebuildResult:
     """Rebuild the stage ``path`` pins in a scratch workspace and compare its subjects; see the module."""
     t0 = time.monotonic()
-    original = load_manifest(path)
-    verify_envelope(original.envelope, load_trust_store(root), str(path))
+    # Signed by a trusted key before anything runs; the digests it relies on (code, config, inputs, parents)
+    # are re-hashed as the workspace is filled (_populate), its outputs are what the rebuild compares.
+    original = load_verified(path, root=root, check="signature", purpose="rebuild it")
     result = RebuildResult(
         manifest=_name_in(path, root),
         stage=original.stage,
@@ -418,14 +425,30 @@ def _populate(ws: Path, m: Manifest, root: Path, result: RebuildResult, *, allow
     _copy_parents(ws, m, root)
     _copy_inputs(ws, m, root)
     _check_external_filesets(m, root)
+    _copy_trust_store(ws, root)
     init_key(ws, key_path=ws / ".flowpin" / "keys" / "signing.key")
     return drifted
 
 
+def _copy_trust_store(ws: Path, root: Path) -> None:
+    """The project's trusted public keys: the rebuilt stage verifies the parent manifests copied beside it."""
+    (ws / TRUST_DIR).mkdir(parents=True, exist_ok=True)
+    for pub in sorted((root / TRUST_DIR).glob("*.pub")):
+        if pub.is_file():
+            shutil.copyfile(pub, ws / TRUST_DIR / pub.name)
+
+
+def _identity(entry: dict[str, Any], algorithm: str) -> str | None:
+    try:
+        return pinned_digest(entry, algorithm)[1]
+    except ManifestError:
+        return None
+
+
 def _pinned_files(dep: dict[str, Any], algorithm: str) -> list[tuple[str, str]]:
     """(repository name, pinned digest) of every file a code/config dependency pins."""
-    digest = dep["digest"].get(algorithm)
-    if not isinstance(digest, str):
+    digest = _identity(dep, algorithm)
+    if digest is None:
         raise ManifestError(f"{dep['name']}: no {algorithm} digest pinned; the manifest is inconsistent")
     if dep["annotations"]["flowpin.type"] == "file":
         return [(dep["name"], digest)]
@@ -512,9 +535,9 @@ def _copy_parents(ws: Path, m: Manifest, root: Path) -> None:
         if dep["annotations"]["kind"] != "manifest":
             continue
         name = check_name(dep["name"])
-        algorithm, pinned = next(iter(sorted(dep["digest"].items())))
+        algorithm, want = pinned_digest(dep)
 
-        def matches(data: bytes, where: str = name, algo: str = algorithm, want: str = pinned) -> bool:
+        def matches(data: bytes, where: str = name, algo: str = algorithm, want: str = want) -> bool:
             try:
                 _, statement = parse_manifest_bytes(data, where)
             except FlowpinError:
@@ -528,7 +551,7 @@ def _copy_parents(ws: Path, m: Manifest, root: Path) -> None:
             if found is None:
                 state = "is missing" if data is None else "records other outputs"
                 raise PinnedInputError(
-                    f"{m.path}: parent manifest {name} {state} (pinned outputs {algorithm}:{pinned[:16]}…) and no git "
+                    f"{m.path}: parent manifest {name} {state} (pinned outputs {algorithm}:{want[:16]}…) and no git "
                     f"version matches; restore it (git checkout -- {name}) or re-run the upstream stage"
                 )
             data = found[1]
@@ -562,7 +585,7 @@ def _copy_inputs(ws: Path, m: Manifest, root: Path) -> None:
         if absent:
             shown = ", ".join(absent[:5]) + (f" (+{len(absent) - 5} more)" if len(absent) > 5 else "")
             problems.append(f"{name}: missing {shown}")
-    hasher = Hasher(ws, m.algorithm, workers=os.cpu_count() or 1)
+    hasher = Hasher(ws, m.algorithm, cache=None, workers=os.cpu_count() or 1)  # the stat cache is no evidence
     by_name = {d["name"]: d for d in entries}
     results = hasher.digest_all(list(by_name))
     for name, dep in by_name.items():
@@ -582,14 +605,15 @@ def _copy_inputs(ws: Path, m: Manifest, root: Path) -> None:
 def _input_problem(dep: dict[str, Any], actual: ArtifactDigest | FlowpinError, algorithm: str) -> str:
     if isinstance(actual, FlowpinError):
         return f"{type(actual).__name__}: {actual}"
-    pinned = dep["digest"].get(algorithm)
-    if pinned == actual.digest:
+    expected = _identity(dep, algorithm)
+    if expected == actual.digest:
         return ""
     old: dict[str, str] = dep["annotations"].get("flowpin.files", {})
     new = {f.path: f.digest for f in actual.files}
     changed = sorted(p for p in old.keys() & new.keys() if old[p] != new[p])
     shown = ", ".join(changed[:5]) + (f" (+{len(changed) - 5} more)" if len(changed) > 5 else "")
-    return f"{algorithm} {actual.digest[:16]}…, pinned {str(pinned)[:16]}…" + (f" (changed: {shown})" if shown else "")
+    changes = f" (changed: {shown})" if shown else ""
+    return f"{algorithm} {actual.digest[:16]}…, pinned {str(expected)[:16]}…{changes}"
 
 
 def _check_external_filesets(m: Manifest, root: Path) -> None:
@@ -600,7 +624,7 @@ def _check_external_filesets(m: Manifest, root: Path) -> None:
             continue
         try:
             base = fileset_base(dep, root)
-            hasher = Hasher(root, m.algorithm, workers=os.cpu_count() or 1)
+            hasher = Hasher(root, m.algorithm, cache=None, workers=os.cpu_count() or 1)  # no stat cache: see above
             actual: ArtifactDigest | FlowpinError = hasher.digest_fileset(
                 dep["name"], base, list(dep["annotations"].get("flowpin.files", {}))
             )
@@ -684,7 +708,7 @@ def subject_differences(pinned: list[dict[str, Any]], rebuilt: list[dict[str, An
     out: list[SubjectDifference] = []
     for name in sorted(old.keys() | new.keys()):
         a, b = old.get(name), new.get(name)
-        if a is not None and b is not None and a["digest"] == b["digest"]:
+        if a is not None and b is not None and identity_digests(a) == identity_digests(b):
             continue
         fa: dict[str, str] = a["annotations"].get("flowpin.files", {}) if a else {}
         fb: dict[str, str] = b["annotations"].get("flowpin.files", {}) if b else {}
@@ -730,7 +754,10 @@ def build_causes(original: Manifest, rebuilt: Manifest, drifted: dict[str, str] 
 def _digest(entry: dict[str, Any] | None) -> str | None:
     if entry is None:
         return None
-    algo, value = next(iter(sorted(entry["digest"].items())))
+    try:
+        algo, value = pinned_digest(entry)
+    except ManifestError:
+        return "(no flowpin digest)"
     return f"{algo}:{value}"
 
 
@@ -744,10 +771,11 @@ def _short(value: Any) -> str:
 
 
 def render_result(r: RebuildResult) -> str:
-    """The verdict of one rebuild as text (see the module docstring)."""
+    """The verdict of one rebuild as text (see the module docstring); control characters escaped
+    (:func:`flowpin.display.safe`): names and recorded values come from the manifest."""
     where = f"[{r.manifest}, {r.seconds:.1f} s" + (f", stage {r.stage_seconds:.1f} s]" if r.stage_seconds else "]")
     if r.error is not None:
-        return f"ERROR: {r.stage or '?'}: {type(r.error).__name__}: {r.error}  {where}"
+        return safe_lines(f"ERROR: {r.stage or '?'}: {type(r.error).__name__}: {r.error}  {where}")
     lines: list[str] = []
     if r.identical:
         lines.append(f"identical: {r.stage} ({r.subjects} subject(s), {r.files} file(s))  {where}")
@@ -770,7 +798,7 @@ def render_result(r: RebuildResult) -> str:
         lines.append("  pinned code/config from: " + ", ".join(f"{k} ({v})" for k, v in sorted(drift.items())))
     if r.workdir is not None:
         lines.append(f"  workspace kept: {r.workdir}")
-    return "\n".join(lines)
+    return "\n".join(safe(line) for line in lines)  # one line each: names and values escaped
 
 
 class GitHistory:

@@ -17,6 +17,7 @@ written and the exception propagates.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime as dt
 import os
@@ -30,10 +31,12 @@ from typing import Any
 import yaml
 
 from flowpin import __version__
+from flowpin.canonical import canonical_json
 from flowpin.environment import fingerprint, run_context
-from flowpin.errors import DuplicateSubjectError, FlowpinError, ManifestError
+from flowpin.errors import DuplicateSubjectError, FlowpinError, ManifestError, RecipeError, UnverifiedManifestError
 from flowpin.failpoints import failpoint
-from flowpin.hashing import DEFAULT_ALGORITHM, ArtifactDigest, Hasher, default_cache
+from flowpin.hashing import DEFAULT_ALGORITHM, ArtifactDigest, Hasher, default_cache, hash_bytes
+from flowpin.manifest.digests import digest_set, identity_value, subjects_key
 from flowpin.manifest.model import (
     BUILD_TYPE,
     BUILDER_ID,
@@ -41,10 +44,11 @@ from flowpin.manifest.model import (
     MANIFEST_VERSION,
     PREDICATE_TYPE,
     STATEMENT_TYPE,
-    load_manifest,
+    Manifest,
     write_manifest,
 )
-from flowpin.paths import find_root, resolve_inside, to_name
+from flowpin.manifest.trust import FIX_DIGESTS, load_verified, require_digests
+from flowpin.paths import check_output_path, find_root, resolve_inside, to_name
 from flowpin.recipe import to_plain
 from flowpin.signing import Signer, load_signer
 
@@ -52,11 +56,29 @@ CODE_SUFFIXES = (".py", ".json", ".yaml", ".yml", ".toml")
 
 
 def descriptor(d: ArtifactDigest, **annotations: Any) -> dict[str, Any]:
-    """An in-toto ResourceDescriptor for a digested artifact."""
+    """An in-toto ResourceDescriptor for a digested artifact (digest keys: :mod:`flowpin.manifest.digests`)."""
     ann: dict[str, Any] = {"flowpin.type": d.kind, "flowpin.size": d.size, **annotations}
     if d.files:
         ann["flowpin.files"] = {f.path: f.digest for f in d.files}
-    return {"name": d.name, "digest": {d.algorithm: d.digest}, "annotations": ann}
+    return {"name": d.name, "digest": digest_set(d), "annotations": ann}
+
+
+def note_descriptor(name: str, annotations: dict[str, Any]) -> dict[str, Any]:
+    """A ResourceDescriptor for a small JSON note (run context, tracker run, sweep job): its canonical JSON is
+    the descriptor's ``content`` (base64) and ``digest.sha256`` is that content's sha256, so an in-toto
+    verifier has something to check; ``annotations`` repeat it for people reading the manifest."""
+    body = canonical_json(annotations)
+    return {
+        "name": name,
+        "digest": {"sha256": hash_bytes(body, "sha256")},
+        "content": base64.b64encode(body).decode("ascii"),
+        "mediaType": "application/json",
+        "annotations": annotations,
+    }
+
+
+RUN_CONTEXT_FIELDS = ("hostname", "user", "pid", "executable", "cwd")
+"""What ``provenance.run_context`` may publish about the process that ran a stage (none by default)."""
 
 
 def _now() -> str:
@@ -149,8 +171,11 @@ class StageRecorder:
             return self.fileset(name, base=full, files=source_files(full), kind="code")
         return self.input(name, kind="code")
 
-    def parent(self, manifest_path: str | os.PathLike[str]) -> None:
-        """Declare an upstream stage's manifest; lineage walks it.
+    def parent(self, manifest_path: str | os.PathLike[str]) -> Manifest:
+        """Declare an upstream stage's manifest (returned, verified); lineage walks it.
+
+        The manifest must be signed by a trusted key (:func:`~flowpin.manifest.trust.load_verified`):
+        a stage refuses to build on an upstream record nobody vouches for (``UnverifiedManifestError``).
 
         The pin is the digest of the parent's *subjects* (what it produced), not of its file nor of its
         whole identity. The file also holds run times and a machine-specific signature, so two clean
@@ -159,22 +184,41 @@ class StageRecorder:
         skipping them. Any change to what the parent produced changes the pin.
         """
         name = to_name(manifest_path, self.root)
-        parent = load_manifest(resolve_inside(name, self.root))
+        parent = load_verified(
+            resolve_inside(name, self.root), root=self.root, check="signature", purpose=f"record stage {self.stage}"
+        )
         algorithm = self.hasher.algorithm
         self._add_dep(
             {
                 "name": name,
-                "digest": {algorithm: parent.outputs_digest(algorithm)},
+                "digest": {subjects_key(algorithm): parent.outputs_digest(algorithm)},
                 "annotations": {"flowpin.type": "manifest", "flowpin.stage": parent.stage, "kind": "manifest"},
             }
         )
+        return parent
 
     def upstream(
         self, *, data: str | os.PathLike[str], manifest: str | os.PathLike[str], kind: str = "dataset"
     ) -> ArtifactDigest:
-        """Declare an upstream stage's output directory (an input of ``kind``) and its manifest (a parent)."""
-        self.parent(manifest)
-        return self.input(data, kind=kind)
+        """Declare an upstream stage's output directory (an input of ``kind``) and its manifest (a parent).
+
+        When the parent pins the directory (a subject of that name), the digest just taken must be the one
+        it pins: the stage reads exactly what the verified upstream record vouches for.
+        """
+        parent = self.parent(manifest)
+        d = self.input(data, kind=kind)
+        subject = next((s for s in parent.subjects if s["name"] == d.name), None)
+        if subject is not None:
+            want = identity_value(subject, d.algorithm)
+            if want is None:  # pinned under another algorithm: re-hash it that way
+                require_digests(parent, [d.name], root=self.root, purpose=f"record stage {self.stage}")
+            elif want != d.digest:
+                raise UnverifiedManifestError(
+                    f"stage {self.stage}: {d.name} is {d.algorithm}:{d.digest[:16]}… but its upstream manifest "
+                    f"{parent.path} pins {want[:16]}…; refusing to record stage {self.stage} -- {FIX_DIGESTS}",
+                    (f"{d.name}: DigestMismatchError: {d.algorithm} {d.digest}, {parent.path} pins {want}",),
+                )
+        return d
 
     def output(self, path: str | os.PathLike[str]) -> None:
         """Declare a file or directory this stage produced (a subject of the manifest)."""
@@ -189,7 +233,7 @@ class StageRecorder:
 
     def note(self, name: str, **annotations: Any) -> None:
         """Attach a small JSON-able byproduct (e.g. the tracker's run id) to run metadata."""
-        self._extra_byproducts.append({"name": name, "annotations": annotations})
+        self._extra_byproducts.append(note_descriptor(name, annotations))
 
     def _digest_all(self, names: list[str]) -> list[ArtifactDigest]:
         results = self.hasher.digest_all(names)
@@ -215,17 +259,30 @@ def record(
     manifest: str | os.PathLike[str] | None = None,
     signer: Signer | None = None,
     algorithm: str | None = None,
+    publish: Sequence[str] = (),
 ) -> Iterator[StageRecorder]:
     """Record one stage run; see the module docstring.
 
     ``recipe`` is the stage's typed config (a dataclass) or a plain mapping; ``code`` defaults to the
     stage's code deps in ``dvc.yaml`` (see :func:`dvc_code_deps`), or, for a stage not in ``dvc.yaml``,
-    the running script and the ``src/flowpin`` sources.
+    the running script and the ``src/flowpin`` sources. ``publish`` names the fields of
+    :func:`~flowpin.environment.run_context` the manifest publishes (:data:`RUN_CONTEXT_FIELDS`; the recipe's
+    ``provenance.run_context``): none by default, so a manifest holds no host, user or absolute path.
     """
+    unknown = sorted(set(publish) - set(RUN_CONTEXT_FIELDS))
+    if unknown:
+        raise RecipeError(
+            f"provenance.run_context: unknown field(s) {unknown}; choose from {list(RUN_CONTEXT_FIELDS)} "
+            "(params/common/provenance.yaml)"
+        )
     root = root or find_root()
+    # checked before the old manifest is removed: a path outside the repository is never touched
+    manifest_name = check_output_path(
+        os.fspath(manifest) if manifest is not None else f"{MANIFEST_DIR}/{stage}.json", root, what="paths.manifest"
+    )
     signer = signer or load_signer(root)  # fail before any work when no key is available
     algorithm = algorithm or os.environ.get("FLOWPIN_DIGEST_ALGORITHM", DEFAULT_ALGORITHM)
-    manifest_path = root / (manifest if manifest is not None else Path(MANIFEST_DIR) / f"{stage}.json")
+    manifest_path = root / manifest_name
     manifest_path.unlink(missing_ok=True)
     started, t0 = _now(), time.monotonic()
     # A bar for long hashing (large outputs), on a terminal only: it only displays, so, like the rest of the
@@ -258,8 +315,9 @@ def record(
     if not subjects:
         raise ManifestError(f"stage {stage}: declared no outputs; call rec.output(...) for what it produced")
     stats = rec.hasher.stats
+    published = {k: v for k, v in run_context().items() if k in publish}
     context = {
-        **run_context(),
+        **published,
         "durationSeconds": round(time.monotonic() - t0, 3),
         # What pinning cost inside this run (the rest is the stage's own work):
         "hashingSeconds": round(stats.seconds, 3),
@@ -292,7 +350,7 @@ def record(
                 "metadata": {"invocationId": str(uuid.uuid4()), "startedOn": started, "finishedOn": _now()},
                 "byproducts": [
                     *byproducts,
-                    {"name": "run-context", "annotations": context},
+                    note_descriptor("run-context", context),
                     *rec._extra_byproducts,
                 ],
             },

@@ -12,18 +12,21 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from flowpin.canonical import canonical_json
 from flowpin.errors import (
     ArtifactMissingError,
     DigestMismatchError,
     FlowpinError,
     ManifestError,
     ManifestParseError,
+    UnsupportedAlgorithmError,
 )
-from flowpin.hashing import ArtifactDigest, Hasher
+from flowpin.hashing import ArtifactDigest, Hasher, hash_bytes
+from flowpin.manifest.digests import BYTES_KEYS, DIRHASH, IDENTITY_KEYS, SUBJECTS_KEYS
 from flowpin.manifest.model import MANIFEST_DIR, Manifest, load_manifest
 from flowpin.manifest.resolve import fileset_base
 from flowpin.paths import resolve_inside
-from flowpin.signing import verify_envelope
+from flowpin.signing import decode_b64, verify_envelope
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,41 +67,81 @@ def verify_manifest(path: Path, *, root: Path, trusted: dict[str, Ed25519PublicK
     except FlowpinError as exc:
         report.findings.append(Finding(str(path), exc))
         return report
-    if manifest.algorithm != hasher.algorithm:
-        hasher = Hasher(root, manifest.algorithm, cache=hasher.cache, workers=hasher.workers)
+    report.findings.extend(check_notes(manifest))
     report.findings.extend(check_subjects(manifest, root, hasher))
     report.checked = len(manifest.subjects) + len(manifest.dependencies)
     return report
 
 
 def check_subjects(manifest: Manifest, root: Path, hasher: Hasher) -> list[Finding]:
-    """Re-hash subjects and dependencies; one finding per artifact that is missing or differs."""
+    """Re-hash subjects and dependencies; one finding per artifact that is missing or differs.
+
+    Every key of every digest set is checked (:mod:`flowpin.manifest.digests` says what each means): a set
+    whose ``sha256`` matches cannot hide a wrong ``blake3`` beside it. A key flowpin cannot compute is refused
+    (``UnsupportedAlgorithmError``), never skipped.
+    """
     findings: list[Finding] = []
-    in_repo = [s for s in manifest.subjects] + [
-        d for d in manifest.dependencies if d["annotations"]["flowpin.type"] not in ("fileset", "manifest")
-    ]
-    actual = hasher.digest_all([e["name"] for e in in_repo])
-    for entry in in_repo:
-        _compare(entry, actual[entry["name"]], hasher.algorithm, findings)
-    for dep in manifest.dependencies:
-        kind = dep["annotations"]["flowpin.type"]
-        if kind == "manifest":
-            findings.extend(_check_parent(dep, root, hasher.algorithm))
+    entries = [*manifest.subjects, *manifest.dependencies]
+    usable: list[dict[str, Any]] = []
+    needed: set[str] = set()
+    for entry in entries:
+        if entry["annotations"]["flowpin.type"] == "manifest":
             continue
-        if kind != "fileset":
-            continue
-        result: ArtifactDigest | FlowpinError
         try:
-            base = fileset_base(dep, root)
-            files = list(dep["annotations"].get("flowpin.files", {}))
-            result = hasher.digest_fileset(dep["name"], base, files)
+            needed |= _algorithms_needed(entry)
+            usable.append(entry)
         except FlowpinError as exc:
-            result = exc
-        _compare(dep, result, hasher.algorithm, findings)
+            findings.append(Finding(entry["name"], exc))
+    hashers = {hasher.algorithm: hasher}
+    for algorithm in sorted(needed - {hasher.algorithm}):
+        hashers[algorithm] = Hasher(root, algorithm, cache=hasher.cache, workers=hasher.workers)
+    actual: dict[str, dict[str, ArtifactDigest | FlowpinError]] = {a: {} for a in needed}
+    in_repo = [e["name"] for e in usable if e["annotations"]["flowpin.type"] != "fileset"]
+    for algorithm in sorted(needed):
+        actual[algorithm].update(hashers[algorithm].digest_all(in_repo))
+        for dep in usable:
+            if dep["annotations"]["flowpin.type"] != "fileset":
+                continue
+            try:
+                base = fileset_base(dep, root)
+                files = list(dep["annotations"].get("flowpin.files", {}))
+                actual[algorithm][dep["name"]] = hashers[algorithm].digest_fileset(dep["name"], base, files)
+            except FlowpinError as exc:
+                actual[algorithm][dep["name"]] = exc
+    for entry in usable:
+        _compare(entry, {a: actual[a][entry["name"]] for a in needed if entry["name"] in actual[a]}, findings)
+    for dep in manifest.dependencies:
+        if dep["annotations"]["flowpin.type"] == "manifest":
+            findings.extend(_check_parent(dep, root))
     return findings
 
 
-def _check_parent(dep: dict[str, Any], root: Path, algorithm: str) -> list[Finding]:
+def _algorithms_needed(entry: dict[str, Any]) -> set[str]:
+    """The hash algorithms that re-deriving ``entry``'s digest set takes; refuses keys flowpin cannot check."""
+    kind = entry["annotations"]["flowpin.type"]
+    needed: set[str] = set()
+    for key in entry["digest"]:
+        if key in IDENTITY_KEYS.values():
+            needed.add(next(a for a, k in IDENTITY_KEYS.items() if k == key))
+        elif key in BYTES_KEYS and kind == "file":
+            needed.add(key)
+        elif key == DIRHASH and kind in ("directory", "fileset"):
+            needed.add("sha256")
+        else:
+            raise UnsupportedAlgorithmError(
+                f"digest {key!r} cannot be checked on a {kind} by this flowpin (it checks "
+                f"{sorted(IDENTITY_KEYS.values())} on every artifact, {list(BYTES_KEYS)} on files and {DIRHASH!r} on "
+                "directories); a digest nobody checks proves nothing -- re-record the manifest with its stage"
+            )
+    if not any(key in IDENTITY_KEYS.values() for key in entry["digest"]):
+        raise ManifestError(
+            f"no flowpin identity digest ({' or '.join(IDENTITY_KEYS.values())}) pinned for {entry['name']}; "
+            "the manifest was not written by this flowpin -- re-run its stage"
+        )
+    return needed
+
+
+def _check_parent(dep: dict[str, Any], root: Path) -> list[Finding]:
     """A parent manifest must still exist and still pin the outputs this manifest consumed."""
     name = dep["name"]
     try:
@@ -106,42 +149,87 @@ def _check_parent(dep: dict[str, Any], root: Path, algorithm: str) -> list[Findi
     except FlowpinError as exc:
         missing = ArtifactMissingError(f"parent manifest cannot be read ({exc}); restore it or re-run {name}'s stage")
         return [Finding(name, missing if isinstance(exc, ManifestParseError) else exc)]
-    pinned = dep["digest"].get(algorithm)
-    actual = parent.outputs_digest(algorithm)
-    if pinned == actual:
-        return []
-    return [
-        Finding(
-            name,
-            DigestMismatchError(
-                f"parent outputs digest is {actual[:16]}…, this manifest pins {pinned and pinned[:16]}…: the upstream "
-                "stage now records different outputs — re-run this stage (dvc repro)"
-            ),
-        )
-    ]
+    findings: list[Finding] = []
+    for key, pinned in dep["digest"].items():
+        algorithm = next((a for a, k in SUBJECTS_KEYS.items() if k == key), None)
+        if algorithm is None:
+            findings.append(
+                Finding(
+                    name,
+                    UnsupportedAlgorithmError(
+                        f"a parent manifest is pinned by {' or '.join(SUBJECTS_KEYS.values())}, not {key!r}; "
+                        "re-record the manifest with its stage"
+                    ),
+                )
+            )
+            continue
+        actual = parent.outputs_digest(algorithm)
+        if pinned != actual:
+            findings.append(
+                Finding(
+                    name,
+                    DigestMismatchError(
+                        f"parent outputs digest ({key}) is {actual[:16]}…, this manifest pins {pinned[:16]}…: the "
+                        "upstream stage now records different outputs — re-run this stage (dvc repro)"
+                    ),
+                )
+            )
+    return findings
 
 
-def _compare(entry: dict[str, Any], actual: ArtifactDigest | FlowpinError, algorithm: str, out: list[Finding]) -> None:
+def _compare(entry: dict[str, Any], actual: dict[str, ArtifactDigest | FlowpinError], out: list[Finding]) -> None:
+    """Compare every key of ``entry``'s digest set with what was computed (``actual``: algorithm → digest)."""
     name = entry["name"]
-    if isinstance(actual, FlowpinError):
-        out.append(Finding(name, actual))
+    errors = [a for a in actual.values() if isinstance(a, FlowpinError)]
+    if errors:
+        out.append(Finding(name, errors[0]))
         return
-    pinned = entry["digest"].get(algorithm)
-    if pinned is None:
-        out.append(Finding(name, ManifestError(f"no {algorithm} digest pinned for {name}")))
-        return
-    if pinned == actual.digest:
-        return
-    detail = _file_changes(entry["annotations"].get("flowpin.files", {}), actual)
-    out.append(
-        Finding(
-            name,
-            DigestMismatchError(
-                f"{algorithm} is {actual.digest[:16]}…, manifest pins {pinned[:16]}…{detail}; "
-                "the artifact changed since it was recorded — restore it (dvc checkout) or re-run the stage"
-            ),
+    for key, pinned in sorted(entry["digest"].items()):
+        if key in IDENTITY_KEYS.values():
+            algorithm = next(a for a, k in IDENTITY_KEYS.items() if k == key)
+            result = actual[algorithm]
+            assert isinstance(result, ArtifactDigest)
+            value = result.digest
+        else:  # a bytes digest of a file, or dirHash of a directory (checked by _algorithms_needed)
+            result = actual["sha256" if key == DIRHASH else key]
+            assert isinstance(result, ArtifactDigest)
+            value = result.raw
+        if pinned == value:
+            continue
+        detail = _file_changes(entry["annotations"].get("flowpin.files", {}), result)
+        out.append(
+            Finding(
+                name,
+                DigestMismatchError(
+                    f"{key} is {value[:16]}…, manifest pins {pinned[:16]}…{detail}; "
+                    "the artifact changed since it was recorded — restore it (dvc checkout) or re-run the stage"
+                ),
+            )
         )
-    )
+        return
+
+
+def check_notes(manifest: Manifest) -> list[Finding]:
+    """Byproducts that carry their ``content`` inline (run context, tracking, sweep job): its digest must be the
+    sha256 of the content, and the content the canonical JSON of the annotations shown beside it."""
+    findings: list[Finding] = []
+    for bp in manifest.run_details["byproducts"]:
+        if "content" not in bp:
+            continue
+        name = f"byproduct {bp['name']}"
+        try:
+            body = decode_b64(bp["content"], name)
+        except FlowpinError as exc:
+            findings.append(Finding(name, exc))
+            continue
+        for key, pinned in (bp.get("digest") or {}).items():
+            if key not in BYTES_KEYS or hash_bytes(body, key) != pinned:
+                findings.append(Finding(name, DigestMismatchError(f"{key} does not match its inline content")))
+        if "annotations" in bp and canonical_json(bp["annotations"]) != body:
+            findings.append(
+                Finding(name, DigestMismatchError("annotations differ from the signed inline content they repeat"))
+            )
+    return findings
 
 
 def _file_changes(pinned_files: dict[str, str], actual: ArtifactDigest) -> str:

@@ -324,22 +324,34 @@ def load_decontamination(
     manifest: Path,
     synth_name: str,
     synth_digest: Mapping[str, str],
+    root: Path | None = None,
 ) -> Decontamination:
     """Read the decontamination report and check it belongs to the evaluated data.
 
+    * the decontaminate ``manifest`` must be signed by a key trusted in ``root`` (default: the project
+      holding it), else :class:`~flowpin.errors.UnverifiedManifestError`;
     * ``report`` (artifact name ``report_name``) must have the digest the decontaminate ``manifest`` pins
       for it among its byproducts;
     * that stage's recipe must list a ``synth_heldout`` evaluation set (the training data was checked
       against the held-out tasks);
-    * it must have read the synth dataset ``synth_name`` with ``synth_digest`` (``{algorithm: hex}``), the
+    * it must have read the synth dataset ``synth_name`` with ``synth_digest`` (``{algorithm: hex}``, flowpin's
+      content identity), the
       one evaluated here.
 
     Each failure raises :class:`DecontaminationReportError` naming what to rerun.
     """
     from flowpin.hashing import hash_bytes
-    from flowpin.manifest.model import load_manifest
+    from flowpin.manifest.digests import identity_value, pinned_identity
+    from flowpin.manifest.trust import load_verified
+    from flowpin.paths import find_root
 
-    m = load_manifest(manifest)
+    # the byproduct digest relied on is checked below; the manifest's other pins are decontaminate's own
+    m = load_verified(
+        manifest,
+        root=root if root is not None else find_root(manifest.parent),
+        check="signature",
+        purpose="evaluate against its decontamination report",
+    )
     try:
         raw = report.read_bytes()
     except FileNotFoundError as exc:
@@ -352,7 +364,7 @@ def load_decontamination(
             f"eval.decontamination_report: {manifest.name} pins no byproduct {report_name}; name the report "
             "that stage wrote (its paths.report)"
         )
-    algorithm, expected = next(iter(pinned["digest"].items()))
+    algorithm, expected = pinned_identity(pinned)
     if hash_bytes(raw, algorithm) != expected:
         raise DecontaminationReportError(
             f"eval.decontamination_report: {report_name} is not the report {manifest.name} vouches for (its "
@@ -367,8 +379,8 @@ def load_decontamination(
             "data was not checked against the held-out tasks; add one to decontaminate.evals and rerun"
         )
     read = next((d for d in m.dependencies if d.get("name") == synth_name), None)
-    common = [alg for alg in synth_digest if read is not None and alg in read["digest"]]
-    if read is None or not common or any(read["digest"][alg] != synth_digest[alg] for alg in common):
+    common = [alg for alg in synth_digest if read is not None and identity_value(read, alg) is not None]
+    if read is None or not common or any(identity_value(read, alg) != synth_digest[alg] for alg in common):
         raise DecontaminationReportError(
             f"{manifest.name}: decontamination did not read the synth data evaluated here ({synth_name} "
             "differs or is absent); rerun decontaminate on it (dvc repro decontaminate)"
@@ -739,6 +751,7 @@ def resolve_inputs(
         manifest=root / paths.inputs["decontaminate"].manifest,
         synth_name=paths.inputs["synth"].data,
         synth_digest=synth_digest,
+        root=root,
     )
     return EvalInputs(
         checkpoints=check_inputs(cfg, paths, root),

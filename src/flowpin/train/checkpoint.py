@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import random
 import re
@@ -75,10 +74,13 @@ from flowpin.errors import (
     CheckpointCorruptError,
     CheckpointError,
     CheckpointMissingError,
+    StrictJSONError,
     WriteError,
 )
 from flowpin.failpoints import failpoint
 from flowpin.hashing import hash_file
+from flowpin.jsonio import loads_strict
+from flowpin.safeio import open_regular
 from flowpin.tensorfile import validate_safetensors
 
 FORMAT = "flowpin.checkpoint"
@@ -610,9 +612,26 @@ def load_checkpoint(
     return state
 
 
-def _read(path: Path) -> bytes:
+MAX_STATE_BYTES = 64 << 20
+"""Largest ``state.json`` read: the biggest real one (a 32B model's optimizer groups by parameter name) is a
+few MiB."""
+
+
+def _read(path: Path, size: object = None) -> bytes:
+    """The bytes of a checkpoint file, a regular file only (a FIFO or /dev/zero would hang or exhaust memory).
+
+    ``size`` (a tensor file's size as state.json records it): a file of another size is refused before it
+    is read; ``None`` (state.json): at most :data:`MAX_STATE_BYTES`.
+    """
     try:
-        return path.read_bytes()
+        bound = MAX_STATE_BYTES if size is None else None
+        with open_regular(path, max_bytes=bound, what="checkpoint file", fix=_DAMAGED) as f:
+            if size is not None and f.size != size:
+                raise CheckpointCorruptError(
+                    f"{path}: {f.size} bytes, state.json records {size}; the file is truncated or was replaced -- "
+                    "restore it or resume from an earlier checkpoint"
+                )
+            return f.read_all()
     except FileNotFoundError as exc:
         if not path.parent.is_dir():
             raise CheckpointMissingError(f"{path.parent}: no checkpoint directory here") from exc
@@ -627,9 +646,9 @@ def _read(path: Path) -> bytes:
 def _parse_state(raw: bytes, path: Path) -> dict[str, Any]:
     where = path / STATE_FILE
     try:
-        document = json.loads(raw)
-    except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the stack
-        raise ArtifactUnreadableError(f"{where}: not valid JSON ({exc}); {_DAMAGED}") from exc
+        document = loads_strict(raw, where=str(where), max_bytes=MAX_STATE_BYTES)
+    except StrictJSONError as exc:  # not JSON, duplicate keys, NaN/Infinity, too deep
+        raise ArtifactUnreadableError(f"{where}: not valid JSON ({exc.reason}); {_DAMAGED}") from exc
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise CheckpointError(f"{where}: not a flowpin checkpoint (format is not {FORMAT!r}); {_DAMAGED}")
     if document.get("version") != FORMAT_VERSION:
@@ -661,7 +680,7 @@ def _parse_state(raw: bytes, path: Path) -> dict[str, Any]:
 
 def _verified_bytes(path: Path, name: str, document: Mapping[str, Any]) -> bytes:
     entry = document["files"][name]
-    data = _read(path / name)
+    data = _read(path / name, entry.get("size"))
     if len(data) != entry.get("size"):
         raise CheckpointCorruptError(
             f"{path / name}: {len(data)} bytes, state.json records {entry.get('size')}; the file is truncated "

@@ -16,7 +16,6 @@ the old checkpoints are removed first (and the report says so) instead of being 
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,11 +27,14 @@ from flowpin.atomic import atomic_write_bytes
 from flowpin.canonical import canonical_json
 from flowpin.data.order import order_for
 from flowpin.data.tokenize import TokenizedDataset
-from flowpin.errors import CheckpointCorruptError, CheckpointMissingError, RecipeError
+from flowpin.errors import CheckpointCorruptError, CheckpointMissingError, RecipeError, StrictJSONError
 from flowpin.hashing import hash_bytes
+from flowpin.jsonio import loads_strict
 from flowpin.recipe import check_choice, check_int, to_config, to_plain
+from flowpin.safeio import read_regular
 from flowpin.tracking import FanoutTracker, JsonlTracker, Tracker
 from flowpin.train.checkpoint import (
+    MAX_STATE_BYTES,
     CheckpointRef,
     latest_checkpoint,
     list_checkpoints,
@@ -202,10 +204,11 @@ def read_model_config(checkpoints_dir: Path) -> ModelConfig:
     """The :class:`ModelConfig` a stage wrote next to its checkpoints (``model.json``)."""
     path = checkpoints_dir / MODEL_CONFIG
     try:
-        plain = json.loads(path.read_bytes())
+        raw = read_regular(path, max_bytes=MAX_STATE_BYTES, what="model config", fix="rerun the stage")
+        plain = loads_strict(raw, where=str(path), max_bytes=MAX_STATE_BYTES)
     except FileNotFoundError as exc:
         raise CheckpointMissingError(f"{path}: missing; the checkpoints' model config (rerun the stage)") from exc
-    except (OSError, ValueError) as exc:
+    except (OSError, StrictJSONError) as exc:
         raise CheckpointCorruptError(f"{path}: unreadable model config ({exc}); rerun the stage") from exc
     return to_config(ModelConfig, plain, where=str(path))
 
@@ -366,7 +369,8 @@ def _claim_run_dir(run_dir: Path, key: str) -> list[str]:
     key_file = run_dir / "run-key.json"
     ckpt_dir = run_dir / "checkpoints"
     removed: list[str] = []
-    previous = key_file.read_bytes() if key_file.exists() else None
+    # compared as bytes, never parsed; a regular file only (a FIFO here would hang the run's start)
+    previous = read_regular(key_file, max_bytes=1 << 20, what="run key") if key_file.exists() else None
     if previous != canonical_json({"key": key}) and ckpt_dir.exists():
         removed = [c.path.name for c in list_checkpoints(ckpt_dir)]
         shutil.rmtree(ckpt_dir)
