@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test lint typecheck pytest bench fuzz faults data-full release-check clean-venv
+.PHONY: install run test lint typecheck pytest bench fuzz faults data-full release-check release-record clean-venv
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,16 @@ release-check: install
 	# dvc.lock pins every output's content: unchanged after `make run` = the committed digests, bit for bit
 	git diff --exit-code --stat -- dvc.lock
 
+# Regenerate the release record (dvc.lock, manifests/, reports/) from a clean commit: a record made from a
+# dirty tree names code nobody can check out. Refuses uncommitted changes (the record's own files excepted).
+release-record: install
+	@test -z "$$(git status --porcelain --untracked-files=all -- . ':(exclude)manifests' ':(exclude)reports' \
+	  ':(exclude)dvc.lock' ':(exclude)keys')" || { echo "make release-record: uncommitted changes (see git \
+	status); a release record comes from a clean commit: commit or stash them first" >&2; exit 2; }
+	$(BIN)/flowpin key init --if-missing
+	$(BIN)/dvc repro
+	$(BIN)/flowpin verify --no-cache manifests/*.json
+
 # The data stages on the whole standard library (params/*_full.yaml), outside DVC's reference flow:
 # writes data/full/, reports/full/, manifests/full/ (gitignored). synth is shared with the reference.
 data-full: install
@@ -59,8 +69,11 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
+# Two workers (CI has 2 cores), each test file on one worker: module-scoped flows are built once, and the
+# fuzz summary sees every case of its file. Measured: 12.2 min on 2 cores vs 27 min serially (CI, before).
+PYTEST_WORKERS ?= 2
 pytest: install
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 test: lint typecheck pytest
 
