@@ -420,7 +420,9 @@ def test_determinism_report() -> None:
     now = determinism_settings()
     assert determinism_report(now, dict(now)) == []
     lines = determinism_report(
-        {**now, "torch_num_threads": 2, "gone": 1}, {**now, "torch_num_threads": 4, "deterministic_algorithms": 1}
+        # recorded False explicitly: `now` holds whatever an earlier test in this process left set
+        {**now, "torch_num_threads": 2, "deterministic_algorithms": False, "gone": 1},
+        {**now, "torch_num_threads": 4, "deterministic_algorithms": 1},
     )
     assert [line.split(":")[0] for line in lines] == ["deterministic_algorithms", "gone", "torch_num_threads"]
     assert "reduction" in lines[2] and "<absent>" in lines[1]
