@@ -81,35 +81,35 @@ def check_subjects(manifest: Manifest, root: Path, hasher: Hasher) -> list[Findi
     (``UnsupportedAlgorithmError``), never skipped.
     """
     findings: list[Finding] = []
-    entries = [*manifest.subjects, *manifest.dependencies]
+    needs: dict[str, set[str]] = {}  # entry name -> the algorithms its own digest set takes
     usable: list[dict[str, Any]] = []
-    needed: set[str] = set()
-    for entry in entries:
+    for entry in [*manifest.subjects, *manifest.dependencies]:
         if entry["annotations"]["flowpin.type"] == "manifest":
             continue
         try:
-            needed |= _algorithms_needed(entry)
+            needs[entry["name"]] = _algorithms_needed(entry)
             usable.append(entry)
         except FlowpinError as exc:
             findings.append(Finding(entry["name"], exc))
-    hashers = {hasher.algorithm: hasher}
-    for algorithm in sorted(needed - {hasher.algorithm}):
-        hashers[algorithm] = Hasher(root, algorithm, cache=hasher.cache, workers=hasher.workers)
-    actual: dict[str, dict[str, ArtifactDigest | FlowpinError]] = {a: {} for a in needed}
-    in_repo = [e["name"] for e in usable if e["annotations"]["flowpin.type"] != "fileset"]
-    for algorithm in sorted(needed):
-        actual[algorithm].update(hashers[algorithm].digest_all(in_repo))
-        for dep in usable:
-            if dep["annotations"]["flowpin.type"] != "fileset":
-                continue
+    actual: dict[str, dict[str, ArtifactDigest | FlowpinError]] = {e["name"]: {} for e in usable}
+    for algorithm in sorted(set().union(*needs.values())):
+        by = (
+            hasher
+            if algorithm == hasher.algorithm
+            else Hasher(root, algorithm, cache=hasher.cache, workers=hasher.workers)
+        )
+        wanted = [e for e in usable if algorithm in needs[e["name"]]]  # each artifact hashed only as it needs
+        in_repo = [e["name"] for e in wanted if e["annotations"]["flowpin.type"] != "fileset"]
+        for name, result in by.digest_all(in_repo).items():
+            actual[name][algorithm] = result
+        for dep in (e for e in wanted if e["annotations"]["flowpin.type"] == "fileset"):
             try:
-                base = fileset_base(dep, root)
                 files = list(dep["annotations"].get("flowpin.files", {}))
-                actual[algorithm][dep["name"]] = hashers[algorithm].digest_fileset(dep["name"], base, files)
+                actual[dep["name"]][algorithm] = by.digest_fileset(dep["name"], fileset_base(dep, root), files)
             except FlowpinError as exc:
-                actual[algorithm][dep["name"]] = exc
+                actual[dep["name"]][algorithm] = exc
     for entry in usable:
-        _compare(entry, {a: actual[a][entry["name"]] for a in needed if entry["name"] in actual[a]}, findings)
+        _compare(entry, actual[entry["name"]], findings)
     for dep in manifest.dependencies:
         if dep["annotations"]["flowpin.type"] == "manifest":
             findings.extend(_check_parent(dep, root))
