@@ -47,7 +47,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from flowpin.atomic import atomic_create_exclusive, atomic_write_bytes
+from flowpin.atomic import atomic_write_bytes
 from flowpin.errors import (
     BadModelSignatureError,
     CheckpointError,
@@ -62,6 +62,7 @@ from flowpin.errors import (
 )
 from flowpin.jsonio import loads_strict
 from flowpin.safeio import read_regular
+from flowpin.signing import publish_private_key
 from flowpin.tensorfile import validate_safetensors
 from flowpin.train.checkpoint import MAX_STATE_BYTES, STATE_FILE, read_state
 
@@ -197,13 +198,7 @@ def init_key_if_missing(root: Path, key_path: Path | None = None) -> tuple[KeyIn
 def _create_key(root: Path, path: Path, *, force: bool) -> KeyInfo | None:
     """Write a new private key (0600) to ``path`` and trust its public key; None if ``path`` was taken."""
     private = ec.generate_private_key(ec.SECP256R1())
-    pem = private.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if force:
-        atomic_write_bytes(path, pem, mode=0o600)
-    elif not atomic_create_exclusive(path, pem, mode=0o600):
+    if not publish_private_key(path, private, force=force):
         return None  # another process created the key first: its key is the one, ours was never published
     info = _info(root, path, private.public_key())
     trust_public_key(root, _public_pem(private.public_key()))

@@ -28,6 +28,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from flowpin.atomic import atomic_create_exclusive, atomic_write_bytes
 from flowpin.errors import (
@@ -117,18 +118,26 @@ def init_key_if_missing(root: Path, key_path: Path | None = None) -> tuple[Signe
 def _create_key(root: Path, path: Path, *, force: bool) -> Signer | None:
     """Write a new private key (0600) to ``path`` and trust its public key; None if ``path`` was taken."""
     private = Ed25519PrivateKey.generate()
+    if not publish_private_key(path, private, force=force):
+        return None  # another process created the key first: its key is the one, ours was never published
+    failpoint("key.after-private", str(path))
+    signer = Signer(private, keyid_of(private.public_key()))
+    trust_public_key(root, signer.public_pem())
+    return signer
+
+
+def publish_private_key(path: Path, private: PrivateKeyTypes, *, force: bool) -> bool:
+    """Write ``private`` as unencrypted PKCS#8 PEM (mode 0600, directory 0700) to ``path``; False if ``path`` was
+    taken. ``force`` replaces an existing key atomically; otherwise the key is created exclusively
+    (:func:`~flowpin.atomic.atomic_create_exclusive`), so of concurrent callers exactly one publishes."""
     pem = private.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     if force:
         atomic_write_bytes(path, pem, mode=0o600)
-    elif not atomic_create_exclusive(path, pem, mode=0o600):
-        return None  # another process created the key first: its key is the one, ours was never published
-    failpoint("key.after-private", str(path))
-    signer = Signer(private, keyid_of(private.public_key()))
-    trust_public_key(root, signer.public_pem())
-    return signer
+        return True
+    return atomic_create_exclusive(path, pem, mode=0o600)
 
 
 def ensure_trusted(root: Path, key_path: Path | None = None) -> tuple[Signer, bool]:
