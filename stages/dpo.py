@@ -34,6 +34,7 @@ def main(cfg: DictConfig) -> None:
                 run_dir=run.out_dir.parent,
                 dist=dist,
                 tracker=run.tracker,
+                claim=run.run_claim(),  # the run key's code: this stage's dvc.yaml code deps
             )
             run.rec.output(run.out_dir / MODEL_CONFIG)
             for path in (*result.outputs, *(c.path for c in result.checkpoints)):  # pairs, then checkpoints
@@ -41,6 +42,8 @@ def main(cfg: DictConfig) -> None:
             run.report = result.report
     finally:
         destroy()
+    if not dist.is_main:  # rank 0 recorded the stage and reports it
+        return
     report = result.report
     for kind, after in report["heldout"]["after"].items():
         before = report["heldout"]["before"][kind]

@@ -33,6 +33,7 @@ def main(cfg: DictConfig) -> None:
                 run_dir=run.out_dir.parent,
                 dist=dist,
                 tracker=run.tracker,
+                claim=run.run_claim(),  # the run key's code: this stage's dvc.yaml code deps
             )
             run.rec.output(run.out_dir / MODEL_CONFIG)  # the architecture the checkpoints load into
             for checkpoint in result.checkpoints:  # every checkpoint is a subject of the manifest
@@ -40,6 +41,8 @@ def main(cfg: DictConfig) -> None:
             run.report = result.report
     finally:
         destroy()
+    if not dist.is_main:  # rank 0 recorded the stage and reports it
+        return
     report = result.report
     quarters, passed = report["reward_quarters"], report["heldout"]
     print(f"{run.paths.manifest}: mean reward {quarters['first']:.3f} (first quarter) → {quarters['last']:.3f} (last)")

@@ -2,6 +2,7 @@
 
 python stages/sft.py                                   # params/sft.yaml
 python stages/sft.py sft.loop.steps=300 sft.eval.tasks=300   # any override, recorded in the manifest
+torchrun --nproc-per-node 2 stages/sft.py              # data parallel; rank 0 records the stage
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def main(cfg: DictConfig) -> None:
                 run_dir=run.out_dir.parent,
                 dist=dist,
                 tracker=run.tracker,
+                claim=run.run_claim(),  # the run key's code: this stage's dvc.yaml code deps
             )
             run.rec.output(run.out_dir / MODEL_CONFIG)  # the architecture the checkpoints load into
             for checkpoint in result.checkpoints:  # every checkpoint is a subject of the manifest
@@ -40,6 +42,8 @@ def main(cfg: DictConfig) -> None:
             run.report = result.report
     finally:
         destroy()
+    if not dist.is_main:  # rank 0 recorded the stage and reports it
+        return
     for kind, after in result.report["heldout"]["after"].items():
         before = result.report["heldout"]["before"][kind]
         print(

@@ -29,9 +29,7 @@ def main(cfg: DictConfig) -> None:
     model_cfg = to_config(ModelConfig, cfg.model, where="model")
     dist = init_distributed()
     try:
-        with stage_run(
-            "train", cfg, TrainingStageConfig, root=ROOT, inputs=("data",), persistent_out=True, main=dist.is_main
-        ) as run:
+        with stage_run("train", cfg, TrainingStageConfig, root=ROOT, inputs=("data",), persistent_out=True) as run:
             init = run.paths.inputs.get("init")
             result = run_training(
                 run.recipe,
@@ -42,6 +40,7 @@ def main(cfg: DictConfig) -> None:
                 init_dir=None if init is None else ROOT / init.data,
                 dist=dist,
                 tracker=run.tracker,
+                claim=run.run_claim(),  # the run key's code: this stage's dvc.yaml code deps
             )
             run.rec.output(run.out_dir / MODEL_CONFIG)  # the architecture the checkpoints load into
             for checkpoint in result.checkpoints:  # every checkpoint is a subject of the manifest

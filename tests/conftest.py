@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from hypothesis import settings
 
@@ -23,6 +24,22 @@ from flowpin.hashing import Hasher
 from flowpin.manifest.record import record
 from flowpin.manifest.verify import VerifyReport, verify_manifest
 from flowpin.signing import Signer, init_key, load_trust_store
+
+
+def _pin_cpu_kernels() -> None:
+    """Run this pytest process under the reference flow's CPU kernel pins (``hydra.job.env_set`` in
+    ``params/common/hydra.yaml``), set before anything imports torch: MKL and ATen read them once, at their
+    first use, so a stage run in-process computes with the kernels a ``dvc repro`` subprocess uses. The imports
+    above load no torch (nor must any added there)."""
+    hydra_yaml = os.path.join(os.path.dirname(os.path.dirname(__file__)), "params", "common", "hydra.yaml")
+    with open(hydra_yaml, encoding="utf-8") as f:
+        pins = yaml.safe_load(f)["job"]["env_set"]
+    for name, value in pins.items():
+        os.environ.setdefault(str(name), str(value))
+
+
+_pin_cpu_kernels()
+
 
 # --- signed-manifest projects (tests/test_manifest_errors.py, test_cli.py, test_interop.py) -------
 

@@ -20,6 +20,7 @@ from flowpin.canonical import canonical_json
 from flowpin.cli import main
 from flowpin.manifest.model import load_manifest, write_manifest
 from flowpin.manifest.record import record
+from flowpin.signing import init_key
 
 
 @pytest.fixture
@@ -115,15 +116,15 @@ def test_diff_reports_the_changed_recipe_key(cli: Project, capsys: pytest.Captur
     b = cli.record_stage("train", recipe={"lr": 0.1, "model": {"layers": 4}}, manifest="runs/b/train.json")
 
     code, out, _ = run(capsys, "diff", a, b)
-    assert code == 1
+    assert code == 3  # the outputs are the same bytes: only the identity differs
     assert "1 difference(s)" in out
     assert "[recipe]" in out
     assert "model.layers: 2 → 4" in out
 
     code, out, _ = run(capsys, "diff", a, b, "--json")
-    assert code == 1
-    (result,) = json.loads(out)
-    assert result["identical"] is False
+    assert code == 3
+    (result,) = json.loads(out)["diffs"]
+    assert result["identical"] is False and result["outcome"] == "identity-differs"
     assert result["changes"] == [{"section": "recipe", "key": "model.layers", "old": 2, "new": 4, "note": ""}]
 
 
@@ -136,7 +137,7 @@ def test_diff_of_rerun_with_same_inputs_is_identical(cli: Project, capsys: pytes
     assert code == 0
     assert "identical in identity" in out
     code, out, _ = run(capsys, "diff", a, b, "--include-run")
-    assert code == 1
+    assert code == 3
     assert "[run]" in out
 
 
@@ -150,7 +151,7 @@ def test_diff_reports_changed_output_digest(cli: Project, capsys: pytest.Capture
         rec.output("artifacts/train/shards")
     code, out, _ = run(capsys, "diff", a, cli.root / "runs/b/train.json", "--json")
     assert code == 1
-    (result,) = json.loads(out)
+    (result,) = json.loads(out)["diffs"]
     assert [(c["section"], c["key"]) for c in result["changes"]] == [("output", "artifacts/train/shards")]
     assert "a.txt" in result["changes"][0]["note"]
 
@@ -164,7 +165,7 @@ def test_diff_of_two_manifest_directories(cli: Project, capsys: pytest.CaptureFi
 
     code, out, _ = run(capsys, "diff", cli.root / "runs/a", cli.root / "runs/b", "--json")
     assert code == 1
-    by_file = {Path(d["b"]).name if d["b"] != "<absent>" else Path(d["a"]).name: d for d in json.loads(out)}
+    by_file = {Path(d["b"]).name if d["b"] != "<absent>" else Path(d["a"]).name: d for d in json.loads(out)["diffs"]}
     assert set(by_file) == {"eval.json", "prep.json", "train.json"}
     assert by_file["prep.json"]["identical"] is True
     assert by_file["train.json"]["changes"] == [{"section": "recipe", "key": "lr", "old": 0.1, "new": 0.2, "note": ""}]
@@ -172,6 +173,64 @@ def test_diff_of_two_manifest_directories(cli: Project, capsys: pytest.CaptureFi
 
     code, out, _ = run(capsys, "diff", cli.root / "runs/a", cli.root / "runs/a")
     assert code == 0
+
+
+def test_diff_of_two_flows_says_the_verdict_first_and_exits_by_it(
+    cli: Project, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Issue #14 item 5: a diff of two flows listed one block per stage and no verdict. The verdict comes first
+    and names every pair by outcome (and every UNVERIFIED manifest); the exit status follows it: 0 identical in
+    identity, 3 every output identical but identity differs, 1 some outputs differ or are on one side only."""
+    for side in ("a", "b"):
+        cli.record_stage("prep", manifest=f"runs/{side}/prep.json")
+    cli.record_stage("train", recipe={"lr": 0.1}, manifest="runs/a/train.json")
+    cli.record_stage("train", recipe={"lr": 0.2}, manifest="runs/b/train.json")  # same outputs, other recipe
+    cli.record_stage("eval", manifest="runs/a/eval.json")
+    (cli.root / "artifacts" / "eval" / "model.bin").write_bytes(b"other weights\n")
+    stranger = init_key(tmp_path / "elsewhere", key_path=tmp_path / "elsewhere" / "k.key")
+    recipe = {"lr": 0.1, "model": {"layers": 2}}  # as in record_stage: only the output differs
+    with record("eval", recipe=recipe, code=[], root=cli.root, manifest="runs/b/eval.json", signer=stranger) as rec:
+        rec.output("artifacts/eval/model.bin")
+        rec.output("artifacts/eval/shards")
+    cli.record_stage("extra", manifest="runs/b/extra.json")
+    a, b = cli.root / "runs" / "a", cli.root / "runs" / "b"
+
+    code, out, _ = run(capsys, "diff", a, b)
+    assert code == 1
+    assert out.splitlines()[0] == (
+        "verdict: outputs identical in 2 of 4 (1 identical in identity); outputs identical but identity differs in "
+        f"1: train (recipe); outputs differ in 1: eval; only in {b}: extra; UNVERIFIED 1 of 7 manifests: "
+        f"{b / 'eval.json'}"
+    )
+    assert out.index("[recipe]") > out.index("[output]")  # then the blocks, pair by pair (eval before train)
+
+    code, out, _ = run(capsys, "diff", a, b, "--json")
+    assert code == 1
+    verdict = json.loads(out)["verdict"]
+    assert (verdict["status"], verdict["exitCode"], verdict["pairs"], verdict["outputsIdentical"]) == (
+        "outputs-differ",
+        1,
+        4,
+        2,
+    )
+    assert verdict["identical"] == ["prep"]
+    assert verdict["identityDiffers"] == [{"name": "train", "sections": ["recipe"]}]
+    assert verdict["outputsDiffer"] == ["eval"]
+    assert verdict["onlyIn"] == {"a": [], "b": ["extra"]}
+    assert verdict["unverified"] == [str(b / "eval.json")] and verdict["signaturesChecked"] == 7
+
+    code, out, _ = run(capsys, "diff", a / "train.json", b / "train.json")
+    assert code == 3
+    assert out.splitlines()[0] == (
+        "verdict: outputs identical in 1 of 1 (0 identical in identity); outputs identical but identity differs in "
+        "1: train (recipe); all 2 manifests VERIFIED"
+    )
+    code, out, _ = run(capsys, "diff", a / "prep.json", b / "prep.json")
+    assert code == 0
+    assert (
+        out.splitlines()[0]
+        == "verdict: outputs identical in 1 of 1 (1 identical in identity); all 2 manifests VERIFIED"
+    )
 
 
 def test_diff_of_unreadable_manifest_is_an_input_error(cli: Project, capsys: pytest.CaptureFixture[str]) -> None:

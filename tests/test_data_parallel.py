@@ -9,8 +9,9 @@ asserted below:
 * A DP=2 run killed mid-way (every rank raises at step 4) and resumed from ``step-000003`` ends on the same
   bytes as the uninterrupted run.
 * DP=2 does **not** equal DP=1 bitwise: one process's backward pass sums the weight gradients over all
-  rows at once, two ranks sum half-batches and then add the halves. The runs agree to rounding (losses to
-  1e-4 relative); the test reports the size of the difference as a warning and would report equality too.
+  rows at once, two ranks sum half-batches and then add the halves. The runs agree to rounding: final
+  losses to 1e-4 relative, final weights to 1.1e-5 absolute (1.09e-5 measured on an AVX2-only CPU); the
+  test reports the size of the difference as a warning and would report equality too.
 * That order is the *only* difference: DP=2 equals, bit for bit (weights, AdamW moments, generators, logged
   losses), one process whose loss is the mean of the two half-batches' losses.
 * Ranks that are not replicas (rank 1 built with another seed) are refused before the first step.
@@ -41,6 +42,8 @@ from flowpin.train.loop import OptimConfig, TrainConfig, rank_rows, train
 from flowpin.train.schedule import ScheduleConfig
 
 BIN = Path(sys.executable).parent
+DP2_VS_DP1_MAX_WEIGHT_DIFFERENCE = 1.1e-5
+"""Bound on max |DP=2 - DP=1| over the final model tensors (measured 1.0933e-05 on an AVX2-only AMD EPYC)."""
 
 WORKER = textwrap.dedent(
     '''
@@ -319,8 +322,12 @@ def test_world_size_is_recorded_and_two_ranks_differ_from_one_only_by_rounding(r
     assert abs(loss2 - loss1) <= 1e-4 * abs(loss1), (loss2, loss1)
     w2, w1 = (_model_tensors(final(base / run)) for run in ("a", "one"))
     assert w2.keys() == w1.keys()
+    # The largest absolute difference over every float tensor of model.safetensors after the 6 steps. Measured
+    # 1.0933e-05 (decoder.layers.0.self_attention.linear_qkv.weight), the same on every run, on an AVX2-only
+    # AMD EPYC (2 cores), with and without the CPU kernel pins of conftest.py. The figure depends on the
+    # kernels the CPU selects; the bound is the measurement rounded up to two digits (README, "Data parallel").
     worst = max(float((w2[k].double() - w1[k].double()).abs().max()) for k in w2)
-    assert worst < 1e-3, worst
+    assert worst <= DP2_VS_DP1_MAX_WEIGHT_DIFFERENCE, worst
     bitwise = all(torch.equal(w2[k], w1[k]) for k in w2)
     differing = sum(not torch.equal(w2[k], w1[k]) for k in w2)
     t1, t2, t3 = runs["seconds"]

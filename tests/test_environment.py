@@ -125,7 +125,8 @@ def test_machines_with_the_same_simd_flags_get_the_same_flags_digest() -> None:
 
 
 def test_env_vars_keep_numerics_knobs_and_skip_paths(monkeypatch: pytest.MonkeyPatch) -> None:
-    prefixes = ("OMP_", "MKL_", "OPENBLAS_", "NUMEXPR_", "CUBLAS_", "CUDA_", "NCCL_", "NVTE_", "TORCH_")
+    prefixes: tuple[str, ...] = ("OMP_", "MKL_", "OPENBLAS_", "NUMEXPR_", "CUBLAS_", "CUDA_", "NCCL_", "NVTE_")
+    prefixes = (*prefixes, "TORCH_", "ATEN_", "ONEDNN_", "DNNL_")
     for name in list(os.environ):
         if name.startswith((*prefixes, "FLOWPIN_", "TOKENIZERS_", "PYTHONHASHSEED")):
             monkeypatch.delenv(name)
@@ -362,3 +363,78 @@ def test_type_change_is_a_difference() -> None:
 def test_difference_is_keyword_only() -> None:
     with pytest.raises(TypeError):
         EnvDifference("k", 1, 2, True, "r")  # type: ignore[call-arg]
+
+
+# --- CPU kernel pins (ATEN_CPU_CAPABILITY, MKL_CBWR, ONEDNN_MAX_CPU_ISA) --------------------------------
+
+
+def test_the_reference_flow_pins_the_cpu_kernels_for_every_stage() -> None:
+    """params/common/hydra.yaml sets the pins in hydra.job.env_set, which every recipe composes."""
+    from hydra import compose, initialize_config_dir
+
+    params = Path(__file__).resolve().parents[1] / "params"
+    with initialize_config_dir(config_dir=str(params), version_base="1.3"):
+        for name in ("tokenize", "pretrain", "sft", "eval"):
+            env_set = compose(config_name=name, return_hydra_config=True).hydra.job.env_set
+            assert dict(env_set) == {
+                "ATEN_CPU_CAPABILITY": "avx2",
+                "MKL_CBWR": "AVX2,STRICT",
+                "ONEDNN_MAX_CPU_ISA": "AVX2",
+            }, name
+
+
+def test_cpu_pins_and_the_capability_in_use_are_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    in_use = torch.backends.cpu.get_cpu_capability()
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", in_use.lower())
+    monkeypatch.setenv("MKL_CBWR", "AVX2,STRICT")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    env = fingerprint(Path.cwd())
+    assert env["torch"]["cpuCapability"] == in_use
+    assert {k: env["envVars"][k] for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")} == {
+        "ATEN_CPU_CAPABILITY": in_use.lower(),
+        "MKL_CBWR": "AVX2,STRICT",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+    }
+    other = {**env, "envVars": {**env["envVars"], "MKL_CBWR": "AVX512"}, "torch": {**env["torch"]}}
+    other["torch"]["cpuCapability"] = "AVX512"
+    diffs = {d.key: d for d in numerics_differences(env, other)}
+    assert set(diffs) == {"envVars.MKL_CBWR", "torch.cpuCapability"}
+    assert all(d.affects_numerics and "instruction set" in d.reason for d in diffs.values())
+
+
+def test_a_pin_that_is_not_in_effect_is_refused_not_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch fixed its kernels at its first dispatch: a pin naming other kernels would be a false claim."""
+    import torch
+
+    from flowpin.environment import check_cpu_pins
+    from flowpin.errors import NumericsPinError
+
+    in_use = torch.backends.cpu.get_cpu_capability()
+    assert check_cpu_pins({"ATEN_CPU_CAPABILITY": in_use.lower()}) == in_use
+    assert check_cpu_pins({}) == in_use  # nothing pinned: the capability is recorded, nothing to refuse
+    wrong = "default" if in_use != "DEFAULT" else "avx2"
+    with pytest.raises(NumericsPinError, match=rf"ATEN_CPU_CAPABILITY='{wrong}'.*kernels in this process are {in_use}"):
+        check_cpu_pins({"ATEN_CPU_CAPABILITY": wrong})
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", wrong)
+    with pytest.raises(NumericsPinError, match=r"hydra\.job\.env_set"):
+        fingerprint(Path.cwd())  # what record() calls before it signs
+
+
+def test_a_pin_set_before_torch_computes_selects_the_kernels(tmp_path: Path) -> None:
+    """The mechanism the flow relies on: set after `import torch` (as Hydra's env_set does, before the stage
+    function runs), ATEN_CPU_CAPABILITY still decides, and the fingerprint records what is in use."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, pathlib, torch, flowpin.environment as e\n"
+        "os.environ['ATEN_CPU_CAPABILITY'] = 'default'\n"
+        "torch.ones(3).exp()\n"
+        "print(e.check_cpu_pins(), e.fingerprint(pathlib.Path.cwd())['torch']['cpuCapability'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["DEFAULT", "DEFAULT"]

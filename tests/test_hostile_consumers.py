@@ -272,20 +272,23 @@ def test_diff_marks_each_manifest_verified_or_not(cli: Project, tmp_path: Path, 
     b = cli.record_stage("train", manifest="runs/b/train.json")
     resign(b, stranger(tmp_path))
     code, out, _ = run(capsys, "diff", a, b)
-    assert code == 0
-    first = out.splitlines()[0]
-    assert f"{a} VERIFIED (signed by {cli.signer.keyid[:16]}…)" in first and f"{b} UNVERIFIED" in first
+    assert code == 0  # the content is identical; the verdict line names the manifest nobody vouches for
+    verdict, pair = out.splitlines()[:2]
+    assert verdict.endswith(f"; UNVERIFIED 1 of 2 manifests: {b}")
+    assert f"{a} VERIFIED (signed by {cli.signer.keyid[:16]}…)" in pair and f"{b} UNVERIFIED" in pair
     assert "UntrustedKeyError" in out
     code, out, _ = run(capsys, "diff", a, b, "--json")
-    (result,) = json.loads(out)
+    doc = json.loads(out)
+    (result,) = doc["diffs"]
     assert result["verified"]["a"]["verified"] is True and result["verified"]["b"]["verified"] is False
+    assert doc["verdict"]["unverified"] == [str(b)] and doc["verdict"]["signaturesChecked"] == 2
 
 
 def test_diff_escapes_recipe_values(cli: Project, capsys: Any) -> None:
     a = cli.record_stage("train", recipe={"lr": 0.1}, manifest="runs/a/train.json")
     b = cli.record_stage("train", recipe={"lr": f"0.2{FORGED}"}, manifest="runs/b/train.json")
     code, out, _ = run(capsys, "diff", a, b)
-    assert code == 1
+    assert code == 3
     assert "\x1b" not in out and "\\x1b[32mall outputs" in out
     assert not any(line.startswith("all outputs") for line in out.splitlines())
 

@@ -329,7 +329,6 @@ def tokenized(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "tokenizer": {"vocab_size": 300, "min_frequency": 2, "special_tokens": ["<|endoftext|>", "<|pad|>"], "seed": 1},
         "packing": {"seq_len": 32, "tail": "pad"},
         "shards": {"sequences_per_shard": 40, "zstd_level": 3},
-        "order": {"seed": 1, "batch_size": 4},
     }
     out = base / "tok"
     out.mkdir()
@@ -352,7 +351,7 @@ def test_batch_refuses_a_deeply_nested_index_json(tmp_path: Path, tokenized: Pat
     index = root / "data" / "tokenize" / INDEX_NAME
     index.write_bytes(b"[" * 100_000 + b"]" * 100_000)
     before = snapshot(tmp_path)
-    proc = run(root, FLOWPIN, "batch", "params/tokenize.yaml", "--step", "0")
+    proc = run(root, FLOWPIN, "batch", "params/tokenize.yaml", "--step", "0", "--order-seed", "1", "--batch-size", "4")
     refused(proc, ShardError, str(index), "nested more than", "rerun the tokenize stage")
     assert snapshot(tmp_path) == before
 
@@ -360,7 +359,9 @@ def test_batch_refuses_a_deeply_nested_index_json(tmp_path: Path, tokenized: Pat
 def test_batch_refuses_a_huge_batch_size_before_allocating(tmp_path: Path, tokenized: Path) -> None:
     root = batch_project(tmp_path, tokenized)
     before = snapshot(tmp_path)
-    proc = run(root, FLOWPIN, "batch", "params/tokenize.yaml", "--step", "7", "--batch-size", "20000000")
+    proc = run(
+        root, FLOWPIN, "batch", "params/tokenize.yaml", "--step", "7", "--order-seed", "1", "--batch-size", "20000000"
+    )
     refused(proc, DataOrderError, "--batch-size", "20000000", "pass a batch size of at most 524288")
     assert snapshot(tmp_path) == before
 

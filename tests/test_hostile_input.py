@@ -406,9 +406,10 @@ def recipe_case(key: str, mutate: Callable[[dict[str, Any]], None]) -> Callable[
     return lambda tmp: Bad(key, dedup_stage(recipe_project(tmp, mutate)))
 
 
-def recipe_cli_batch_unknown_order_key(tmp: Path) -> Bad:
-    root = recipe_project(tmp, lambda d: d["tokenize"]["order"].update(sead=1), "tokenize")
-    return cli(root, "tokenize.order.sead", "batch", str(root / "params" / "tokenize.yaml"), "--step", "0")
+def recipe_cli_batch_interpolated_out(tmp: Path) -> Bad:
+    root = recipe_project(tmp, lambda d: d["paths"].update(out="${hydra:runtime.cwd}/data/tokenize"), "tokenize")
+    recipe = str(root / "params" / "tokenize.yaml")
+    return cli(root, "paths.out", "batch", recipe, "--step", "0", "--order-seed", "1", "--batch-size", "2")
 
 
 # --- corpora (zstd JSONL datasets, tokenized shards) ----------------------------------------------
@@ -757,7 +758,12 @@ CASES = [
         RecipeError,
         "name the upstream dataset",
     ),
-    Case("recipe/cli-batch-unknown-order-key", recipe_cli_batch_unknown_order_key, DataOrderError, "fix the spelling"),
+    Case(
+        "recipe/cli-batch-interpolated-out",
+        recipe_cli_batch_interpolated_out,
+        DataOrderError,
+        "name the tokenized directory itself",
+    ),
     # corpora
     Case("corpus/shard-declares-more-than-index", corpus_shard_declares_more_than_index, ShardError, SHARD_FIX),
     Case("corpus/frame-without-declared-size", corpus_frame_without_declared_size, ShardError, "rewrite it with"),
@@ -851,7 +857,6 @@ def tokenized_dataset(tmp_path_factory: pytest.TempPathFactory) -> None:
         "tokenizer": tokenizer,
         "packing": {"seq_len": 32, "tail": "pad"},
         "shards": {"sequences_per_shard": 40, "zstd_level": 3},
-        "order": {"seed": 1, "batch_size": 4},
     }
     cfg = to_config(TokenizeConfig, recipe, where="tokenize")
     out = base / "tok"

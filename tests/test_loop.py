@@ -553,7 +553,6 @@ def test_trains_on_a_tokenized_dataset_in_its_global_order(lm: dict[str, Any], t
         "tokenizer": {"vocab_size": 300, "min_frequency": 2, "special_tokens": ["<|endoftext|>", "<|pad|>"], "seed": 3},
         "packing": {"seq_len": 16, "tail": "pad"},
         "shards": {"sequences_per_shard": 8, "zstd_level": 3},
-        "order": {"seed": 11, "batch_size": 3},
     }
     run_tokenize(to_config(TokenizeConfig, recipe, where="tokenize"), tmp_path / "corpus", out)
     dataset = TokenizedDataset.open(out)

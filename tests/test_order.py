@@ -14,7 +14,6 @@ from conftest import Project
 from flowpin.cli import main as flowpin_main
 from flowpin.data.order import (
     DataOrder,
-    OrderConfig,
     batch_indices,
     batch_target,
     dataset_digest,
@@ -42,8 +41,11 @@ RECIPE: dict[str, Any] = {
     "tokenizer": {"vocab_size": 300, "min_frequency": 2, "special_tokens": ["<|endoftext|>", "<|pad|>"], "seed": 3},
     "packing": {"seq_len": 16, "tail": "pad"},
     "shards": {"sequences_per_shard": 7, "zstd_level": 3},
-    "order": {"seed": 11, "batch_size": 3},
 }
+
+
+ORDER = ("--order-seed", "11", "--batch-size", "3")
+"""A dataset has no order of its own: `flowpin batch` on one needs both."""
 
 
 def kwargs(**changes: Any) -> dict[str, Any]:
@@ -141,9 +143,10 @@ def test_data_order_validates() -> None:
         DataOrder(n_sequences=3, dataset_digest=D1, order_seed=0, batch_size=0)
 
 
-def test_order_config_names_the_key() -> None:
-    with pytest.raises(RecipeError, match=r"tokenize\.order\.batch_size"):
-        to_config(OrderConfig, {"seed": 1, "batch_size": 0}, where="tokenize.order")
+def test_the_tokenize_recipe_holds_no_order() -> None:
+    """The training recipe owns the order (train.order_seed, train.loop.batch_size): a stale block is refused."""
+    with pytest.raises(RecipeError, match=r"tokenize\.order: unknown key"):
+        to_config(TokenizeConfig, {**RECIPE, "order": {"seed": 11, "batch_size": 3}}, where="tokenize")
 
 
 # --- against a tokenized dataset ------------------------------------------------------------------
@@ -221,9 +224,12 @@ def test_cli_batch_from_manifest(
 ) -> None:
     manifest = record_tokenize(project)
     monkeypatch.chdir(project.root)
-    assert flowpin_main(["batch", str(manifest), "--step", "12345", "--json"]) == 0
+    assert flowpin_main(["batch", str(manifest), "--step", "12345", "--json"]) == 2  # a dataset has no order
+    assert "pass --order-seed and --batch-size" in capsys.readouterr().err
+    assert flowpin_main(["batch", str(manifest), "--step", "12345", "--json", *ORDER]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert (shown["batch_size"], shown["order_seed"], shown["step"]) == (3, 11, 12345)
+    assert (shown["batch_size"], shown["order_seed"], shown["step"], shown["position"]) == (3, 11, 12345, 12345)
+    assert shown["world_size"] == 1 and {s["rank"] for s in shown["samples"]} == {0}
     assert shown["dataset_digest"] == dataset_digest(project.root / "data" / "tokenize")
     assert [s["sequence"] for s in shown["samples"]] == batch_indices(
         n_sequences=shown["n_sequences"],
@@ -234,7 +240,7 @@ def test_cli_batch_from_manifest(
     )
     assert flowpin_main(["batch", str(manifest), "--step", "7", "--batch-size", "2", "--order-seed", "4"]) == 0
     text = capsys.readouterr().out
-    assert "seed 4, batch size 2, step 7" in text and "[1] sequence" in text and "doc/" in text
+    assert "seed 4, batch size 2, step 7 (the order's, 0-based)" in text and "[1] sequence" in text and "doc/" in text
 
 
 def test_cli_batch_refuses_data_that_does_not_match_the_manifest(
@@ -243,7 +249,7 @@ def test_cli_batch_refuses_data_that_does_not_match_the_manifest(
     manifest = record_tokenize(project)
     monkeypatch.chdir(project.root)
     (project.root / "data" / "tokenize" / "extra.txt").write_text("not part of the pinned dataset\n")
-    assert flowpin_main(["batch", str(manifest), "--step", "0"]) == 2
+    assert flowpin_main(["batch", str(manifest), "--step", "0", *ORDER]) == 2
     assert "DataOrderError" in capsys.readouterr().err
 
 
@@ -259,10 +265,10 @@ def test_cli_batch_with_a_blake3_manifest(
         rec.output("data/tokenize")
     manifest = project.manifest_path("tokenize")
     monkeypatch.chdir(project.root)
-    assert flowpin_main(["batch", str(manifest), "--step", "4", "--json"]) == 0
+    assert flowpin_main(["batch", str(manifest), "--step", "4", "--json", *ORDER]) == 0
     assert json.loads(capsys.readouterr().out)["dataset_digest"] == dataset_digest(project.root / "data" / "tokenize")
     (project.root / "data" / "tokenize" / "extra.txt").write_text("x\n")
-    assert flowpin_main(["batch", str(manifest), "--step", "4"]) == 2
+    assert flowpin_main(["batch", str(manifest), "--step", "4", *ORDER]) == 2
     assert "blake3 digest" in capsys.readouterr().err
 
 
@@ -271,9 +277,9 @@ def test_cli_batch_bad_step(
 ) -> None:
     manifest = record_tokenize(project)
     monkeypatch.chdir(project.root)
-    assert flowpin_main(["batch", str(manifest), "--step", "-2"]) == 2
+    assert flowpin_main(["batch", str(manifest), "--step", "-2", *ORDER]) == 2
     assert "step must be >= 0" in capsys.readouterr().err
-    assert flowpin_main(["batch", str(manifest), "--step", "2", "--batch-size", "0"]) == 2
+    assert flowpin_main(["batch", str(manifest), "--step", "2", "--order-seed", "1", "--batch-size", "0"]) == 2
     assert "batch_size must be >= 1" in capsys.readouterr().err
 
 
@@ -288,9 +294,12 @@ def test_cli_batch_from_recipe(
     )
     monkeypatch.chdir(project.root)
     target = batch_target(params, project.root)
-    assert target.pinned is None and target.order == OrderConfig(seed=11, batch_size=3)
-    assert flowpin_main(["batch", str(params), "--step", "1", "--json"]) == 0
+    assert target.pinned is None and target.data_dir == project.root / "data" / "tokenize"
+    assert flowpin_main(["batch", str(params), "--step", "1", "--json", *ORDER]) == 0
     assert len(json.loads(capsys.readouterr().out)["samples"]) == 3
+    # the directory itself, as named
+    assert flowpin_main(["batch", "data/tokenize", "--step", "1", "--json", *ORDER]) == 0
+    assert json.loads(capsys.readouterr().out)["dataset"] == "data/tokenize"
 
 
 def test_cli_batch_on_a_manifest_that_is_not_tokenize(
@@ -298,5 +307,5 @@ def test_cli_batch_on_a_manifest_that_is_not_tokenize(
 ) -> None:
     manifest = project.record_stage("train")
     monkeypatch.chdir(project.root)
-    assert flowpin_main(["batch", str(manifest), "--step", "0"]) == 2
-    assert "no tokenize.order block" in capsys.readouterr().err
+    assert flowpin_main(["batch", str(manifest), "--step", "0", *ORDER]) == 2
+    assert "neither a training nor a tokenize one" in capsys.readouterr().err

@@ -2,7 +2,9 @@
 
 The slow tests run the real stage scripts in a scratch project (synth -> tokenize of the synth tasks ->
 a 4-step pretrain -> sft -> dpo, ~1 min on 2 cores): signed manifests with their lineage, the pairs'
-quality gap, and a second DPO run reproducing the pairs and checkpoints byte for byte.
+quality gap, and a second DPO run reproducing the pairs and checkpoints byte for byte. On the same flow,
+SFT under torchrun (2 ranks): rank 0 alone records it, a later edit to code the stage does not run resumes
+its checkpoints, and a recipe change is refused with the checkpoints kept (~1 min).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -20,7 +24,7 @@ import torch
 from omegaconf import OmegaConf
 
 import flowpin.post.dpo as dpo
-from conftest import BIN, checked, make_project
+from conftest import BIN, checked, make_project, scratch_env
 from flowpin.data.synth import Task, load_tasks, verify_answer
 from flowpin.errors import DataError, RecipeError
 from flowpin.manifest.model import load_manifest
@@ -347,3 +351,72 @@ def test_a_second_dpo_run_gives_the_same_pairs_and_checkpoints(flow: Path) -> No
     assert first["runs/dpo/pairs.jsonl"] == second["runs/dpo2/pairs.jsonl"]
     for step in ("step-000002", "step-000004"):
         assert first[f"runs/dpo/checkpoints/{step}"] == second[f"runs/dpo2/checkpoints/{step}"]
+
+
+# --- SFT under torchrun: rank 0 alone records; an unrelated code change resumes, a recipe change is refused ---
+
+SFT_DP = [  # SMALL's sft, two steps, one checkpoint
+    "paths.inputs.init.data=runs/pretrain/checkpoints",
+    "paths.inputs.init.manifest=manifests/pretrain.json",
+    "sft.seq_len=64",
+    "sft.loop.batch_size=4",
+    "sft.loop.checkpoint_every=2",
+    "sft.loop.log_every=1",
+    "sft.loop.optim.schedule.warmup_steps=1",
+    "sft.eval.tasks=1",
+    "sft.eval.max_new_tokens=2",
+    "paths.out=runs/sft-dp/checkpoints",
+    "paths.report=reports/sft-dp.json",
+    "paths.manifest=manifests/sft-dp.json",
+]
+
+
+def aim_runs(root: Path) -> int:
+    chunks = root / ".aim" / "meta" / "chunks"  # one directory per Aim run
+    return len(list(chunks.iterdir())) if chunks.is_dir() else 0
+
+
+@pytest.mark.slow
+def test_sft_under_torchrun_records_once_and_resumes_across_an_unrelated_code_change(flow: Path) -> None:
+    # the scratch project's own flowpin runs (not the checkout's), so an edit to it is an edit to the code that ran
+    env = {**scratch_env(flow), "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(flow / "src"), "OMP_NUM_THREADS": "1"}
+    rdzv = ["--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "--local-addr", "127.0.0.1"]
+    torchrun = [str(BIN / "torchrun"), "--nnodes=1", "--nproc-per-node=2", *rdzv]
+    launch = [*torchrun, "stages/sft.py", *SFT_DP, "sft.loop.steps=2"]
+
+    def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(argv, cwd=flow, env=env, capture_output=True, text=True, timeout=300, check=False)
+
+    manifests, reports = set(os.listdir(flow / "manifests")), set(os.listdir(flow / "reports"))
+    runs = aim_runs(flow)
+    proc = run(launch)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert set(os.listdir(flow / "manifests")) - manifests == {"sft-dp.json"}
+    assert set(os.listdir(flow / "reports")) - reports == {"sft-dp.json"}
+    assert aim_runs(flow) == runs + 1  # rank 1 opened no tracker
+    report = json.loads((flow / "reports" / "sft-dp.json").read_text())
+    assert proc.stdout.count("manifests/sft-dp.json: held-out") == len(report["heldout"]["after"])  # printed once
+    checked(flow, str(BIN / "flowpin"), "verify", "manifests/sft-dp.json")
+    run_key = json.loads((flow / "runs" / "sft-dp" / "run-key.json").read_text())
+    code = run_key["parts"]["code"]  # the stage's dvc.yaml code deps
+    assert "src/flowpin/post/sft.py" in code and "src/flowpin/cli.py" not in code
+    checkpoint = flow / "runs" / "sft-dp" / "checkpoints" / "step-000002"
+    weights = (checkpoint / "model.safetensors").read_bytes()
+
+    cli = flow / "src" / "flowpin" / "cli.py"
+    original = cli.read_bytes()
+    try:
+        cli.write_bytes(original + b"# an edit to the command line, which sft does not run\n")
+        proc = run(launch)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    finally:
+        cli.write_bytes(original)
+    report = json.loads((flow / "reports" / "sft-dp.json").read_text())
+    assert report["resumed_from"] == "step-000002" and report["removed_stale_checkpoints"] == []
+    assert (checkpoint / "model.safetensors").read_bytes() == weights
+
+    proc = run([sys.executable, "stages/sft.py", *SFT_DP, "sft.loop.steps=3"])
+    assert proc.returncode == 1
+    assert "flowpin: StaleCheckpointsError:" in proc.stderr and "loop.steps: 2 -> 3" in proc.stderr
+    assert "FLOWPIN_STALE_CHECKPOINTS=discard" in proc.stderr
+    assert (checkpoint / "model.safetensors").read_bytes() == weights  # kept, not removed

@@ -2,8 +2,9 @@
 hand-made log-probabilities, sampling determinism and the direction of one update on a tiny megatron
 GPT, bitwise reproducible and resumable runs through the training loop, recipe refusals.
 
-The slow test runs the real stage script in a scratch project (synth -> tokenize of the synth tasks ->
-a 4-step pretrain -> rlvr twice): a signed manifest that verifies, the report, identical checkpoints.
+The slow tests run the real stage script in a scratch project (synth -> tokenize of the synth tasks ->
+a 4-step pretrain -> rlvr twice): a signed manifest that verifies, the report, identical checkpoints; and
+a third rlvr run killed by a real SIGKILL mid-save, whose rerun resumes and ends on the same bytes.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
+import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -21,11 +24,12 @@ import torch
 from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 
-from conftest import BIN, REPO, checked, make_project
+from conftest import BIN, REPO, checked, make_project, scratch_env
 from flowpin.data.order import MAX_POSITION
 from flowpin.data.synth import Task
 from flowpin.data.tokenize import TokenizerConfig, train_tokenizer
 from flowpin.errors import DataError, RecipeError
+from flowpin.failpoints import ENV as FAILPOINT_ENV
 from flowpin.manifest.model import load_manifest
 from flowpin.post.lm import SamplingConfig
 from flowpin.post.prompts import Vocab
@@ -333,7 +337,8 @@ def test_runs_are_bitwise_reproducible_and_resume_from_a_checkpoint(
 ) -> None:
     first = train_tiny(tmp_path / "a", tasks, vocab)
     assert train_tiny(tmp_path / "b", tasks, vocab) == first
-    # as if killed after step 2's checkpoint: the rerun resumes there and samples step 3 and 4 again
+    # step 4's checkpoint gone (in process, cheap): the rerun resumes from step 2 and samples steps 3 and 4
+    # again. A real SIGKILL of the stage script: test_a_run_killed_by_sigkill_resumes_to_the_bytes_of_an_...
     shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-000004")
     assert train_tiny(tmp_path / "b", tasks, vocab) == first
 
@@ -472,3 +477,25 @@ def test_a_second_rlvr_run_gives_the_same_checkpoints(flow: Path) -> None:
     first, second = subjects(flow, "rlvr"), subjects(flow, "rlvr2")
     for step in ("step-000002", "step-000004"):
         assert first[f"runs/rlvr/checkpoints/{step}"] == second[f"runs/rlvr2/checkpoints/{step}"]
+
+
+@pytest.mark.slow
+def test_a_run_killed_by_sigkill_resumes_to_the_bytes_of_an_uninterrupted_run(flow: Path) -> None:
+    # A real SIGKILL (flowpin.failpoints): the stage kills itself while writing step 4's first tensor
+    # file, after step 2's checkpoint was published. No handler, no finally block runs.
+    env = {**scratch_env(flow), FAILPOINT_ENV: "checkpoint.before-file:step-000004@1"}
+    argv = [sys.executable, "stages/rlvr.py", *rlvr_args("killed")]
+    killed = subprocess.run(argv, cwd=flow, env=env, capture_output=True, text=True, check=False, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
+    out = flow / "runs" / "killed" / "checkpoints"
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-000002"]
+    assert [p.name for p in out.glob(".step-000004.*")], "the kill left no half-written step 4"
+    assert not (flow / "manifests" / "killed.json").exists()
+
+    checked(flow, sys.executable, "stages/rlvr.py", *rlvr_args("killed"))
+    report = json.loads((flow / "reports" / "killed.json").read_text())
+    assert report["resumed_from"] == "step-000002"
+    assert not list(out.glob(".*")), "the rerun left temporaries behind"
+    whole, resumed = subjects(flow, "rlvr"), subjects(flow, "killed")
+    for step in ("step-000002", "step-000004"):  # every file of both checkpoints, bit for bit
+        assert resumed[f"runs/killed/checkpoints/{step}"] == whole[f"runs/rlvr/checkpoints/{step}"], step

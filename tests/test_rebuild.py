@@ -8,30 +8,37 @@ Tests that change the project work on a copy of it.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
-from conftest import checked, make_project, scratch_env
+from conftest import Project, checked, make_project, scratch_env
+from flowpin.canonical import canonical_json
 from flowpin.cli import main
-from flowpin.errors import FlowpinError
-from flowpin.manifest.model import load_manifest
+from flowpin.errors import EntryPointError, FlowpinError, MissingEntryPointError, SchemaError
+from flowpin.manifest.model import EntryPoint, load_manifest, write_manifest
 from flowpin.manifest.rebuild import (
     GitHistory,
+    RebuildError,
     RebuildOptions,
     RebuildResult,
     SubjectDifference,
     dependency_order,
     exit_status,
+    rebuild_command,
     rebuild_manifest,
     subject_differences,
 )
+from flowpin.manifest.record import entry_script, record
+from flowpin.signing import PAYLOAD_TYPE, load_signer
 
 SALTED_SCRIPT = '''"""A test stage whose output depends on its recipe and two environment variables."""
 
@@ -321,6 +328,188 @@ def test_an_untrusted_manifest_is_not_rebuilt(copy: Path) -> None:
         rebuild_manifest(copy / "manifests" / "salted.json", root=copy)
     assert type(info.value).__name__ == "UnverifiedManifestError"
     assert type(info.value.__cause__).__name__ == "UntrustedKeyError"
+
+
+# --- the entry point the manifest records (issue #14 item 8) -----------------------------------------
+
+VARIANT_RECIPE = (
+    SALTED_RECIPE.replace("  - _self_", "  - salt: extra\n  - _self_")
+    .replace("salted.json", "salted_variant.json")
+    .replace("data/salted", "data/salted_variant")
+)
+"""A variant of the salted recipe (run with ``--config-name salted_variant``) that also composes a group option."""
+
+
+@pytest.mark.slow
+def test_a_variant_run_records_its_entry_point_and_is_rebuilt_from_it_not_from_the_pinned_files(
+    copy: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--config-name salted_variant`` is recorded as the entry point; a manifest whose first pinned config is
+    not the primary one (the old guess took the first) is rebuilt from what it records, identically."""
+    assert load_manifest(copy / "manifests" / "dedup.json").entry_point == EntryPoint(
+        script="stages/dedup.py", config_name="dedup", config_dir="params"
+    )
+    (copy / "params" / "salted_variant.yaml").write_text(VARIANT_RECIPE)
+    (copy / "params" / "salt").mkdir()
+    (copy / "params" / "salt" / "extra.yaml").write_text("note: a group option\n")
+    _run_stage(copy, "stages/salted.py", "--config-name", "salted_variant")
+    path = copy / "manifests" / "salted_variant.json"
+    m = load_manifest(path)
+    assert m.stage == "salted"  # the block's stage and dvc.yaml entry: a variant run outside DVC
+    assert m.entry_point == EntryPoint(script="stages/salted.py", config_name="salted_variant", config_dir="params")
+    assert m.build["externalParameters"]["entryPoint"] == {
+        "script": "stages/salted.py",
+        "configName": "salted_variant",
+        "configDir": "params",
+    }
+    configs = m.dependency_names("config")
+    assert configs == ["params/salted_variant.yaml", "params/salt/extra.yaml"]
+    # the order of the pinned files says nothing: put another config first and sign it with the project's key
+    statement = copy_statement(m)
+    deps = statement["predicate"]["buildDefinition"]["resolvedDependencies"]
+    deps.sort(key=lambda d: d["name"] != "params/salt/extra.yaml")
+    write_manifest(path, statement, load_signer(copy))
+    assert load_manifest(path).dependency_names("config")[0] == "params/salt/extra.yaml"
+
+    code, out, err = rebuild(copy, monkeypatch, capsys, "--json", "manifests/salted_variant.json")
+    assert code == 0, out + err
+    (result,) = json.loads(out)
+    assert result["verdict"] == "identical"
+    assert result["command"] == ["python", "stages/salted.py", "--config-name", "salted_variant"]
+
+
+def test_the_entry_script_of_a_launcher_worker_is_the_task_function_s_file(tmp_path: Path) -> None:
+    """In a joblib/submitit worker ``__main__`` is the launcher's; the stage script's function, pickled by
+    value, keeps its file and ``__name__ == "__main__"``: that is the script recorded. A caller that is not a
+    script (this test) records none."""
+    root = tmp_path / "repo"
+    (root / "stages").mkdir(parents=True)
+    script = root / "stages" / "job.py"
+    code = compile("found = entry_script(root)", str(script), "exec")
+    space: dict[str, Any] = {"__name__": "__main__", "entry_script": entry_script, "root": root}
+    exec(code, space)
+    assert space["found"] == "stages/job.py"
+    space = {"__name__": "stages.job", "entry_script": entry_script, "root": root}
+    exec(code, space)
+    assert space["found"] is None
+    assert entry_script(root) is None
+
+
+def _entry_project(p: Project) -> None:
+    """Files a hand-built manifest pins: one stage script, its primary config and a group config."""
+    for name, text in (
+        ("stages/salted.py", "print('salted')\n"),
+        ("stages/other.py", "print('other')\n"),
+        ("params/salted.yaml", "salted: {text: hi}\n"),
+        ("params/other.yaml", "other: {}\n"),
+        ("params/common/hydra.yaml", "hydra: {}\n"),
+    ):
+        (p.root / name).parent.mkdir(parents=True, exist_ok=True)
+        (p.root / name).write_text(text)
+
+
+def _entry_manifest(p: Project, entry: EntryPoint | None, **note: Any) -> Path:
+    """A signed manifest (no stage run) pinning stages/salted.py as code and two configs, with ``entry``."""
+    _entry_project(p)
+    p.write_outputs("salted")
+    with record(
+        "salted",
+        recipe={"salted": {"text": "hi"}},
+        config_files=["params/common/hydra.yaml", "params/salted.yaml"],
+        code=["stages/salted.py"],
+        root=p.root,
+        signer=p.signer,
+        entry_point=entry,
+    ) as rec:
+        rec.output("artifacts/salted/model.bin")
+        if note:
+            rec.note("fork", **note)
+    return p.manifest_path("salted")
+
+
+SALTED_ENTRY = EntryPoint(script="stages/salted.py", config_name="salted")
+
+
+def test_the_rebuild_command_is_the_recorded_entry_point(project: Project) -> None:
+    m = load_manifest(_entry_manifest(project, SALTED_ENTRY))
+    assert m.entry_point == SALTED_ENTRY
+    assert m.require_entry_point(root=project.root, purpose="rebuild it") == SALTED_ENTRY
+    assert rebuild_command(m, project.root) == ["python", "stages/salted.py", "--config-name", "salted"]
+
+
+def test_a_manifest_without_an_entry_point_is_refused_by_name(project: Project, tmp_path: Path) -> None:
+    path = _entry_manifest(project, None)
+    work = tmp_path / "ws"
+    with pytest.raises(MissingEntryPointError) as info:
+        rebuild_manifest(path, root=project.root, options=RebuildOptions(workdir=work))
+    message = str(info.value)
+    assert str(path) in message and "recorded before manifests pinned their entry point" in message
+    assert "re-run stage salted" in message and "dvc repro salted" in message
+    assert not work.exists()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "problem"),
+    [
+        ("script", "stages/other.py", "'stages/other.py', which is not a code file the manifest pins"),
+        ("configName", "other", "'params/other.yaml', which is not a config file the manifest pins"),
+        ("configDir", "stages", "'stages/salted.yaml', which is not a config file the manifest pins"),
+        ("script", "stages/link.py", "outside the repository"),
+    ],
+    ids=["unpinned-script", "unpinned-config", "other-config-dir", "symlink-out"],
+)
+def test_a_signed_entry_point_that_names_what_is_not_pinned_is_refused(
+    project: Project, tmp_path: Path, field: str, value: str, problem: str
+) -> None:
+    """Signed by the project's own key (a signature proves who, not what): the script that would run must be
+    one the manifest pins, inside the repository."""
+    path = _entry_manifest(project, SALTED_ENTRY)
+    outside = tmp_path / "outside.py"
+    outside.write_text("raise SystemExit('ran the script outside')\n")
+    (project.root / "stages" / "link.py").symlink_to(outside)
+    statement = copy_statement(load_manifest(path))
+    statement["predicate"]["buildDefinition"]["externalParameters"]["entryPoint"][field] = value
+    write_manifest(path, statement, project.signer)
+    work = tmp_path / "ws"
+    with pytest.raises(EntryPointError) as info:
+        rebuild_manifest(path, root=project.root, options=RebuildOptions(workdir=work))
+    assert type(info.value) is EntryPointError
+    assert problem in str(info.value)
+    assert "re-run stage salted" in str(info.value)
+    assert not work.exists()
+
+
+@pytest.mark.parametrize("script", ["../outside.py", "/tmp/outside.py", "stages/../../outside.py"])
+def test_a_signed_entry_point_outside_the_repository_is_refused_before_anything_runs(
+    project: Project, tmp_path: Path, script: str
+) -> None:
+    """The writer refuses such a statement; one signed around it (the hostile tests' re-signing) fails the
+    schema when read, before the rebuild looks at it."""
+    path = _entry_manifest(project, SALTED_ENTRY)
+    statement = copy_statement(load_manifest(path))
+    statement["predicate"]["buildDefinition"]["externalParameters"]["entryPoint"]["script"] = script
+    with pytest.raises(SchemaError):
+        write_manifest(path, statement, project.signer)
+    envelope = project.signer.sign(PAYLOAD_TYPE, canonical_json(statement))
+    path.write_text(json.dumps(envelope, indent=2, sort_keys=True))
+    work = tmp_path / "ws"
+    with pytest.raises(SchemaError, match="entryPoint/script"):
+        rebuild_manifest(path, root=project.root, options=RebuildOptions(workdir=work))
+    assert not work.exists()
+
+
+def test_a_fork_record_is_not_rebuilt_from_scratch(project: Project, tmp_path: Path) -> None:
+    again = ["flowpin", "fork", "manifests/pretrain.json", "--step", "3", "--out", "runs/f", "a=1"]
+    path = _entry_manifest(project, SALTED_ENTRY, parent="manifests/pretrain.json", step=3, command=again)
+    with pytest.raises(RebuildError) as info:
+        rebuild_manifest(path, root=project.root, options=RebuildOptions(workdir=tmp_path / "ws"))
+    assert "records a `flowpin fork` of manifests/pretrain.json at step 3" in str(info.value)
+    assert "re-run it with: flowpin fork manifests/pretrain.json --step 3 --out runs/f a=1" in str(info.value)
+    assert not (tmp_path / "ws").exists()
+
+
+def copy_statement(m: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(m.statement))  # type: ignore[no-any-return]
 
 
 # --- the pieces ------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from flowpin.data.shards import write_dataset
 from flowpin.manifest.model import load_manifest
 from flowpin.manifest.record import record
 from flowpin.stage import stage_name
+from flowpin.train.launcher import process_rank
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,3 +100,36 @@ def test_a_second_dvc_stage_of_one_script_records_its_own_entry(project: Project
     assert code_deps("mix_midtrain.json") == ["stages/mix.py"]  # dvc.yaml's mix_midtrain entry, not mix's
     assert load_manifest(root / "manifests" / "mix.json").stage == "mix"
     assert code_deps("mix.json") == ["stages/mix.py", "src/flowpin/data/mix.py"]
+
+
+# --- ranks: who records a stage -------------------------------------------------------------------
+
+
+def test_the_rank_comes_from_the_launcher_environment_without_a_process_group() -> None:
+    assert process_rank({}) == (0, 1)
+    assert process_rank({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == (1, 2)
+
+
+def test_a_stage_that_swaps_its_output_in_refuses_a_torchrun_world(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every rank would build the output aside and swap it in: refused on every rank, before anything is written."""
+    from hydra import compose, initialize_config_dir
+
+    from flowpin.data.dedup import DedupConfig
+    from flowpin.errors import FlowpinError
+    from flowpin.stage import stage_run
+
+    root = project.root
+    shutil.copytree(REPO / "params", root / "params")
+    with initialize_config_dir(config_dir=str(root / "params"), version_base="1.3"):
+        cfg = compose("dedup")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        with (
+            pytest.raises(FlowpinError, match=rf"stage dedup: runs as one process, but this is rank {rank} of 2"),
+            stage_run("dedup", cfg, DedupConfig, root=root, inputs=("corpus",)),
+        ):
+            raise AssertionError("the stage body must not run")
+    assert not (root / "manifests").exists() and not (root / "reports").exists()

@@ -73,7 +73,7 @@ def make_cfg(**changes: Any) -> TokenizeConfig:
     assert not changes
     return to_config(
         TokenizeConfig,
-        {"tokenizer": tok, "packing": packing, "shards": shards, "order": {"seed": 1, "batch_size": 4}},
+        {"tokenizer": tok, "packing": packing, "shards": shards},
         where="tokenize",
     )
 
@@ -263,7 +263,7 @@ def test_reference_recipes_are_valid() -> None:
     for name in ("tokenize", "tokenize_full", "tokenize_midtrain", "tokenize_longctx"):
         doc = yaml.safe_load((REPO / "params" / f"{name}.yaml").read_text())
         cfg = to_config(TokenizeConfig, doc["tokenize"], where="tokenize")
-        assert cfg.packing.seq_len >= 2 and cfg.order.batch_size >= 1
+        assert cfg.packing.seq_len >= 2 and "order" not in doc["tokenize"]  # the training recipe owns the order
         assert set(doc["paths"]) == {"inputs", "out", "report", "manifest"}
         check_tokenizer_source(cfg, has_input="tokenizer" in doc["paths"]["inputs"])
 
@@ -583,7 +583,8 @@ def test_stage_runs_verifies_and_answers_batch(
     monkeypatch.chdir(root)
     monkeypatch.setenv("FLOWPIN_ROOT", str(root))
     assert flowpin_main(["verify", "manifests/tokenize.json"]) == 0
-    assert flowpin_main(["batch", "manifests/tokenize.json", "--step", "12345"]) == 0
+    order = ["--order-seed", "1", "--batch-size", "4"]  # a dataset has no order of its own
+    assert flowpin_main(["batch", "manifests/tokenize.json", "--step", "12345", *order]) == 0
     assert "step 12345" in capsys.readouterr().out
 
 

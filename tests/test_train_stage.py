@@ -7,6 +7,7 @@ later checkpoint tensors, and with an override it branches while recording its p
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, checked, make_project, scratch_env
-from flowpin.manifest.model import load_manifest
+from flowpin.manifest.model import EntryPoint, load_manifest
 
 SHORT = [
     "train.loop.steps=6",
@@ -84,28 +85,41 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(project: Path) -> None:
     assert proc.poll() is None, "the run finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    last = max(p.name for p in target.parent.glob("step-*"))  # the last checkpoint published before the kill
     assert not (project / "manifests" / "killed.json").exists()
     checked(project, sys.executable, "stages/train.py", *longer, *paths("killed"))
     report = json.loads((project / "reports" / "killed.json").read_text())
-    assert report["resumed_from"] is not None
+    assert report["resumed_from"] == last
     assert subjects(project, "killed")["step-000012"] == subjects(project, "whole")["step-000012"]
 
 
 @pytest.mark.slow
 def test_fork_without_overrides_reproduces_the_parent(project: Path) -> None:
-    checked(project, str(BIN / "flowpin"), "fork", "manifests/a.json", "--step", "3", "--out", "runs/fork-same")
+    # Started without the CPU kernel pins in its environment (unlike pytest's), as `flowpin fork` typically is:
+    # the fork applies the recipe's hydra.job.env_set itself, as a Hydra run of the stage does.
+    pins = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")
+    env = {k: v for k, v in scratch_env(project).items() if k not in pins}
+    argv = [str(BIN / "flowpin"), "fork", "manifests/a.json", "--step", "3", "--out", "runs/fork-same"]
+    proc = subprocess.run(argv, cwd=project, env=env, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     parent = project / "runs" / "a" / "checkpoints" / "step-000006"
     child = project / "runs" / "fork-same" / "checkpoints" / "step-000006"
     for name in TENSORS:  # weights, optimizer state and RNG streams continue bit for bit
         assert (child / name).read_bytes() == (parent / name).read_bytes(), name
     state = json.loads((child / "state.json").read_text())
     parent_state = json.loads((parent / "state.json").read_text())
-    assert state.pop("parent")["step"] == 3 and parent_state.pop("parent") is None
+    branch = project / "runs" / "a" / "checkpoints" / "step-000003" / "state.json"
+    assert state.pop("parent") == {"step": 3, "state_sha256": hashlib.sha256(branch.read_bytes()).hexdigest()}
+    assert parent_state.pop("parent") is None
     assert state == parent_state  # the pointer to where it branched is the only difference in the checkpoint
     m = load_manifest(project / "runs" / "fork-same" / "manifest.json")
     kinds = {d["name"]: d["annotations"]["kind"] for d in m.dependencies}
     assert kinds["manifests/a.json"] == "manifest"
     assert kinds["runs/a/checkpoints/step-000003"] == "checkpoint"
+    parent_env = load_manifest(project / "manifests" / "a.json").environment
+    assert {k: m.environment["envVars"].get(k) for k in pins} == {k: parent_env["envVars"][k] for k in pins}
+    assert m.environment["torch"]["cpuCapability"] == parent_env["torch"]["cpuCapability"]
     checked(project, str(BIN / "flowpin"), "verify", "runs/fork-same/manifest.json")
 
 
@@ -114,7 +128,16 @@ def test_fork_with_an_override_branches_and_records_it(project: Path) -> None:
     override = "train.loop.optim.schedule.peak_lr=1.0e-2"
     checked(project, str(BIN / "flowpin"), "fork", "manifests/a.json", "--step", "3", "--out", "runs/fork-lr", override)
     m = load_manifest(project / "runs" / "fork-lr" / "manifest.json")
-    assert m.build["externalParameters"]["overrides"][-1] == override
+    assert m.overrides[-1] == override
+    recorded = load_manifest(project / "manifests" / "a.json").entry_point
+    assert recorded == EntryPoint(script="stages/train.py", config_name="pretrain", config_dir="params")
+    assert m.entry_point == recorded  # a fork composes its parent's config
+    assert m.note("fork") == {
+        "parent": "manifests/a.json",
+        "step": 3,
+        "new_overrides": [override],
+        "command": ["flowpin", "fork", "manifests/a.json", "--step", "3", "--out", "runs/fork-lr", override],
+    }
     parent = project / "runs" / "a" / "checkpoints" / "step-000006" / "model.safetensors"
     child = project / "runs" / "fork-lr" / "checkpoints" / "step-000006" / "model.safetensors"
     assert child.read_bytes() != parent.read_bytes()

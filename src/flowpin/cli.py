@@ -1,8 +1,9 @@
 """The ``flowpin`` command line: key, verify, diff, lineage, show, batch, fork, rebuild, model-sign.
 
-Exit status: 0 success; 1 a verification failed / manifests differ / ``show`` of a manifest that is not
-signed by a trusted key (UNVERIFIED); 2 usage or input error (a :class:`FlowpinError` that prevents the
-command from giving an answer); 141 (128 + SIGPIPE) when whoever reads stdout closed it early
+Exit status: 0 success; 1 a verification failed / outputs differ (``diff``, ``rebuild``) / ``show`` of a
+manifest that is not signed by a trusted key (UNVERIFIED); 2 usage or input error (a :class:`FlowpinError`
+that prevents the command from giving an answer); 3 ``diff`` only: every output identical, but the identity
+differs (recipe, entry point, inputs, code, environment); 141 (128 + SIGPIPE) when whoever reads stdout closed it early
 (``flowpin show M | head``): the command stops quietly, without a traceback, whatever it was doing.
 
 Human output escapes control and bidi characters in every string that comes from a manifest
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -136,14 +138,16 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
-    from flowpin.manifest.diff import diff_paths, render_text
+    from flowpin.manifest.diff import diff_paths, render_text, verdict_of
 
     diffs = diff_paths(Path(args.a), Path(args.b), include_run=args.include_run, trusted=_trust_store())
+    verdict = verdict_of(diffs, label_a=args.a, label_b=args.b)
     if args.json:
-        print(json.dumps([d.as_dict() for d in diffs], indent=2, sort_keys=True, default=str))
+        doc = {"verdict": verdict.as_dict(), "diffs": [d.as_dict() for d in diffs]}
+        print(json.dumps(doc, indent=2, sort_keys=True, default=str))
     else:
-        print(render_text(diffs))
-    return 0 if all(d.identical for d in diffs) else 1
+        print(render_text(diffs, verdict))
+    return verdict.exit_code
 
 
 def _cmd_lineage(args: argparse.Namespace) -> int:
@@ -177,7 +181,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
     """Exit 0 when the manifest is VERIFIED (signed by a trusted key; with --digests also every digest), 1
     when UNVERIFIED (it is shown all the same, marked), 2 when it cannot be read. Every line is escaped."""
     from flowpin.errors import UnverifiedManifestError
-    from flowpin.manifest.model import load_manifest
+    from flowpin.manifest.model import entry_files, entry_kind, entry_size, load_manifest
     from flowpin.manifest.trust import check_signature, require_digests, short_digest
 
     m = load_manifest(Path(args.path))
@@ -198,20 +202,17 @@ def _cmd_show(args: argparse.Namespace) -> int:
     def out(line: str) -> None:
         print(safe(line))
 
-    b, r = m.build, m.run_details
-    env = b["internalParameters"]["environment"]
-    git = env.get("git") or {}
-    meta = r["metadata"]
+    env, git, meta = m.environment, m.git, m.metadata
     out(f"manifest   {m.path}")
     out(f"stage      {m.stage}")
     out(f"identity   sha256:{m.identity_digest()}")
     out(f"signature  {status}")
     out(f"run        {meta['invocationId']}  {meta['startedOn']} → {meta['finishedOn']}")
-    tracking = next((bp for bp in r["byproducts"] if bp["name"] == "tracking"), None)
+    tracking = m.note("tracking")
     if tracking is not None:  # the Aim run of this stage run (open it with `flowpin ui`)
         from flowpin.tracking.aim import describe_note
 
-        out(f"tracking   {describe_note(tracking.get('annotations', {}))}")
+        out(f"tracking   {describe_note(tracking)}")
     dirty = f" + uncommitted changes {git.get('dirtyDigest')}" if git.get("dirty") else ""
     out(f"code       git {git.get('commit') or '(none)'}{dirty}")
     torch = env.get("torch") or {}
@@ -219,17 +220,20 @@ def _cmd_show(args: argparse.Namespace) -> int:
         f"env        python {env.get('python', {}).get('version')}, torch {torch.get('version')}, "
         f"threads {torch.get('numThreads')}, deterministic {torch.get('deterministicAlgorithms')}"
     )
-    overrides = b["externalParameters"]["overrides"]
+    entry = m.entry_point
+    rerun = shlex.join(entry.command([])) if entry else "(not recorded: re-run the stage to record it)"
+    out(f"entry      {rerun}")
+    overrides = m.overrides
     out(f"overrides  {' '.join(overrides) if overrides else '(none)'}")
     out("outputs")
     for s in m.subjects:
-        n = len(s["annotations"].get("flowpin.files", []))
-        out(f"  {s['name']}  {short_digest(s)}  {s['annotations']['flowpin.size']} B" + (f", {n} files" if n else ""))
+        n = len(entry_files(s))
+        out(f"  {s['name']}  {short_digest(s)}  {entry_size(s)} B" + (f", {n} files" if n else ""))
     out("inputs")
     for d in m.dependencies:
         uri = f"  ({d['uri']})" if "uri" in d else ""
-        out(f"  [{d['annotations']['kind']}] {d['name']}  {short_digest(d)}{uri}")
-    for bp in r["byproducts"]:
+        out(f"  [{entry_kind(d)}] {d['name']}  {short_digest(d)}{uri}")
+    for bp in m.byproducts:
         if "digest" in bp:
             out(f"byproduct  {bp['name']}  {short_digest(bp)}")
         else:
@@ -246,53 +250,150 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
-    from flowpin.data.order import batch_target, check_batch_request, describe_samples, order_digest, order_for
+    from flowpin.data.order import (
+        MAX_DESCRIBED_TOKENS,
+        BatchTarget,
+        check_batch_request,
+        describe_samples,
+        order_digest,
+        order_for,
+    )
     from flowpin.data.tokenize import TokenizedDataset
+    from flowpin.errors import DataOrderError
+    from flowpin.train.step_batch import resolve_target, sample_ranks, step_data
 
-    names = ("--step", "--batch-size" if args.batch_size is not None else "tokenize.order.batch_size")
-    given = 1 if args.batch_size is None else args.batch_size  # the recipe's is checked by OrderConfig
-    check_batch_request(step=args.step, batch_size=given, names=names)  # before reading anything
+    # Bounds before anything is read (the training step's lower bound, 1, once the target is known).
+    check_batch_request(
+        step=args.step, batch_size=1 if args.batch_size is None else args.batch_size, names=("--step", "--batch-size")
+    )
+    for flag, value, minimum in (("--rank", args.rank, 0), ("--world-size", args.world_size, 1)):
+        if value is not None and value < minimum:
+            raise DataOrderError(f"{flag}: {value} must be >= {minimum}; pass a value of {minimum} or more")
     root = find_root()
-    target = batch_target(Path(args.path), root)
-    data = TokenizedDataset.open(target.data_dir)
-    size = target.order.batch_size if args.batch_size is None else args.batch_size
-    check_batch_request(step=args.step, batch_size=size, seq_len=data.seq_len, names=names)  # before hashing the data
+    target = resolve_target(Path(args.path), root, data=None if args.data is None else Path(args.data))
+    if isinstance(target, BatchTarget):
+        missing = [f for f, v in (("--order-seed", args.order_seed), ("--batch-size", args.batch_size)) if v is None]
+        if missing:
+            raise DataOrderError(
+                f"{safe(args.path)}: a tokenized dataset has no data order of its own (the training recipe owns it: "
+                f"train.order_seed, train.loop.batch_size); pass {' and '.join(missing)}, or name a training "
+                "manifest (flowpin batch manifests/pretrain.json --step N) to see what a training step saw"
+            )
+        if args.data is not None:
+            raise DataOrderError("--data: only for a checkpoint directory; leave it out")
+        dataset, seed, size, position = target, args.order_seed, args.batch_size, args.step
+        world = 1 if args.world_size is None else args.world_size
+        world_from = "--world-size" if args.world_size is not None else "default: one process"
+        head: dict[str, object] = {"kind": "dataset", "stage": None, "step_counting": "order step, 0-based"}
+        trust = (
+            f"VERIFIED: {args.path} is signed by a trusted key; {target.name} is checked against the digest it pins"
+            if target.pinned is not None
+            else f"UNPINNED: {target.name} is read as it is (no signed manifest named)"
+        )
+        where = None
+    else:
+        if args.data is not None and target.kind != "checkpoint":
+            raise DataOrderError(
+                f"--data: {safe(target.source)} names its dataset; --data is for a checkpoint directory"
+            )
+        for flag, value in (("--order-seed", args.order_seed), ("--batch-size", args.batch_size)):
+            if value is not None:
+                raise DataOrderError(
+                    f"{flag}: {safe(target.source)} fixes the order (train.order_seed {target.order_seed}, "
+                    f"train.loop.batch_size {target.batch_size}); leave it out, or name the tokenized dataset "
+                    f"({safe(target.dataset.name)}) to see another order"
+                )
+        where = step_data(target, args.step, world_size=args.world_size)
+        dataset, seed, size, position = target.dataset, target.order_seed, target.batch_size, where.position
+        world, world_from, trust = where.world_size, where.world_size_from, target.trust
+        head = {
+            "kind": target.kind,
+            "stage": target.stage,
+            "step_counting": "training step, 1-based (the N-th optimizer step)",
+            "offset": where.offset,
+            "first_step": where.first_step,
+            "last_step": target.steps,
+            "checkpoint": where.checkpoint,
+        }
+    ranks = sample_ranks(size, world, world_from)
+    rows = None
+    if args.rank is not None:
+        if args.rank >= world:
+            raise DataOrderError(
+                f"--rank {args.rank}: the run has {world} data-parallel rank(s), 0..{world - 1} ({world_from}); "
+                "pass a rank in that range (or --world-size W to see how W ranks split the batch)"
+            )
+        rows = slice(ranks.index(args.rank), len(ranks) - ranks[::-1].index(args.rank))
+    data = TokenizedDataset.open(dataset.data_dir)
+    described = size if rows is None else rows.stop - rows.start
+    if where is not None and described * data.seq_len > MAX_DESCRIBED_TOKENS:
+        raise DataOrderError(
+            f"step {args.step}: {described} sequences x {data.seq_len} tokens is more than the {MAX_DESCRIBED_TOKENS} "
+            "tokens one batch description may hold; describe it in parts: --rank R (with --world-size W)"
+        )
+    names = ("--step", "--batch-size")
+    check_batch_request(step=position, batch_size=described, seq_len=data.seq_len, names=names)  # before hashing
     order = order_for(
         data,
-        order_seed=target.order.seed if args.order_seed is None else args.order_seed,
-        batch_size=target.order.batch_size if args.batch_size is None else args.batch_size,
-        dataset_digest=order_digest(target),
+        order_seed=seed,
+        batch_size=size,
+        dataset_digest=order_digest(dataset) if where is None else where.dataset_digest,
     )
-    samples = describe_samples(data, order, args.step)
+    samples = describe_samples(data, order, position, rows=rows)
+    first = position * size
     head = {
-        "dataset": target.name,
+        "target": str(args.path),
+        **head,
+        "trust": trust,
+        "dataset": dataset.name,
         "dataset_digest": order.dataset_digest,
         "n_sequences": data.n_sequences,
         "seq_len": data.seq_len,
-        "order_seed": order.order_seed,
-        "batch_size": order.batch_size,
+        "order_seed": seed,
+        "batch_size": size,
         "step": args.step,
+        "position": position,
+        "epoch": order.epoch(position),
+        "world_size": world,
+        "world_size_from": world_from,
+        "rank": args.rank,
     }
     if args.json:
-        print(json.dumps({**head, "samples": [s.to_json() for s in samples]}, indent=2, sort_keys=True))
+        shown = [{**s.to_json(), "rank": ranks[s.position]} for s in samples]
+        print(json.dumps({**head, "samples": shown}, indent=2, sort_keys=True))
         return 0
-    first = args.step * order.batch_size
-    print(
-        f"dataset  {target.name}  sha256:{order.dataset_digest[:16]}…  "
-        f"({data.n_sequences} sequences x {data.seq_len} tokens)"
-    )
-    print(
-        f"order    seed {order.order_seed}, batch size {order.batch_size}, step {args.step}: "
-        f"positions {first}..{first + order.batch_size - 1}, epoch {order.epoch(args.step)}"
-    )
+    lines = []
+    if where is not None:
+        lines.append(f"run      {args.path} [{head['stage'] or 'no signed manifest names its stage'}]")
+    lines += [
+        f"trust    {trust}",
+        f"dataset  {dataset.name}  sha256:{order.dataset_digest[:16]}…  "
+        f"({data.n_sequences} sequences x {data.seq_len} tokens)",
+    ]
+    span = f"positions {first}..{first + size - 1}, epoch {order.epoch(position)}"
+    if where is None:
+        lines.append(f"order    seed {seed}, batch size {size}, step {position} (the order's, 0-based): {span}")
+    else:
+        lines.append(
+            f"order    seed {seed}, batch size {size}: training step {args.step} (1-based) = data position "
+            f"{position} (offset {where.offset}): {span}"
+        )
+    shown_ranks = "every row on rank 0" if world == 1 else f"{size // world} rows per rank"
+    lines.append(f"ranks    world size {world} ({world_from}): {shown_ranks}")
+    if args.rank is not None:
+        lines[-1] += f"; showing rank {args.rank}'s rows"
     for s in samples:
-        print(f"[{s.position}] sequence {s.sequence}  (epoch {s.epoch})")
+        lines.append(f"[{s.position}] sequence {s.sequence}  (epoch {s.epoch}, rank {ranks[s.position]})")
         for d in s.documents:
-            print(f"     {d.id}  [doc {d.document}] tokens {d.doc_start}..{d.doc_end} -> positions {d.start}..{d.end}")
+            lines.append(
+                f"     {d.id}  [doc {d.document}] tokens {d.doc_start}..{d.doc_end} -> positions {d.start}..{d.end}"
+            )
         if s.pad_tokens:
-            print(f"     <pad> x {s.pad_tokens}")
+            lines.append(f"     <pad> x {s.pad_tokens}")
         text = s.text if len(s.text) <= args.width else s.text[: args.width] + "…"
-        print(f"     text {json.dumps(text, ensure_ascii=False)}")
+        lines.append(f"     text {json.dumps(text, ensure_ascii=False)}")
+    for line in lines:
+        print(safe(line))
     return 0
 
 
@@ -450,10 +551,20 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--no-cache", action="store_true", help="re-read every file (ignore the stat cache)")
     v.set_defaults(func=_cmd_verify)
 
-    d = sub.add_parser("diff", help="semantic diff of two manifests or two manifest directories")
+    d = sub.add_parser(
+        "diff",
+        help="semantic diff of two manifests or two manifest directories, verdict first",
+        description="Prints the verdict first (outputs identical in K of N; outputs identical but identity "
+        "differs in M: which pairs, in which sections; outputs differ in J: which pairs; manifests on one side "
+        "only; UNVERIFIED manifests), then one block per pair. Every manifest's signature is checked against "
+        "keys/ and marked VERIFIED or UNVERIFIED. Exit status: 0 every pair identical in identity; 1 some "
+        "outputs differ (or a manifest is on one side only); 2 usage or input error (a manifest that cannot be "
+        "read); 3 every output identical, but the identity differs (recipe, entry point, inputs, code or "
+        "environment; run metadata too with --include-run).",
+    )
     d.add_argument("a")
     d.add_argument("b")
-    d.add_argument("--json", action="store_true")
+    d.add_argument("--json", action="store_true", help='{"verdict": {...}, "diffs": [one object per pair]}')
     d.add_argument("--include-run", action="store_true", help="also compare run metadata (times, host)")
     d.set_defaults(func=_cmd_diff)
 
@@ -543,18 +654,49 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--repo", help="directory holding the .aim repository (default: the project root)")
     ui.set_defaults(func=_cmd_ui)
 
-    b = sub.add_parser("batch", help="which sequences, documents and text the batch at a training step holds")
-    b.add_argument("path", help="the tokenize manifest (manifests/tokenize.json) or its recipe (params/tokenize.yaml)")
-    b.add_argument("--step", type=int, required=True, help="training step (0-based, >= 0; epochs wrap)")
+    b = sub.add_parser(
+        "batch",
+        help="which sequences, documents and text training step N saw, and on which data-parallel rank",
+        description="PATH is a training manifest (manifests/pretrain.json, midtrain.json, longctx.json, a fork's "
+        "manifest.json) or one of its checkpoint directories: the run fixes the order (train.order_seed, "
+        "train.loop.batch_size) and --step is the training step. Or PATH is a tokenize manifest, a tokenize recipe "
+        "or a tokenized dataset directory: then --order-seed and --batch-size are required and --step is the "
+        "order's 0-based step.",
+    )
+    b.add_argument(
+        "path",
+        help="training manifest, checkpoint directory (step-NNNNNN), tokenize manifest or recipe, or tokenized "
+        "dataset directory",
+    )
+    b.add_argument(
+        "--step",
+        type=int,
+        required=True,
+        help="training step N, 1-based: the N-th optimizer step, as metrics and checkpoint names count (step-000050 "
+        "holds the state after step 50); for a dataset target, the order's 0-based step (epochs wrap)",
+    )
+    b.add_argument("--rank", type=int, help="show only the rows this data-parallel rank trained on")
+    b.add_argument(
+        "--world-size",
+        type=int,
+        help="data-parallel ranks sharing the batch (default: what the run's checkpoint records; 1 for a dataset)",
+    )
+    b.add_argument(
+        "--order-seed", type=int, help="order seed; required for a dataset target, refused for a training run"
+    )
     b.add_argument(
         "--batch-size",
         type=int,
-        help="sequences per step, >= 1 (default: the recipe's tokenize.order); at most 16,777,216 tokens "
-        "(batch size x seq_len) are described at once",
+        help="sequences per step, >= 1; required for a dataset target, refused for a training run; at most "
+        "16,777,216 tokens (batch size x seq_len) are described at once",
     )
-    b.add_argument("--order-seed", type=int, help="order seed (default: the recipe's tokenize.order.seed)")
+    b.add_argument(
+        "--data",
+        metavar="DIR",
+        help="the tokenized dataset a checkpoint directory was trained on, when no signed manifest names it",
+    )
     b.add_argument("--width", type=int, default=160, help="characters of text shown per sample (text mode)")
-    b.add_argument("--json", action="store_true", help="full samples (untruncated text) as JSON")
+    b.add_argument("--json", action="store_true", help="full samples (untruncated text, rank of each) as JSON")
     b.set_defaults(func=_cmd_batch)
     return p
 

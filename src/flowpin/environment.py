@@ -39,18 +39,36 @@ PACKAGES = (
     *("zstandard", "safetensors", "cryptography", "blake3", "jsonschema"),  # storage, hashing, signing
     *("tokenizers", "datasketch"),  # data preparation
 )
+CPU_ISA_PINS = (
+    "ATEN_CPU_CAPABILITY",  # which of torch's per-ISA kernel builds runs (default, avx2, avx512, ...)
+    "MKL_CBWR",  # MKL's conditional numerical reproducibility: one code branch (e.g. AVX2) on every CPU
+    "MKL_ENABLE_INSTRUCTIONS",  # the highest instruction set MKL may dispatch to
+    "ONEDNN_MAX_CPU_ISA",  # the same for oneDNN (torch's mkldnn kernels)
+    "DNNL_MAX_CPU_ISA",  # its older name
+)
+"""Environment variables that pin which instruction set torch's CPU kernels, MKL and oneDNN use.
+
+Each library reads its variable once, at its first use; the reference flow sets them in Hydra's
+``hydra.job.env_set`` (``params/common/hydra.yaml``), which applies before the stage function runs its first
+computation. They are identity (``envVars``) and :func:`check_cpu_pins` refuses a process whose torch kernels
+are not the ones pinned."""
+
 _TE_DISTS = ("transformer-engine", "transformer-engine-cu12", "transformer-engine-cu13")
 _ENV_NAMES = frozenset(
     {
         *("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"),
         *("CUBLAS_WORKSPACE_CONFIG", "CUDA_VISIBLE_DEVICES", "CUDA_LAUNCH_BLOCKING"),
         *("NCCL_ALGO", "NCCL_PROTO", "PYTHONHASHSEED", "TOKENIZERS_PARALLELISM"),
+        *CPU_ISA_PINS,
     }
 )
 _ENV_PREFIXES = ("NVTE_", "TORCH_", "FLOWPIN_")
 # Paths (signing key, root), and switches that cannot change what a stage computes (tracking, progress bars).
 _ENV_SKIP = frozenset(
-    {"FLOWPIN_SIGNING_KEY", "FLOWPIN_ROOT", "FLOWPIN_TRACKING", "FLOWPIN_AIM_REPO", "FLOWPIN_PROGRESS"}
+    {
+        *("FLOWPIN_SIGNING_KEY", "FLOWPIN_ROOT", "FLOWPIN_TRACKING", "FLOWPIN_AIM_REPO", "FLOWPIN_PROGRESS"),
+        "FLOWPIN_STALE_CHECKPOINTS",  # what to do with checkpoints of another run key: never what is computed
+    }
 )
 # Prefixes of CPU flags that select SIMD kernels (x86 'flags', then ARM 'Features').
 _FLAG_PREFIXES = (
@@ -89,10 +107,41 @@ def fingerprint(root: Path) -> dict[str, Any]:
         "envVars": numerics_env_vars(os.environ),
         "git": git_state(root),
     }
+    check_cpu_pins()  # a pin that is not in effect is refused, never recorded
     torch_state = _torch_state()
     if torch_state is not None:
         result["torch"] = torch_state
     return result
+
+
+def check_cpu_pins(environ: Mapping[str, str] | None = None) -> str | None:
+    """The ATen CPU capability in use, refused unless it is the one ``ATEN_CPU_CAPABILITY`` pins.
+
+    torch reads the variable once, at the first kernel it dispatches, and silently keeps its own choice
+    when the variable is set later or names an instruction set this CPU lacks: either way the run would
+    record a pin it did not use. Raises :class:`~flowpin.errors.NumericsPinError` then. ``None`` when this
+    process has not loaded torch (its kernels ran nothing). MKL's ``MKL_CBWR`` and oneDNN's
+    ``ONEDNN_MAX_CPU_ISA`` cannot be read back from torch's build (their query functions are not
+    exported); they are recorded as set, and applied the same way (before the stage's first computation).
+    """
+    if "torch" not in sys.modules:
+        return None
+    import torch
+
+    environ = os.environ if environ is None else environ
+    in_use = str(torch.backends.cpu.get_cpu_capability())
+    pinned = environ.get("ATEN_CPU_CAPABILITY")
+    if pinned is not None and pinned.strip().upper() != in_use.upper():
+        from flowpin.errors import NumericsPinError
+
+        raise NumericsPinError(
+            f"ATEN_CPU_CAPABILITY={pinned!r}, but torch's CPU kernels in this process are {in_use}: the variable was "
+            "set after torch dispatched its first kernel, or this CPU lacks that instruction set "
+            f"(its SIMD flags: {' '.join(_cpu(_read_cpuinfo())['flags']) or 'unknown'}); set it before the run "
+            "starts (the reference flow sets it in params/common/hydra.yaml, hydra.job.env_set) to a capability "
+            "this CPU has"
+        )
+    return in_use
 
 
 def probe_transformer_engine() -> dict[str, Any]:
@@ -203,6 +252,11 @@ _NUMERICS_RULES = (
     ("torch.deviceNames torch.cudaAvailable", "a different accelerator runs different kernels"),
     ("transformerEngine.*", "Transformer Engine presence changes fused kernels and FP8 paths"),
     ("cpu.model cpu.flags cpu.flagsDigest os.machine", "CPU/SIMD features select different kernels"),
+    (
+        "torch.cpuCapability envVars.ATEN_CPU_CAPABILITY envVars.MKL_CBWR envVars.MKL_ENABLE_INSTRUCTIONS "
+        "envVars.ONEDNN_MAX_CPU_ISA envVars.DNNL_MAX_CPU_ISA",
+        "selects which instruction set torch's, MKL's or oneDNN's CPU kernels use",
+    ),
     ("cpu.logicalCount", "default OpenMP/BLAS thread counts derive from the core count"),
     ("os.libc", "libm may round transcendental functions differently"),
     (
@@ -303,6 +357,9 @@ def _torch_state() -> dict[str, Any] | None:
         "cudaAvailable": cuda,
         # get_device_name initialises CUDA (fork after it is unsafe for CUDA-using children).
         "deviceNames": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count() if cuda else 0)],
+        # The kernel build ATen dispatches to (reading it fixes the choice for the process; by then the
+        # stage has computed, so it is the one used). ATEN_CPU_CAPABILITY pins it: see CPU_ISA_PINS.
+        "cpuCapability": torch.backends.cpu.get_cpu_capability(),
         "numThreads": torch.get_num_threads(),
         # Safe to read: it reports the configured/default size without starting the inter-op pool, so a
         # later torch.set_num_interop_threads still works (checked on torch 2.13; only running inter-op

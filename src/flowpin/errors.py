@@ -127,6 +127,15 @@ class DuplicateSubjectError(ManifestError):
     """Two subjects (or two dependencies) share one name."""
 
 
+class EntryPointError(ManifestError):
+    """A manifest's entry point (``externalParameters.entryPoint``) cannot be re-run as recorded: its script or
+    primary config is not among the files the manifest pins, or lies outside the repository."""
+
+
+class MissingEntryPointError(EntryPointError):
+    """The manifest was recorded before entry points were pinned: it does not say which script and config ran."""
+
+
 class UnverifiedManifestError(ManifestError):
     """A consumer was handed a manifest that does not verify (signature, trusted key, or a digest it relies on).
 
@@ -302,8 +311,18 @@ class PrecisionError(RecipeError):
     """The recipe asks for a precision (e.g. FP8) this machine cannot run; refused before training."""
 
 
+class NumericsPinError(PrecisionError):
+    """The CPU kernels in use are not the instruction set the run pins (``ATEN_CPU_CAPABILITY``)."""
+
+
 class CompatibilityError(FlowpinError):
     """An installed library differs from the version whose internals flowpin reviewed and patches."""
+
+
+class StaleCheckpointsError(RecipeError):
+    """A run directory holds checkpoints trained under another run key (recipe, data, parent or code), or
+    ``FLOWPIN_STALE_CHECKPOINTS`` is not a known choice. Nothing was removed: the message names what changed
+    and how to choose (restore the old setup to resume, or ``FLOWPIN_STALE_CHECKPOINTS=archive|discard``)."""
 
 
 class CheckpointError(IntegrityError):

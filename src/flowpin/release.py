@@ -58,7 +58,7 @@ from flowpin.errors import (
 )
 from flowpin.hashing import DEFAULT_ALGORITHM, Hasher
 from flowpin.jsonio import loads_strict
-from flowpin.manifest.model import MANIFEST_DIR
+from flowpin.manifest.model import MANIFEST_DIR, entry_type
 from flowpin.manifest.trust import load_verified
 from flowpin.manifest.verify import verify_manifest
 from flowpin.paths import check_name
@@ -309,9 +309,7 @@ def _check_carried(root: Path, manifests: Sequence[str], outs: Sequence[LockedOu
     for name in manifests:
         # verified in full by _check_manifests just before; never read one that is not signed by a trusted key
         m = load_verified(root / name, root=root, check="signature", purpose="release it")
-        entries = list(m.subjects) + [
-            d for d in m.dependencies if d["annotations"]["flowpin.type"] not in ("fileset", "manifest")
-        ]
+        entries = list(m.subjects) + [d for d in m.dependencies if entry_type(d) not in ("fileset", "manifest")]
         for entry in entries:
             art = entry["name"]
             if art in files or art in dirs or any(art == p or art.startswith(p + "/") for p in stored):

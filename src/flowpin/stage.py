@@ -17,6 +17,11 @@ when the body raises, the stage's manifest is gone and its previous outputs are 
 the ``paths`` block is checked first (:func:`check_stage_paths`: inside the repository, no ``..``, no
 symlink out, nothing under ``.git/``, ``.dvc/``, ``keys/``): a refused path leaves everything as it was.
 
+**Ranks.** Under ``torchrun`` rank 0 alone records: it opens the tracker, writes the report and the
+manifest; the other ranks run the same body with a recorder that is never written and no tracker
+(``main``, by default what :func:`flowpin.train.launcher.process_rank` says this process is). A stage whose
+output is swapped in whole (not ``persistent_out``) runs as one process and refuses a world of several.
+
 **Tracking.** Every run (rank 0) opens an experiment tracker before it records anything
 (:func:`track_stage`: an Aim run in ``<root>/.aim``, or nothing with ``FLOWPIN_TRACKING=off``; one that
 cannot be opened fails the stage there). The body gets it as ``run.tracker`` (training stages hand it to
@@ -41,19 +46,22 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
-from typing import Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from omegaconf import DictConfig
 
 from flowpin.atomic import atomic_directory, atomic_write_bytes
 from flowpin.canonical import canonical_json
 from flowpin.errors import FlowpinError, PathError, RecipeError
-from flowpin.hashing import Hasher, hash_bytes
-from flowpin.manifest.record import StageRecorder, dvc_code_deps, record
+from flowpin.hashing import Hasher, hash_bytes, hash_file
+from flowpin.manifest.record import StageRecorder, dvc_code_deps, record, source_files, stage_entry_point
 from flowpin.paths import check_output_path
 from flowpin.recipe import HydraSources, StagePaths, check_hydra_location, hydra_sources, to_config, to_plain
 from flowpin.tracking.aim import StageTracker, numeric_leaves, open_stage_tracker
 from flowpin.tracking.base import NullTracker, Tracker
+
+if TYPE_CHECKING:
+    from flowpin.train.run import RunClaim
 
 T = TypeVar("T")
 
@@ -70,6 +78,8 @@ class StageRun(Generic[T]):
     out_dir: Path
     """An empty temporary directory that becomes ``paths.out`` when the body succeeds."""
     root: Path
+    stage: str
+    """The stage recorded (:func:`stage_name`)."""
     report: dict[str, Any] | None = None
     """Set by the body: written (canonical JSON) to ``paths.report`` and pinned as a byproduct."""
     tracker: Tracker = dataclasses.field(default_factory=NullTracker)
@@ -79,6 +89,40 @@ class StageRun(Generic[T]):
     def input_dir(self, role: str) -> Path:
         """The upstream dataset directory for ``role`` (``paths.inputs.<role>.data``)."""
         return self.root / self.paths.inputs[role].data
+
+    def code_digests(self) -> dict[str, str] | None:
+        """sha256 of each file of the stage's code deps (:func:`stage_code_digests`)."""
+        return stage_code_digests(self.root, self.stage)
+
+    def run_claim(self) -> RunClaim:
+        """How a training stage claims its run directory (``run_training(..., claim=run.run_claim())``): the run
+        key covers :meth:`code_digests`, and ``FLOWPIN_STALE_CHECKPOINTS`` says what becomes of checkpoints
+        trained under another key (:mod:`flowpin.train.run`)."""
+        from flowpin.train.run import RunClaim  # training stages only (it imports torch)
+
+        return RunClaim.from_env(self.code_digests())
+
+
+def stage_code_digests(root: Path, stage: str) -> dict[str, str] | None:
+    """sha256 of each file of ``stage``'s code deps in ``dvc.yaml`` (what its manifest pins), by repository path.
+
+    The code part of a training stage's run key: an edit elsewhere in flowpin (``cli.py``) leaves a killed
+    run's checkpoints resumable, an edit to a module the stage runs does not. ``None`` for a stage without a
+    ``dvc.yaml`` entry: the training libraries then cover the whole flowpin package.
+    """
+    deps = dvc_code_deps(root, stage)
+    if deps is None:
+        return None
+    digests: dict[str, str] = {}
+    for dep in deps:
+        path = root / dep
+        if path.is_dir():
+            digests.update({f"{dep}/{rel}": hash_file(path / rel, "sha256") for rel in source_files(path)})
+        elif path.is_file():
+            digests[dep] = hash_file(path, "sha256")
+        else:
+            raise RecipeError(f"dvc.yaml: stage {stage}: code dep {dep} does not exist; restore it or fix dvc.yaml")
+    return digests
 
 
 def stage_name(block: str, config_name: str, root: Path) -> str:
@@ -108,7 +152,7 @@ def stage_run(
     inputs: Sequence[str] = (),
     preflight: Callable[[T, StagePaths], None] | None = None,
     persistent_out: bool = False,
-    main: bool = True,
+    main: bool | None = None,
 ) -> Iterator[StageRun[T]]:
     """Run one stage: see the module docstring and :func:`_stage_run` for the arguments.
 
@@ -153,7 +197,7 @@ def _stage_run(
     inputs: Sequence[str] = (),
     preflight: Callable[[T, StagePaths], None] | None = None,
     persistent_out: bool = False,
-    main: bool = True,
+    main: bool | None = None,
 ) -> Iterator[StageRun[T]]:
     """Run one stage: see the module docstring.
 
@@ -165,15 +209,26 @@ def _stage_run(
     atomically, must survive a killed run so that the rerun resumes); otherwise the output directory is
     built aside and swapped in whole.
 
-    ``main=False`` is for the other ranks of a ``torchrun`` world (``DistInfo.is_main``): the recipe is
-    checked the same way, but only rank 0 records the manifest and writes the report -- the body's
-    declarations on a non-main rank go to a recorder that is never written. It needs ``persistent_out``
-    (every rank sees the same output directory; the body itself decides who writes there).
+    ``main`` says whether this process records: by default rank 0 of its world
+    (:func:`flowpin.train.launcher.process_rank`: the process group's rank, else the launcher's ``RANK``, else
+    0); an explicit value wins. A non-main rank checks the recipe the same way, but opens no tracker and
+    writes no report and no manifest -- the body's declarations go to a recorder that is never written. It
+    needs ``persistent_out`` (every rank sees the same output directory; the body itself decides who writes
+    there): a stage without it refuses a world of several processes, on every rank, before anything is
+    written.
     """
     recipe = to_config(config_cls, cfg[block], where=block)
     paths = to_config(StagePaths, cfg.paths, where="paths")
     check_stage_paths(paths, root, run_dir=persistent_out)  # before anything is removed, created or swapped
     check_hydra_dir(root)
+    from flowpin.train.launcher import process_rank  # torch-free: who records is recording machinery
+
+    rank, world = process_rank()
+    if world > 1 and not persistent_out:
+        raise FlowpinError(
+            f"stage {block}: runs as one process, but this is rank {rank} of {world} (torchrun); start it "
+            "without torchrun (only training stages run data parallel)"
+        )
     # --- sweeps hook (flowpin.sweep, docs/sweeps.md): a Hydra multirun job writes out/report/manifest under
     # its own job directory; the recipe keeps the declared paths (identity), the relocation is run metadata.
     from flowpin.sweep import sweep_job
@@ -192,11 +247,12 @@ def _stage_run(
         preflight(recipe, paths)
     src = hydra_sources(root / "params")
     stage = stage_name(block, src.config_name, root)
+    main = rank == 0 if main is None else main
     if not main:
         if not persistent_out:
             raise ValueError("stage_run(main=False) needs persistent_out: rank 0 alone would swap the output in")
         rec = StageRecorder(stage, root, Hasher(root))  # declarations of a non-main rank: never written
-        yield StageRun(recipe=recipe, paths=paths, rec=rec, out_dir=root / paths.out, root=root)
+        yield StageRun(recipe=recipe, paths=paths, rec=rec, out_dir=root / paths.out, root=root, stage=stage)
         return
     with (
         track_stage(stage, cfg, src, root=root, manifest=paths.manifest) as tracker,  # opened first: fails fast
@@ -205,6 +261,7 @@ def _stage_run(
             recipe=to_plain(cfg),
             overrides=src.overrides,
             config_files=src.config_files,
+            entry_point=stage_entry_point(root, src.config_name),  # what rebuild and fork re-run
             root=root,
             manifest=paths.manifest,
             publish=published_run_context(cfg),
@@ -216,11 +273,15 @@ def _stage_run(
             rec.upstream(data=upstream.data, manifest=upstream.manifest, kind=upstream.kind)
         if persistent_out:
             (root / paths.out).mkdir(parents=True, exist_ok=True)
-            run = StageRun(recipe=recipe, paths=paths, rec=rec, out_dir=root / paths.out, root=root, tracker=tracker)
+            run = StageRun(
+                recipe=recipe, paths=paths, rec=rec, out_dir=root / paths.out, root=root, stage=stage, tracker=tracker
+            )
             yield run
         else:
             with atomic_directory(root / paths.out) as tmp:
-                run = StageRun(recipe=recipe, paths=paths, rec=rec, out_dir=tmp, root=root, tracker=tracker)
+                run = StageRun(
+                    recipe=recipe, paths=paths, rec=rec, out_dir=tmp, root=root, stage=stage, tracker=tracker
+                )
                 yield run
         if run.report is None:
             raise RecipeError(f"stage {stage}: produced no report (set run.report in the stage body)")

@@ -18,8 +18,12 @@ The dataset digest is the sha256 *directory digest* (:mod:`flowpin.hashing`) of 
 output directory -- the digest its manifest pins as the subject -- so the order changes whenever the
 data, the tokenizer or the packing does, and a batch can only be recovered against the exact bytes it
 was drawn from. This module also answers "what is in this batch" (:func:`describe_batch`), gives the
-training loop its token tensor (:func:`load_batch`), and resolves what ``flowpin batch`` is pointed at
-(:func:`batch_target`).
+training loop its token tensor (:func:`load_batch`), and resolves the *dataset* ``flowpin batch`` is pointed
+at (:func:`batch_target`: a tokenize manifest, a tokenize recipe or a tokenized directory).
+
+The order's parameters belong to the run that follows it: a training recipe's ``train.order_seed`` and
+``train.loop.batch_size`` (the tokenize recipe fixes none). Which order step a *training* step drew, and on
+which data-parallel rank, is :mod:`flowpin.train.step_batch`'s question.
 """
 
 from __future__ import annotations
@@ -35,10 +39,11 @@ import numpy as np
 import numpy.typing as npt
 
 from flowpin.canonical import canonical_json
-from flowpin.errors import DataOrderError, FlowpinError, RecipeError
+from flowpin.errors import DataOrderError, FlowpinError
 
 if TYPE_CHECKING:
     from flowpin.data.tokenize import TokenizedDataset
+    from flowpin.manifest.model import Manifest
 
 ORDER_SCHEME = "flowpin.order/v1"
 """Names the seed-derivation and permutation rule; part of every epoch's seed."""
@@ -54,30 +59,6 @@ tokens, a real pretraining step. A larger request is refused with :class:`DataOr
 work, instead of allocating batch_size x seq_len tokens and dying of a MemoryError."""
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-
-
-# --- recipe ---------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class OrderConfig:
-    """The global data order (``tokenize.order``); training recipes reuse it. Validated on construction."""
-
-    seed: int
-    """Order seed, ``0 <= seed < 2**53``; with the dataset digest it seeds every epoch's permutation."""
-    batch_size: int
-    """Default number of sequences per step (``flowpin batch --batch-size`` overrides it)."""
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self, where: str = "tokenize.order") -> None:
-        """Raise :class:`RecipeError` naming ``where.<key>`` for the first invalid value."""
-        for key, value, minimum in (("seed", self.seed, 0), ("batch_size", self.batch_size, 1)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise RecipeError(f"{where}.{key}: {value!r} must be an integer")
-            if not minimum <= value <= MAX_POSITION:
-                raise RecipeError(f"{where}.{key}: {value} must be in {minimum}..{MAX_POSITION}")
 
 
 # --- the order ------------------------------------------------------------------------------------
@@ -180,7 +161,7 @@ class DataOrder:
     dataset_digest: str
     """sha256 directory digest of the tokenized dataset (see :func:`dataset_digest`)."""
     order_seed: int
-    """The order seed (``tokenize.order.seed``)."""
+    """The order seed (a training recipe's ``train.order_seed``)."""
     batch_size: int
     """Sequences per step."""
 
@@ -347,30 +328,37 @@ def check_batch_request(
         )
 
 
-def describe_samples(data: TokenizedDataset, order: DataOrder, step: int) -> list[Sample]:
+def describe_samples(data: TokenizedDataset, order: DataOrder, step: int, *, rows: slice | None = None) -> list[Sample]:
     """:func:`describe_batch` for an opened dataset and its order (see :func:`order_for`).
 
-    Bounded: :func:`check_batch_request` refuses a negative step and a batch of more than
-    :data:`MAX_DESCRIBED_TOKENS` tokens before anything is read.
+    ``rows`` describes only those samples of the batch (e.g. one data-parallel rank's block,
+    :func:`flowpin.train.loop.rank_rows`); each :class:`Sample` keeps its position in the whole batch.
+
+    Bounded: :func:`check_batch_request` refuses a negative step and more than :data:`MAX_DESCRIBED_TOKENS`
+    tokens (the rows described x seq_len) before anything is read.
     """
-    check_batch_request(step=step, batch_size=order.batch_size, seq_len=data.seq_len)
+    picked = range(_check_int(order.batch_size, "batch_size", 1))[rows if rows is not None else slice(None)]
+    if picked.step != 1 or not picked:
+        raise DataOrderError(f"rows {rows} select no contiguous samples of a batch of {order.batch_size}")
+    check_batch_request(step=step, batch_size=len(picked), seq_len=data.seq_len)
     if order.n_sequences != data.n_sequences:
         raise DataOrderError(
             f"the order covers {order.n_sequences} sequences, {data.path} holds {data.n_sequences}; "
             "build it with order_for(data, ...)"
         )
-    sequences, epochs = _positions_to_sequences(
+    every, every_epoch = _positions_to_sequences(
         n_sequences=order.n_sequences,
         dataset_digest=order.dataset_digest,
         order_seed=order.order_seed,
         batch_size=order.batch_size,
         step=step,
     )
+    sequences, epochs = every[picked.start : picked.stop], every_epoch[picked.start : picked.stop]
     input_ids, doc_index = data.sequences(sequences)
     table = data.documents()
     tokenizer = data.tokenizer()
     samples: list[Sample] = []
-    for i, (seq, epoch) in enumerate(zip(sequences, epochs, strict=True)):
+    for i, (position, seq, epoch) in enumerate(zip(picked, sequences, epochs, strict=True)):
         docs_row = doc_index[i]
         spans: list[DocumentSpan] = []
         change = np.flatnonzero(np.diff(docs_row)) + 1
@@ -397,7 +385,7 @@ def describe_samples(data: TokenizedDataset, order: DataOrder, step: int) -> lis
         text = tokenizer.decode(input_ids[i][real].tolist(), skip_special_tokens=False)
         samples.append(
             Sample(
-                position=i,
+                position=position,
                 sequence=seq,
                 epoch=epoch,
                 documents=tuple(spans),
@@ -413,60 +401,78 @@ def describe_samples(data: TokenizedDataset, order: DataOrder, step: int) -> lis
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BatchTarget:
-    """A tokenized dataset and its order parameters, as named by a manifest or a recipe."""
+    """A tokenized dataset, as a tokenize manifest, a tokenize recipe or its directory names it.
+
+    It carries no order: the order seed and batch size are a training run's (``train.order_seed``,
+    ``train.loop.batch_size``), given by a training manifest or checkpoint, or on the command line.
+    """
 
     data_dir: Path
-    """The tokenize output directory (absolute)."""
+    """The tokenized dataset directory (absolute)."""
     name: str
-    """Its repository-relative name (e.g. ``data/tokenize``)."""
-    order: OrderConfig
-    """Order seed and default batch size from the recipe."""
+    """Its repository-relative name (e.g. ``data/tokenize``), or the path as given outside the repository."""
     pinned: tuple[str, str] | None
-    """(algorithm, digest) the manifest pins for the directory; ``None`` for a recipe."""
+    """(algorithm, digest) a signed manifest pins for the directory; ``None`` for a recipe or a directory."""
 
 
 def batch_target(path: Path, root: Path) -> BatchTarget:
-    """Read the output directory and ``tokenize.order`` from a tokenize manifest or a params YAML.
+    """The tokenized dataset named by a tokenize manifest, a tokenize recipe or a directory.
 
     A manifest (``manifests/tokenize.json``) must be signed by a trusted key (``UnverifiedManifestError``
     otherwise); it gives the directory as the subject named by its recipe's ``paths.out`` and pins its
-    digest, which :func:`order_for` checks against the directory; a recipe (``params/tokenize.yaml``)
-    gives ``paths.out`` and the order, and the digest is computed from the directory as it is.
+    digest, which :func:`order_for` checks against the directory (see :func:`order_digest`). A recipe
+    (``params/tokenize.yaml``) gives ``paths.out``, a directory names itself; for both the digest is
+    computed from the directory as it is.
     """
+    from flowpin.manifest.trust import load_verified
+
+    if path.is_dir():
+        return dataset_dir_target(path, root)
     if path.suffix in (".yaml", ".yml"):
         return _target_from_recipe(path, root)
-    return _target_from_manifest(path, root)
-
-
-def _order_block(recipe: Any, where: str) -> OrderConfig:
-    from flowpin.recipe import to_config
-
-    block = recipe.get("tokenize", {}).get("order") if isinstance(recipe, dict) else None
-    if not isinstance(block, dict):
-        raise DataOrderError(f"{where} has no tokenize.order block; name a tokenize manifest or params/tokenize*.yaml")
-    try:
-        return to_config(OrderConfig, block, where="tokenize.order")
-    except RecipeError as exc:
-        raise DataOrderError(f"{where}: {exc}") from exc
-
-
-def _target_from_manifest(path: Path, root: Path) -> BatchTarget:
-    from flowpin.manifest.trust import load_verified, pinned
-    from flowpin.paths import resolve_inside
-
     # Signed by a trusted key first; the one digest relied on (the directory's) is checked by order_for.
     m = load_verified(path, root=root, check="signature", purpose="read batches from it")
-    recipe = m.build["externalParameters"]["recipe"]
-    order = _order_block(recipe, str(path))
-    out = recipe.get("paths", {}).get("out") if isinstance(recipe, dict) else None
+    return manifest_dataset(m, root)
+
+
+def dataset_dir_target(path: Path, root: Path) -> BatchTarget:
+    """A tokenized dataset directory named directly (nothing pins it: its digest is what it holds now)."""
+    from flowpin.paths import to_name
+
+    try:
+        name = to_name(path.absolute(), root)
+    except FlowpinError:  # outside the repository: named as given
+        name = str(path)
+    return BatchTarget(data_dir=path.absolute(), name=name, pinned=None)
+
+
+def manifest_dataset(m: Manifest, root: Path) -> BatchTarget:
+    """The tokenized directory a tokenize manifest produced, with the digest it pins.
+
+    Call it only on a manifest whose signature verified (:func:`flowpin.manifest.trust.load_verified`).
+    """
+    from flowpin.display import safe
+    from flowpin.manifest.trust import pinned
+    from flowpin.paths import resolve_inside
+
+    recipe = m.recipe
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("tokenize"), dict):
+        raise DataOrderError(
+            f"{safe(m.path)} is a {safe(m.stage)!r} manifest, not a tokenize manifest; name a tokenize manifest "
+            "(manifests/tokenize.json) or a training manifest (manifests/pretrain.json)"
+        )
+    paths = recipe.get("paths")
+    out = paths.get("out") if isinstance(paths, dict) else None
     subjects = {s["name"]: s for s in m.subjects}
     subject = subjects.get(out) if isinstance(out, str) else None
     if subject is None:
         if len(subjects) != 1:
-            raise DataOrderError(f"{path}: no subject named by paths.out ({out!r}); is this a tokenize manifest?")
+            raise DataOrderError(
+                f"{safe(m.path)}: no subject named by paths.out ({safe(repr(out))}); is this a tokenize manifest?"
+            )
         subject = next(iter(subjects.values()))
     name = subject["name"]
-    return BatchTarget(data_dir=resolve_inside(name, root), name=name, order=order, pinned=pinned(subject))
+    return BatchTarget(data_dir=resolve_inside(name, root), name=name, pinned=pinned(subject))
 
 
 def _target_from_recipe(path: Path, root: Path) -> BatchTarget:
@@ -480,11 +486,14 @@ def _target_from_recipe(path: Path, root: Path) -> BatchTarget:
         raise DataOrderError(f"{path}: no such recipe; name params/tokenize.yaml or a tokenize manifest") from exc
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise DataOrderError(f"{path}: cannot read it as YAML ({exc})") from exc
-    order = _order_block(recipe, str(path))
-    out = recipe.get("paths", {}).get("out") if isinstance(recipe.get("paths"), dict) else None
+    paths = recipe.get("paths") if isinstance(recipe, dict) else None
+    out = paths.get("out") if isinstance(paths, dict) else None
     if not isinstance(out, str) or "${" in out:
-        raise DataOrderError(f"{path}: paths.out must be a plain repository-relative path, got {out!r}")
-    return BatchTarget(data_dir=resolve_inside(out, root), name=out, order=order, pinned=None)
+        raise DataOrderError(
+            f"{path}: paths.out must be a plain repository-relative path, got {out!r}; name the tokenized "
+            "directory itself (e.g. data/tokenize) or its manifest"
+        )
+    return BatchTarget(data_dir=resolve_inside(out, root), name=out, pinned=None)
 
 
 def order_digest(target: BatchTarget) -> str | None:
@@ -510,16 +519,17 @@ __all__ = [
     "BatchTarget",
     "DataOrder",
     "DocumentSpan",
-    "OrderConfig",
     "Sample",
     "batch_indices",
     "batch_target",
     "dataset_digest",
+    "dataset_dir_target",
     "describe_batch",
     "describe_samples",
     "epoch_permutation",
     "keyed_permutation",
     "load_batch",
+    "manifest_dataset",
     "order_digest",
     "order_for",
 ]

@@ -62,7 +62,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from flowpin.atomic import atomic_open, atomic_write_bytes
 from flowpin.canonical import canonical_json
-from flowpin.data.order import OrderConfig, keyed_permutation
+from flowpin.data.order import keyed_permutation
 from flowpin.data.shards import read_dataset, read_shard, read_shard_bytes
 from flowpin.errors import (
     DataError,
@@ -225,9 +225,8 @@ class TokenizeConfig:
     packing: PackingConfig
     """Sequence length and tail policy."""
     shards: SequenceShardsConfig
-    """Shard size and compression."""
-    order: OrderConfig
-    """The global data order (seed, default batch size) that training recipes reuse."""
+    """Shard size and compression. (No data order here: the training recipe owns it, ``train.order_seed``
+    and ``train.loop.batch_size``.)"""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -237,7 +236,6 @@ class TokenizeConfig:
         self.tokenizer.validate(f"{where}.tokenizer")
         self.packing.validate(f"{where}.packing")
         self.shards.validate(f"{where}.shards")
-        self.order.validate(f"{where}.order")
 
 
 def check_tokenizer_source(cfg: TokenizeConfig, *, has_input: bool) -> None:
@@ -690,11 +688,6 @@ def run_tokenize(
         "vocab_size": vocab_size,
         "bytes_per_token": round(text_bytes / text_tokens, 4) if text_tokens else None,
         "tokenizer": {**tok_report, "sha256": index["tokenizer"]["sha256"]},
-        "order": {
-            "seed": cfg.order.seed,
-            "batch_size": cfg.order.batch_size,
-            "steps_per_epoch": round(sequences / cfg.order.batch_size, 4),
-        },
     }
     # Wall-clock measurements differ between runs: run metadata (the manifest's runDetails), never part of the
     # report, which is a DVC output whose digest dvc.lock pins.

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from flowpin.display import safe
 from flowpin.errors import FlowpinError, LineageError, ManifestError, UnverifiedManifestError
-from flowpin.manifest.model import Manifest, load_manifest
+from flowpin.manifest.model import Manifest, entry_kind, load_manifest
 from flowpin.manifest.trust import check_signature, pinned
 from flowpin.paths import resolve_inside
 from flowpin.signing import load_trust_store
@@ -137,7 +137,7 @@ def lineage(path: Path, root: Path, *, trusted: dict[str, Ed25519PublicKey] | No
         except UnverifiedManifestError as exc:
             node.problem = f"UNVERIFIED: {exc}"
         for dep in m.dependencies:
-            kind = dep["annotations"]["kind"]
+            kind = entry_kind(dep) or "?"  # every dependency has one (schema)
             if kind not in ("manifest", "code", "config"):
                 node.raw_inputs.append({"name": dep["name"], "kind": kind, "digest": _digest(dep)})
         return node
@@ -174,7 +174,7 @@ def lineage(path: Path, root: Path, *, trusted: dict[str, Ed25519PublicKey] | No
 
 
 def _parent_deps(m: Manifest | None) -> Iterator[dict[str, Any]]:
-    return iter([] if m is None else [d for d in m.dependencies if d["annotations"]["kind"] == "manifest"])
+    return iter([] if m is None else m.parents)
 
 
 def _name(path: Path, root: Path) -> str:

@@ -9,6 +9,12 @@ schema error.
 *Identity* is ``subject`` plus ``predicate.buildDefinition``: what was produced, from what, how and in
 which environment. ``runDetails`` (builder, times, invocation id, host, durations, byproducts) is run
 metadata and is ignored by diff/rebuild unless asked.
+
+*Reading* a statement's fields goes through this module only: :class:`Manifest`'s accessors (stage,
+recipe, overrides, paths, entry point, environment, git, dependencies by kind, pinned code/config files,
+byproducts and notes) and, for one subject or dependency, :func:`entry_kind`, :func:`entry_type`,
+:func:`entry_files`, :func:`entry_size`. Consumers do not index ``externalParameters`` & co. themselves, so a
+field moves in one place. :class:`EntryPoint` is how a manifest says to re-run itself.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+from collections.abc import Collection, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -26,10 +33,12 @@ from flowpin.atomic import atomic_write_bytes
 from flowpin.canonical import canonical_json
 from flowpin.errors import (
     DuplicateSubjectError,
+    EntryPointError,
     JSONDuplicateKeyError,
     JSONEncodingError,
     JSONSyntaxError,
     ManifestParseError,
+    MissingEntryPointError,
     PathError,
     SchemaError,
     StrictJSONError,
@@ -37,7 +46,7 @@ from flowpin.errors import (
 )
 from flowpin.hashing import hash_bytes
 from flowpin.jsonio import loads_strict
-from flowpin.paths import check_name
+from flowpin.paths import check_name, resolve_inside
 from flowpin.safeio import read_regular
 from flowpin.signing import PAYLOAD_TYPE, Signer, decode_b64
 
@@ -133,6 +142,68 @@ def _dig(value: Any, *keys: str) -> Any:
     return value
 
 
+# --- reading a statement's fields (the one place that knows where each lives) -------------------------
+
+
+def entry_kind(entry: dict[str, Any]) -> str | None:
+    """A dependency's ``kind`` annotation (dataset, checkpoint, config, code, manifest, ...); None for a subject."""
+    kind = entry["annotations"].get("kind")
+    return None if kind is None else str(kind)
+
+
+def entry_type(entry: dict[str, Any]) -> str:
+    """A subject's or dependency's ``flowpin.type``: file, directory, fileset or manifest."""
+    return str(entry["annotations"]["flowpin.type"])
+
+
+def entry_files(entry: dict[str, Any]) -> dict[str, str]:
+    """Relative path → hex digest of every file of a directory or file set (``flowpin.files``; {} for a file)."""
+    return entry["annotations"].get("flowpin.files", {})  # type: ignore[no-any-return]
+
+
+def entry_size(entry: dict[str, Any]) -> int | None:
+    """Bytes of a subject or dependency (``flowpin.size``; None for a parent manifest)."""
+    size = entry["annotations"].get("flowpin.size")
+    return size if isinstance(size, int) else None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EntryPoint:
+    """How to re-run the stage a manifest records (``externalParameters.entryPoint``)::
+
+        python <script> --config-name <config_name> <overrides...>      # from the repository root
+
+    Recorded by the stage itself (:func:`flowpin.stage.stage_run`), so rebuild and fork never guess it from
+    the pinned files. Both must be among the files the manifest pins (:meth:`Manifest.require_entry_point`).
+    """
+
+    script: str
+    """The stage script, a repository-relative POSIX path (``stages/train.py``)."""
+    config_name: str
+    """The primary Hydra config, as Hydra's ``--config-name`` takes it (``pretrain``)."""
+    config_dir: str = "params"
+    """The Hydra config directory, repository-relative (the primary config is ``<config_dir>/<config_name>.yaml``)."""
+
+    @property
+    def config_file(self) -> str:
+        """The primary config's artifact name (``params/pretrain.yaml``)."""
+        name = self.config_name if self.config_name.endswith((".yaml", ".yml")) else f"{self.config_name}.yaml"
+        return f"{self.config_dir}/{name}"
+
+    def command(self, overrides: Sequence[str], python: str = "python") -> list[str]:
+        """The command line that re-runs the stage with ``overrides``."""
+        return [python, self.script, "--config-name", self.config_name, *overrides]
+
+    def as_json(self) -> dict[str, str]:
+        return {"script": self.script, "configName": self.config_name, "configDir": self.config_dir}
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> EntryPoint:
+        return cls(
+            script=str(value["script"]), config_name=str(value["configName"]), config_dir=str(value["configDir"])
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class Manifest:
     """A parsed, schema-valid manifest (signature NOT yet checked: see ``verify``)."""
@@ -141,9 +212,73 @@ class Manifest:
     envelope: dict[str, Any]
     statement: dict[str, Any]
 
+    # --- identity: externalParameters ---------------------------------------------------------------
+
     @property
     def stage(self) -> str:
-        return str(self.statement["predicate"]["buildDefinition"]["externalParameters"]["stage"])
+        return str(self._external["stage"])
+
+    @property
+    def recipe(self) -> dict[str, Any]:
+        """The resolved recipe the stage ran (``externalParameters.recipe``)."""
+        return self._external["recipe"]  # type: ignore[no-any-return]
+
+    @property
+    def overrides(self) -> list[str]:
+        """The Hydra overrides the run was composed with (``externalParameters.overrides``)."""
+        return [str(o) for o in self._external["overrides"]]
+
+    @property
+    def paths(self) -> dict[str, Any]:
+        """The recipe's ``paths`` block (out, report, manifest, inputs); {} when the recipe has none."""
+        paths = self.recipe.get("paths")
+        return paths if isinstance(paths, dict) else {}
+
+    @property
+    def entry_point(self) -> EntryPoint | None:
+        """How the run was started (``externalParameters.entryPoint``); None in a manifest recorded before
+        entry points were pinned, or by a caller of :func:`~flowpin.manifest.record.record` that named none."""
+        value = self._external.get("entryPoint")
+        return None if value is None else EntryPoint.from_json(value)
+
+    def require_entry_point(self, *, root: Path, purpose: str) -> EntryPoint:
+        """The entry point, checked against the pins: its script a code file and its primary config a config
+        file the manifest pins, both inside ``root`` (no symlink out). ``purpose`` completes "cannot …".
+
+        :class:`~flowpin.errors.MissingEntryPointError` for a manifest without one,
+        :class:`~flowpin.errors.EntryPointError` for one that names something the manifest does not pin.
+        """
+        entry = self.entry_point
+        if entry is None:
+            raise MissingEntryPointError(
+                f"{self.path}: recorded before manifests pinned their entry point (externalParameters.entryPoint: "
+                f"which script and Hydra config ran); cannot {purpose} without guessing them -- re-run stage "
+                f"{self.stage} (dvc repro {self.stage}, or its stages/*.py script) to record it again"
+            )
+        for field, value, pinned, kind in (
+            ("script", entry.script, self.code_files, "code"),
+            ("configDir/configName", entry.config_file, self.config_files, "config"),
+        ):
+            try:
+                resolve_inside(value, root)
+            except PathError as exc:
+                raise EntryPointError(
+                    f"{self.path}: entryPoint.{field} {value!r}: {exc}; cannot {purpose} -- re-run stage "
+                    f"{self.stage} to record a valid manifest"
+                ) from exc
+            if value not in pinned:
+                raise EntryPointError(
+                    f"{self.path}: entryPoint.{field} names {value!r}, which is not a {kind} file the manifest pins: "
+                    f"what would run is not what was pinned; cannot {purpose} -- re-run stage {self.stage} to "
+                    "record a consistent manifest"
+                )
+        return entry
+
+    @property
+    def _external(self) -> dict[str, Any]:
+        return self.build["externalParameters"]  # type: ignore[no-any-return]
+
+    # --- identity: internalParameters and resolvedDependencies --------------------------------------
 
     @property
     def build(self) -> dict[str, Any]:
@@ -163,7 +298,96 @@ class Manifest:
 
     @property
     def algorithm(self) -> str:
-        return str(self.build["internalParameters"]["digestAlgorithm"])
+        return str(self._internal["digestAlgorithm"])
+
+    @property
+    def manifest_version(self) -> int:
+        return int(self._internal["manifestVersion"])
+
+    @property
+    def environment(self) -> dict[str, Any]:
+        """The environment fingerprint (``internalParameters.environment``: python, torch, cpu, git, envVars...)."""
+        return self._internal["environment"]  # type: ignore[no-any-return]
+
+    @property
+    def git(self) -> dict[str, Any]:
+        """The git state of the checkout that ran (commit, dirty, dirtyDigest); {} when none was recorded."""
+        return self.environment.get("git") or {}
+
+    @property
+    def _internal(self) -> dict[str, Any]:
+        return self.build["internalParameters"]  # type: ignore[no-any-return]
+
+    def dependencies_of(self, *kinds: str) -> list[dict[str, Any]]:
+        """The dependencies whose ``kind`` is one of ``kinds``, in recorded order."""
+        return [d for d in self.dependencies if entry_kind(d) in kinds]
+
+    def restricted_to(self, names: Collection[str]) -> Manifest:
+        """This manifest with only the subjects and dependencies named ``names`` (what a consumer relies on:
+        :func:`~flowpin.manifest.trust.require_digests` re-hashes just those). Not a statement to sign."""
+        wanted = set(names)
+        build = {**self.build, "resolvedDependencies": [d for d in self.dependencies if d["name"] in wanted]}
+        statement = {
+            **self.statement,
+            "subject": [s for s in self.subjects if s["name"] in wanted],
+            "predicate": {**self.statement["predicate"], "buildDefinition": build},
+        }
+        return dataclasses.replace(self, statement=statement)
+
+    def dependency_names(self, *kinds: str) -> list[str]:
+        """The names of :meth:`dependencies_of` ``kinds``."""
+        return [str(d["name"]) for d in self.dependencies_of(*kinds)]
+
+    @property
+    def parents(self) -> list[dict[str, Any]]:
+        """The parent-manifest dependencies (kind ``manifest``)."""
+        return self.dependencies_of("manifest")
+
+    def pinned_files(self, *kinds: str) -> list[str]:
+        """Repository name of every file the dependencies of ``kinds`` pin: a file dependency itself, each file
+        of a directory or file set in the repository (``<name>/<relative path>``); file sets outside it
+        (``uri``: the stdlib, installed packages) are not repository files."""
+        out: list[str] = []
+        for dep in self.dependencies_of(*kinds):
+            if "uri" in dep:
+                continue
+            if entry_type(dep) == "file":
+                out.append(str(dep["name"]))
+            else:
+                out.extend(f"{dep['name']}/{rel}" for rel in sorted(entry_files(dep)))
+        return out
+
+    @property
+    def code_files(self) -> list[str]:
+        """Every code file the manifest pins (:meth:`pinned_files` of kind ``code``)."""
+        return self.pinned_files("code")
+
+    @property
+    def config_files(self) -> list[str]:
+        """Every recipe file the manifest pins (:meth:`pinned_files` of kind ``config``)."""
+        return self.pinned_files("config")
+
+    # --- run metadata: runDetails ------------------------------------------------------------------
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """``runDetails.metadata``: invocationId, startedOn, finishedOn."""
+        return self.run_details["metadata"]  # type: ignore[no-any-return]
+
+    @property
+    def byproducts(self) -> list[dict[str, Any]]:
+        """``runDetails.byproducts``: pinned reports and the inline notes (run-context, tracking, sweep-job, fork)."""
+        return self.run_details.get("byproducts", [])  # type: ignore[no-any-return]
+
+    def byproduct(self, name: str) -> dict[str, Any] | None:
+        """The byproduct descriptor named ``name`` (a report's artifact name, or a note's name), if any."""
+        return next((b for b in self.byproducts if b.get("name") == name), None)
+
+    def note(self, name: str) -> dict[str, Any] | None:
+        """The annotations of the run-metadata note ``name`` (``rec.note(name, ...)``), if recorded."""
+        found = self.byproduct(name)
+        annotations = None if found is None else found.get("annotations")
+        return annotations if isinstance(annotations, dict) else None
 
     def identity(self) -> dict[str, Any]:
         return identity_of(self.statement)

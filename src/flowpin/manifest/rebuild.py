@@ -1,7 +1,7 @@
 """``flowpin rebuild``: re-run a recorded stage in a scratch workspace and compare what it produces.
 
-A manifest pins a stage's recipe (primary config + overrides), its code and config files, its inputs
-and the environment it ran in. Only a manifest signed by a trusted key is rebuilt
+A manifest pins a stage's entry point (script, primary config), recipe and overrides, its code and config
+files, its inputs and the environment it ran in. Only a manifest signed by a trusted key is rebuilt
 (:func:`~flowpin.manifest.trust.load_verified`, before anything runs). :func:`rebuild_manifest`
 re-executes the stage from exactly those pins, away from the project, and compares every subject
 digest of the rebuild with the manifest's:
@@ -31,7 +31,10 @@ digest of the rebuild with the manifest's:
   :class:`~flowpin.errors.IntegrityError`) before anything runs: restore it with ``dvc checkout`` or
   ``dvc pull``. File sets outside the repository (``python-stdlib:``, ``python-package:``) are checked
   in place on this machine.
-* **Run.** ``<sys.executable> <stage script> --config-name <primary config> <pinned overrides…>`` from
+* **Run.** ``<sys.executable> <script> --config-name <configName> <pinned overrides…>``, the entry point the
+  manifest records (``externalParameters.entryPoint``; never guessed from the pinned files: one recorded
+  without it is refused with :class:`~flowpin.errors.MissingEntryPointError`, one naming a script or primary
+  config it does not pin with :class:`~flowpin.errors.EntryPointError`; :func:`rebuild_command`), from
   the workspace root, with ``PYTHONPATH=<ws>/src`` (checked: the workspace's flowpin is what runs) and
   ``FLOWPIN_ROOT=<ws>``. The environment variables the fingerprint tracks are replayed as pinned (set
   when pinned, unset when not), so thread counts and ``FLOWPIN_DIGEST_ALGORITHM`` match the original run.
@@ -68,7 +71,15 @@ from flowpin.environment import numerics_env_vars as tracked_env_vars
 from flowpin.errors import FlowpinError, IntegrityError, ManifestError
 from flowpin.hashing import ArtifactDigest, Hasher, hash_bytes, hash_file
 from flowpin.manifest.diff import diff_manifests
-from flowpin.manifest.model import MANIFEST_DIR, Manifest, load_manifest, parse_manifest_bytes
+from flowpin.manifest.model import (
+    MANIFEST_DIR,
+    Manifest,
+    entry_files,
+    entry_kind,
+    entry_type,
+    load_manifest,
+    parse_manifest_bytes,
+)
 from flowpin.manifest.resolve import fileset_base
 from flowpin.manifest.trust import identity_digests, load_verified
 from flowpin.manifest.trust import pinned as pinned_digest
@@ -77,7 +88,7 @@ from flowpin.signing import TRUST_DIR, init_key
 
 
 class RebuildError(FlowpinError):
-    """A stage cannot be rebuilt: no entry script pinned, unusable workspace, or the stage run failed."""
+    """A stage cannot be rebuilt: a fork record, a recipe outside params/, unusable workspace, or the stage failed."""
 
 
 class CodeDriftError(RebuildError):
@@ -96,6 +107,8 @@ _PROJECT_TREES = ("src", "stages", "params")
 _PROJECT_FILES = ("pyproject.toml",)
 _IGNORE = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc")
 _SOURCED_KINDS = ("code", "config")
+_CONFIG_DIR = "params"
+"""Where a rebuilt stage composes its recipe from (one of ``_PROJECT_TREES``: the stage scripts' config path)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -219,10 +232,7 @@ def flow_manifests(root: Path) -> list[Path]:
 def dependency_order(manifests: Sequence[Manifest], root: Path) -> list[Manifest]:
     """``manifests`` with every parent before its children (ties by path), as lineage links them."""
     by_name = {_name_in(m.path, root): m for m in manifests}
-    parents = {
-        name: {d["name"] for d in m.dependencies if d["annotations"]["kind"] == "manifest"} & by_name.keys()
-        for name, m in by_name.items()
-    }
+    parents = {name: {d["name"] for d in m.parents} & by_name.keys() for name, m in by_name.items()}
     ordered: list[Manifest] = []
     done: set[str] = set()
     while len(done) < len(by_name):
@@ -299,11 +309,9 @@ def rebuild_manifest(path: Path, *, root: Path, options: RebuildOptions = Rebuil
         manifest=_name_in(path, root),
         stage=original.stage,
         subjects=len(original.subjects),
-        files=sum(max(1, len(s["annotations"].get("flowpin.files", {}))) for s in original.subjects),
+        files=sum(max(1, len(entry_files(s))) for s in original.subjects),
     )
-    script, config_name = _entry_point(original, root)
-    overrides = [str(o) for o in original.build["externalParameters"]["overrides"]]
-    result.command = ["python", script, "--config-name", config_name, *overrides]
+    result.command = rebuild_command(original, root)
     workspace, temporary = _open_workspace(root, options, original.stage)
     keep = options.keep or not temporary
     try:
@@ -339,24 +347,30 @@ def exit_status(results: Iterable[RebuildResult]) -> int:
 # --- what the manifest says to run ----------------------------------------------------------------
 
 
-def _entry_point(m: Manifest, root: Path) -> tuple[str, str]:
-    """(stage script, primary config name) of the run ``m`` records."""
-    code = [d["name"] for d in m.dependencies if d["annotations"]["kind"] == "code"]
-    scripts = [n for n in code if n.startswith("stages/") and n.endswith(".py")]
-    if len(scripts) > 1:
-        cmd = str((_dvc_stage(root, m.stage) or {}).get("cmd", ""))
-        scripts = [s for s in scripts if s in shlex.split(cmd)] or scripts[:0]
-    if len(scripts) != 1:
+def rebuild_command(m: Manifest, root: Path) -> list[str]:
+    """``python <script> --config-name <config> <overrides>``: the entry point ``m`` records, run as recorded.
+
+    Refused (named errors, before any workspace exists): a manifest without an entry point
+    (:class:`~flowpin.errors.MissingEntryPointError`), one whose script or primary config is not among the
+    code/config files it pins or lies outside the repository (:class:`~flowpin.errors.EntryPointError`: what
+    would run is not what was pinned), a config directory other than the workspace's ``params/``, and a
+    ``flowpin fork`` record (its ``fork`` note: a fork continues a checkpoint; re-run it with ``flowpin fork``).
+    """
+    entry = m.require_entry_point(root=root, purpose="rebuild it")
+    fork = m.note("fork")
+    if fork is not None:
+        again = fork.get("command") or ["flowpin", "fork", str(fork.get("parent")), "--step", str(fork.get("step"))]
         raise RebuildError(
-            f"{m.path}: cannot tell which stage script ran (pinned stage scripts: {', '.join(scripts) or 'none'}); "
-            "only stages recorded by a stages/<name>.py script can be rebuilt"
+            f"{m.path}: records a `flowpin fork` of {fork.get('parent')} at step {fork.get('step')}, which "
+            f"continues a checkpoint rather than running {entry.script} from scratch; re-run it with: "
+            f"{shlex.join(map(str, again))}"
         )
-    configs = [d["name"] for d in m.dependencies if d["annotations"]["kind"] == "config"]
-    if not configs or not configs[0].startswith("params/") or not configs[0].endswith(".yaml"):
+    if entry.config_dir != _CONFIG_DIR:
         raise RebuildError(
-            f"{m.path}: pins no primary recipe (params/<name>.yaml as its first config); cannot recompose the run"
+            f"{m.path}: entryPoint.configDir is {entry.config_dir!r}; a rebuild workspace composes recipes from "
+            f"{_CONFIG_DIR}/ only -- re-run the stage with its recipe under {_CONFIG_DIR}/"
         )
-    return scripts[0], configs[0].removeprefix("params/").removesuffix(".yaml")
+    return entry.command(m.overrides)
 
 
 def _dvc_stage(root: Path, stage: str) -> dict[str, Any] | None:
@@ -373,9 +387,7 @@ def _dvc_stage(root: Path, stage: str) -> dict[str, Any] | None:
 
 def _manifest_name(m: Manifest) -> str:
     """Where the stage writes its manifest: ``paths.manifest`` of the pinned recipe."""
-    recipe = m.build["externalParameters"]["recipe"]
-    paths = recipe.get("paths") if isinstance(recipe, dict) else None
-    name = paths.get("manifest") if isinstance(paths, dict) else None
+    name = m.paths.get("manifest")
     return check_name(name) if isinstance(name, str) else f"{MANIFEST_DIR}/{m.stage}.json"
 
 
@@ -450,17 +462,16 @@ def _pinned_files(dep: dict[str, Any], algorithm: str) -> list[tuple[str, str]]:
     digest = _identity(dep, algorithm)
     if digest is None:
         raise ManifestError(f"{dep['name']}: no {algorithm} digest pinned; the manifest is inconsistent")
-    if dep["annotations"]["flowpin.type"] == "file":
+    if entry_type(dep) == "file":
         return [(dep["name"], digest)]
-    files: dict[str, str] = dep["annotations"].get("flowpin.files", {})
-    return [(f"{dep['name']}/{rel}", d) for rel, d in sorted(files.items())]
+    return [(f"{dep['name']}/{rel}", d) for rel, d in sorted(entry_files(dep).items())]
 
 
 def pinned_code(m: Manifest) -> dict[str, str]:
     """Repository name → pinned digest of every code and config file ``m`` pins."""
     out: dict[str, str] = {}
-    for dep in m.dependencies:
-        if dep["annotations"]["kind"] in _SOURCED_KINDS and "uri" not in dep:
+    for dep in m.dependencies_of(*_SOURCED_KINDS):
+        if "uri" not in dep:
             out.update(_pinned_files(dep, m.algorithm))
     return out
 
@@ -472,7 +483,7 @@ def _source_code(ws: Path, m: Manifest, root: Path, result: RebuildResult, *, al
     """
     algorithm = m.algorithm
     git = GitHistory(root)
-    commit = (m.build["internalParameters"]["environment"].get("git") or {}).get("commit")
+    commit = m.git.get("commit")
     drifted: dict[str, str] = {}
     problems: list[str] = []
     sources: dict[str, int] = {}
@@ -523,17 +534,14 @@ def _write_dvc_yaml(ws: Path, m: Manifest, root: Path, command: list[str]) -> No
     """
     stages: dict[str, Any] = {}
     if _dvc_stage(root, m.stage) is not None:
-        code = [d["name"] for d in m.dependencies if d["annotations"]["kind"] == "code"]
-        stages[m.stage] = {"cmd": shlex.join(command), "deps": code}
+        stages[m.stage] = {"cmd": shlex.join(command), "deps": m.dependency_names("code")}
     (ws / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False), "utf-8")
 
 
 def _copy_parents(ws: Path, m: Manifest, root: Path) -> None:
     """Each parent manifest at the outputs digest the child pinned (checkout first, then git history)."""
     git = GitHistory(root)
-    for dep in m.dependencies:
-        if dep["annotations"]["kind"] != "manifest":
-            continue
+    for dep in m.parents:
         name = check_name(dep["name"])
         algorithm, want = pinned_digest(dep)
 
@@ -565,14 +573,12 @@ def _copy_inputs(ws: Path, m: Manifest, root: Path) -> None:
     entries = [
         d
         for d in m.dependencies
-        if d["annotations"]["kind"] not in (*_SOURCED_KINDS, "manifest")
-        and not (d["annotations"]["flowpin.type"] == "fileset" and "uri" in d)
+        if entry_kind(d) not in (*_SOURCED_KINDS, "manifest") and not (entry_type(d) == "fileset" and "uri" in d)
     ]
     problems: list[str] = []
     for dep in entries:
         name = check_name(dep["name"])
-        files = list(dep["annotations"].get("flowpin.files", {}))
-        rels = [f"{name}/{rel}" for rel in files] if dep["annotations"]["flowpin.type"] != "file" else [name]
+        rels = [f"{name}/{rel}" for rel in entry_files(dep)] if entry_type(dep) != "file" else [name]
         absent: list[str] = []
         for rel in rels:
             source = resolve_inside(rel, root)
@@ -608,7 +614,7 @@ def _input_problem(dep: dict[str, Any], actual: ArtifactDigest | FlowpinError, a
     expected = _identity(dep, algorithm)
     if expected == actual.digest:
         return ""
-    old: dict[str, str] = dep["annotations"].get("flowpin.files", {})
+    old = entry_files(dep)
     new = {f.path: f.digest for f in actual.files}
     changed = sorted(p for p in old.keys() & new.keys() if old[p] != new[p])
     shown = ", ".join(changed[:5]) + (f" (+{len(changed) - 5} more)" if len(changed) > 5 else "")
@@ -620,14 +626,12 @@ def _check_external_filesets(m: Manifest, root: Path) -> None:
     """File sets outside the repository (the stdlib, installed packages): the stage reads them in place."""
     problems: list[str] = []
     for dep in m.dependencies:
-        if dep["annotations"]["flowpin.type"] != "fileset" or "uri" not in dep:
+        if entry_type(dep) != "fileset" or "uri" not in dep:
             continue
         try:
             base = fileset_base(dep, root)
             hasher = Hasher(root, m.algorithm, cache=None, workers=os.cpu_count() or 1)  # no stat cache: see above
-            actual: ArtifactDigest | FlowpinError = hasher.digest_fileset(
-                dep["name"], base, list(dep["annotations"].get("flowpin.files", {}))
-            )
+            actual: ArtifactDigest | FlowpinError = hasher.digest_fileset(dep["name"], base, list(entry_files(dep)))
         except FlowpinError as exc:
             actual = exc
         problem = _input_problem(dep, actual, m.algorithm)
@@ -645,7 +649,7 @@ def _check_external_filesets(m: Manifest, root: Path) -> None:
 
 def _replayed_env(m: Manifest, ws: Path) -> dict[str, str]:
     """This process's environment with the fingerprinted variables as the manifest pins them."""
-    pinned: dict[str, str] = dict(m.build["internalParameters"]["environment"].get("envVars") or {})
+    pinned: dict[str, str] = dict(m.environment.get("envVars") or {})
     tracked = tracked_env_vars(os.environ)  # what the fingerprint would record of this process's environment
     env = {k: v for k, v in os.environ.items() if k not in tracked or k in pinned}
     env.update(pinned)
@@ -710,8 +714,8 @@ def subject_differences(pinned: list[dict[str, Any]], rebuilt: list[dict[str, An
         a, b = old.get(name), new.get(name)
         if a is not None and b is not None and identity_digests(a) == identity_digests(b):
             continue
-        fa: dict[str, str] = a["annotations"].get("flowpin.files", {}) if a else {}
-        fb: dict[str, str] = b["annotations"].get("flowpin.files", {}) if b else {}
+        fa = entry_files(a) if a else {}
+        fb = entry_files(b) if b else {}
         both = a is not None and b is not None
         out.append(
             SubjectDifference(
@@ -873,6 +877,7 @@ __all__ = [
     "exit_status",
     "flow_manifests",
     "pinned_code",
+    "rebuild_command",
     "rebuild_manifest",
     "rebuild_many",
     "render_result",

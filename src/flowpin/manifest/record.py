@@ -2,7 +2,8 @@
 
 A stage script does::
 
-    with record("ingest", recipe=cfg, overrides=src.overrides, config_files=src.config_files) as rec:
+    entry = stage_entry_point(root, src.config_name)  # the script and primary config: what rebuild re-runs
+    with record("ingest", recipe=cfg, overrides=src.overrides, config_files=src.config_files, entry_point=entry) as rec:
         rec.fileset("python-stdlib", base=stdlib, files=paths, uri=python_stdlib_uri(), kind="dataset")
         ...  # do the work, writing outputs atomically
         rec.output("data/ingest")
@@ -26,6 +27,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import yaml
@@ -44,6 +46,7 @@ from flowpin.manifest.model import (
     MANIFEST_VERSION,
     PREDICATE_TYPE,
     STATEMENT_TYPE,
+    EntryPoint,
     Manifest,
     write_manifest,
 )
@@ -116,6 +119,35 @@ def _main_script(root: Path) -> Path | None:
         return None
     path = Path(main_file).resolve()
     return path if root.resolve() in path.parents else None
+
+
+def entry_script(root: Path) -> str | None:
+    """The repository name of the stage script that runs this process, or None (a library caller, a test).
+
+    ``__main__``'s file when it lies in the repository (``python stages/train.py``, ``dvc repro``,
+    ``torchrun``). In a Hydra launcher's worker process (joblib, submitit) ``__main__`` is the launcher's, and
+    the stage script's task function arrives pickled by value, keeping its file and ``__name__ == "__main__"``:
+    the script is then the innermost caller on the stack with those globals whose file lies in the repository.
+    """
+    real_root = root.resolve()
+    main = _main_script(root)
+    frame: FrameType | None = sys._getframe(1)
+    while main is None and frame is not None:
+        if frame.f_globals.get("__name__") == "__main__" and frame.f_code.co_filename.endswith(".py"):
+            path = Path(frame.f_code.co_filename)
+            if path.is_absolute() and real_root in path.resolve().parents:
+                main = path.resolve()
+        frame = frame.f_back
+    return None if main is None else main.relative_to(real_root).as_posix()
+
+
+def stage_entry_point(root: Path, config_name: str, config_dir: str = "params") -> EntryPoint | None:
+    """The entry point of the running stage (:func:`entry_script`, the composed primary config); None when
+    no stage script runs this process or no config was composed: such a manifest cannot be rebuilt or forked."""
+    script = entry_script(root)
+    if script is None or not config_name:
+        return None
+    return EntryPoint(script=script, config_name=config_name, config_dir=config_dir)
 
 
 def source_files(directory: Path) -> list[str]:
@@ -260,6 +292,7 @@ def record(
     signer: Signer | None = None,
     algorithm: str | None = None,
     publish: Sequence[str] = (),
+    entry_point: EntryPoint | None = None,
 ) -> Iterator[StageRecorder]:
     """Record one stage run; see the module docstring.
 
@@ -268,6 +301,8 @@ def record(
     the running script and the ``src/flowpin`` sources. ``publish`` names the fields of
     :func:`~flowpin.environment.run_context` the manifest publishes (:data:`RUN_CONTEXT_FIELDS`; the recipe's
     ``provenance.run_context``): none by default, so a manifest holds no host, user or absolute path.
+    ``entry_point`` (the script and primary Hydra config that ran: :func:`stage_entry_point`) is what
+    ``flowpin rebuild`` and ``flowpin fork`` re-run; a manifest recorded without one cannot be re-run by them.
     """
     unknown = sorted(set(publish) - set(RUN_CONTEXT_FIELDS))
     if unknown:
@@ -337,6 +372,7 @@ def record(
                     "stage": stage,
                     "recipe": to_plain(recipe),
                     "overrides": list(overrides),
+                    **({} if entry_point is None else {"entryPoint": entry_point.as_json()}),
                 },
                 "internalParameters": {
                     "manifestVersion": MANIFEST_VERSION,
@@ -360,4 +396,4 @@ def record(
     write_manifest(manifest_path, statement, signer)
 
 
-__all__ = ["StageRecorder", "descriptor", "record"]
+__all__ = ["StageRecorder", "descriptor", "entry_script", "record", "stage_entry_point"]

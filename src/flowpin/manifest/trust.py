@@ -111,7 +111,7 @@ def require_digests(
     Call it only on a manifest whose signature verified (:func:`load_verified` with ``check="signature"``).
     A name the manifest does not pin is a finding too: the consumer relies on something nobody vouched for.
     """
-    statement = manifest.statement
+    relied_on = manifest
     if names is not None:
         wanted = set(names)
         pinned = {e["name"] for e in manifest.subjects} | {d["name"] for d in manifest.dependencies}
@@ -122,17 +122,11 @@ def require_digests(
                 "name an artifact the manifest records",
                 tuple(f"{n}: not pinned" for n in unknown),
             )
-        build = dict(manifest.build)
-        build["resolvedDependencies"] = [d for d in manifest.dependencies if d["name"] in wanted]
-        statement = {
-            **statement,
-            "subject": [s for s in manifest.subjects if s["name"] in wanted],
-            "predicate": {**statement["predicate"], "buildDefinition": build},
-        }
+        relied_on = manifest.restricted_to(wanted)
     hasher = hasher if hasher is not None else Hasher(root, manifest.algorithm)
     if hasher.algorithm != manifest.algorithm:
         hasher = Hasher(root, manifest.algorithm, cache=hasher.cache, workers=hasher.workers)
-    findings = check_subjects(dataclasses.replace(manifest, statement=statement), root, hasher)
+    findings = check_subjects(relied_on, root, hasher)
     if findings:
         raise _digest_error(manifest, findings, purpose) from findings[0].error
 

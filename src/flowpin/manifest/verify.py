@@ -23,7 +23,7 @@ from flowpin.errors import (
 )
 from flowpin.hashing import ArtifactDigest, Hasher, hash_bytes
 from flowpin.manifest.digests import BYTES_KEYS, DIRHASH, IDENTITY_KEYS, SUBJECTS_KEYS
-from flowpin.manifest.model import MANIFEST_DIR, Manifest, load_manifest
+from flowpin.manifest.model import MANIFEST_DIR, Manifest, entry_files, entry_type, load_manifest
 from flowpin.manifest.resolve import fileset_base
 from flowpin.paths import resolve_inside
 from flowpin.signing import decode_b64, verify_envelope
@@ -84,7 +84,7 @@ def check_subjects(manifest: Manifest, root: Path, hasher: Hasher) -> list[Findi
     needs: dict[str, set[str]] = {}  # entry name -> the algorithms its own digest set takes
     usable: list[dict[str, Any]] = []
     for entry in [*manifest.subjects, *manifest.dependencies]:
-        if entry["annotations"]["flowpin.type"] == "manifest":
+        if entry_type(entry) == "manifest":
             continue
         try:
             needs[entry["name"]] = _algorithms_needed(entry)
@@ -99,26 +99,26 @@ def check_subjects(manifest: Manifest, root: Path, hasher: Hasher) -> list[Findi
             else Hasher(root, algorithm, cache=hasher.cache, workers=hasher.workers)
         )
         wanted = [e for e in usable if algorithm in needs[e["name"]]]  # each artifact hashed only as it needs
-        in_repo = [e["name"] for e in wanted if e["annotations"]["flowpin.type"] != "fileset"]
+        in_repo = [e["name"] for e in wanted if entry_type(e) != "fileset"]
         for name, result in by.digest_all(in_repo).items():
             actual[name][algorithm] = result
-        for dep in (e for e in wanted if e["annotations"]["flowpin.type"] == "fileset"):
+        for dep in (e for e in wanted if entry_type(e) == "fileset"):
             try:
-                files = list(dep["annotations"].get("flowpin.files", {}))
+                files = list(entry_files(dep))
                 actual[dep["name"]][algorithm] = by.digest_fileset(dep["name"], fileset_base(dep, root), files)
             except FlowpinError as exc:
                 actual[dep["name"]][algorithm] = exc
     for entry in usable:
         _compare(entry, actual[entry["name"]], findings)
     for dep in manifest.dependencies:
-        if dep["annotations"]["flowpin.type"] == "manifest":
+        if entry_type(dep) == "manifest":
             findings.extend(_check_parent(dep, root))
     return findings
 
 
 def _algorithms_needed(entry: dict[str, Any]) -> set[str]:
     """The hash algorithms that re-deriving ``entry``'s digest set takes; refuses keys flowpin cannot check."""
-    kind = entry["annotations"]["flowpin.type"]
+    kind = entry_type(entry)
     needed: set[str] = set()
     for key in entry["digest"]:
         if key in IDENTITY_KEYS.values():
@@ -196,7 +196,7 @@ def _compare(entry: dict[str, Any], actual: dict[str, ArtifactDigest | FlowpinEr
             value = result.raw
         if pinned == value:
             continue
-        detail = _file_changes(entry["annotations"].get("flowpin.files", {}), result)
+        detail = _file_changes(entry_files(entry), result)
         out.append(
             Finding(
                 name,
@@ -213,7 +213,7 @@ def check_notes(manifest: Manifest) -> list[Finding]:
     """Byproducts that carry their ``content`` inline (run context, tracking, sweep job): its digest must be the
     sha256 of the content, and the content the canonical JSON of the annotations shown beside it."""
     findings: list[Finding] = []
-    for bp in manifest.run_details["byproducts"]:
+    for bp in manifest.byproducts:
         if "content" not in bp:
             continue
         name = f"byproduct {bp['name']}"

@@ -61,7 +61,7 @@ from flowpin.recipe import check_float, check_int
 from flowpin.tracking import Tracker
 from flowpin.train.distributed import DistInfo, set_deterministic
 from flowpin.train.loop import TrainConfig
-from flowpin.train.run import load_weights, open_run, read_model_config, train_loop
+from flowpin.train.run import RunClaim, load_weights, open_run, read_model_config, train_loop
 
 PAIRS_FILE = "pairs.jsonl"
 """``<run_dir>/pairs.jsonl``: the preference pairs the stage trained on."""
@@ -304,8 +304,12 @@ def run_dpo(
     run_dir: Path,
     dist: DistInfo,
     tracker: Tracker | None = None,
+    claim: RunClaim | None = None,
 ) -> PostResult:
-    """DPO from the latest checkpoint of ``init_dir`` (also the reference) on pairs against ``weak_dir``'s."""
+    """DPO from the latest checkpoint of ``init_dir`` (also the reference) on pairs against ``weak_dir``'s.
+
+    ``claim``: the run key's code and the choice for stale checkpoints (:func:`flowpin.train.run.open_run`).
+    """
     vocab = open_vocab(tokenizer_dir)
     model_cfg = read_model_config(init_dir)
     check_fits(model_cfg, vocab, cfg.seq_len, init_dir)
@@ -333,6 +337,7 @@ def run_dpo(
         run_dir=run_dir,
         init_dir=init_dir,
         dist=dist,
+        claim=claim,
         key={
             "stage": "dpo",
             "loop": cfg.loop.to_json(),

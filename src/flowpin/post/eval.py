@@ -358,7 +358,7 @@ def load_decontamination(
         raise ArtifactMissingError(
             f"eval.decontamination_report: {report_name} is missing; rerun decontaminate"
         ) from exc
-    pinned = next((b for b in m.run_details.get("byproducts", []) if b.get("name") == report_name), None)
+    pinned = m.byproduct(report_name)
     if pinned is None or not pinned.get("digest"):
         raise DecontaminationReportError(
             f"eval.decontamination_report: {manifest.name} pins no byproduct {report_name}; name the report "
@@ -370,8 +370,7 @@ def load_decontamination(
             f"eval.decontamination_report: {report_name} is not the report {manifest.name} vouches for (its "
             f"{algorithm} differs); rerun decontaminate (dvc repro decontaminate)"
         )
-    recipe = m.build["externalParameters"].get("recipe", {})
-    evals = (recipe.get("decontaminate") or {}).get("evals") or []
+    evals = (m.recipe.get("decontaminate") or {}).get("evals") or []
     heldout = [str(e.get("name")) for e in evals if isinstance(e, dict) and e.get("kind") == "synth_heldout"]
     if not heldout:
         raise DecontaminationReportError(

@@ -69,7 +69,7 @@ from flowpin.recipe import check_float, check_int, to_plain
 from flowpin.tracking import Tracker
 from flowpin.train.distributed import DistInfo
 from flowpin.train.loop import TrainConfig
-from flowpin.train.run import load_weights, open_run, read_metrics, read_model_config, train_loop
+from flowpin.train.run import RunClaim, load_weights, open_run, read_metrics, read_model_config, train_loop
 
 ADVANTAGE_EPS = 1e-6
 """Added to a group's reward standard deviation before dividing (GRPO's epsilon)."""
@@ -390,8 +390,12 @@ def run_rlvr(
     run_dir: Path,
     dist: DistInfo,
     tracker: Tracker | None = None,
+    claim: RunClaim | None = None,
 ) -> PostResult:
-    """RLVR from the latest checkpoint of ``init_dir`` (also the KL reference) on ``synth_dir/train``."""
+    """RLVR from the latest checkpoint of ``init_dir`` (also the KL reference) on ``synth_dir/train``.
+
+    ``claim``: the run key's code and the choice for stale checkpoints (:func:`flowpin.train.run.open_run`).
+    """
     vocab = open_vocab(tokenizer_dir)
     model_cfg = read_model_config(init_dir)
     train = select_tasks(tasks_of(synth_dir / "train", cfg.tasks.kinds), cfg.tasks, where=f"{synth_dir / 'train'}")
@@ -411,6 +415,7 @@ def run_rlvr(
         run_dir=run_dir,
         init_dir=init_dir,
         dist=dist,
+        claim=claim,
         key={
             "stage": "rlvr",
             "recipe": to_plain(cfg),

@@ -15,8 +15,8 @@ This module owns what SFT adds to the training engine (:mod:`flowpin.train.run`)
   form, and the teacher-forced cross entropy of the reference solutions. DPO reports the same.
 
 The run key (``runs/sft/run-key.json``, see :func:`flowpin.train.run.open_run`) names the loop config, the
-examples' digest, the order seed and the initial weights' digest: checkpoints of any other setup are
-removed rather than resumed.
+examples' digest, the order seed, the initial weights' digest and the stage's code (``claim``): checkpoints
+of any other setup are refused rather than resumed, unless the user chose to archive or discard them.
 
 The pieces DPO reuses live here too (one place, one behaviour): the held-out eval, batches over packed
 examples, the upstream checkpoint and tokenizer helpers, and the report fields both stages share.
@@ -46,7 +46,7 @@ from flowpin.train.checkpoint import CheckpointRef, latest_checkpoint
 from flowpin.train.distributed import DistInfo
 from flowpin.train.loop import TrainConfig, TrainResult
 from flowpin.train.model import ModelConfig
-from flowpin.train.run import OpenRun, open_run, read_metrics, read_model_config, train_loop
+from flowpin.train.run import OpenRun, RunClaim, open_run, read_metrics, read_model_config, train_loop
 
 TASK_KINDS = ("arithmetic", "word_problem")
 """The synth generators whose tasks post-training uses (:data:`flowpin.data.synth.GENERATORS`)."""
@@ -316,8 +316,12 @@ def run_sft(
     run_dir: Path,
     dist: DistInfo,
     tracker: Tracker | None = None,
+    claim: RunClaim | None = None,
 ) -> PostResult:
-    """Fine-tune the latest checkpoint of ``init_dir`` on ``synth_dir/train`` into ``run_dir``."""
+    """Fine-tune the latest checkpoint of ``init_dir`` on ``synth_dir/train`` into ``run_dir``.
+
+    ``claim``: the run key's code and the choice for stale checkpoints (:func:`flowpin.train.run.open_run`).
+    """
     vocab = open_vocab(tokenizer_dir)
     model_cfg = read_model_config(init_dir)
     check_fits(model_cfg, vocab, cfg.seq_len, init_dir)
@@ -332,6 +336,7 @@ def run_sft(
         run_dir=run_dir,
         init_dir=init_dir,
         dist=dist,
+        claim=claim,
         key={
             "stage": "sft",
             "loop": cfg.loop.to_json(),
@@ -365,6 +370,7 @@ def run_report(opened: OpenRun, result: TrainResult, run_dir: Path, curves: Sequ
         "determinism": opened.determinism,
         "resumed_from": None if result.resumed_from is None else result.resumed_from.name,
         "removed_stale_checkpoints": opened.removed,
+        "stale_checkpoints": None if opened.stale is None else opened.stale.to_json(),
         "determinism_changes": list(result.determinism_changes),
         "steps": result.state.step,
         "tokens_seen": result.state.tokens_seen,

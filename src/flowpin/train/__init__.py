@@ -7,8 +7,9 @@
 * :mod:`flowpin.train.megatron_cpu` -- the reviewed replacements of megatron-core's CUDA-only code, applied
   only without CUDA and named in the manifest; megatron's named RNG streams for checkpoints.
 * :mod:`flowpin.train.distributed` -- the only place with process-wide side effects: process group,
-  megatron parallel state (TP = PP = 1, data parallel), seeding and deterministic kernels; the only reader
-  of ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``.
+  megatron parallel state (TP = PP = 1, data parallel), seeding and deterministic kernels.
+* :mod:`flowpin.train.launcher` -- the only reader of ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``, and which rank
+  this process is (torch-free: stage recording asks it who records).
 * :mod:`flowpin.train.schedule` -- the learning rate as a pure function of the step (warmup + cosine/linear).
 * :mod:`flowpin.train.checkpoint` -- full training state in safetensors + canonical JSON (no pickle),
   self-describing and digest-checked, published atomically.

@@ -1,7 +1,7 @@
 """Process-level setup for training: the process group, megatron's parallel state, seeds and determinism.
 
-This is the one module of the training engine with process-wide side effects, and the one place that
-reads the launcher's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``):
+This is the one module of the training engine with process-wide side effects; the launcher's environment
+(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) it reads through :mod:`flowpin.train.launcher`:
 
 * :func:`init_distributed` joins (or, without a launcher, creates) the process group, initialises
   megatron's parallel state with TP = PP = 1 (data parallel over the whole world), and on a machine
@@ -33,9 +33,8 @@ import torch.distributed as dist
 from flowpin.errors import FlowpinError
 from flowpin.recipe import check_int
 from flowpin.train import megatron_cpu
+from flowpin.train.launcher import launcher_env
 
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-"""The variables ``torchrun`` sets for each worker (with ``MASTER_ADDR``/``MASTER_PORT``)."""
 GPU_DETERMINISM_ENV: Mapping[str, str] = {
     "CUBLAS_WORKSPACE_CONFIG": ":4096:8",  # deterministic cuBLAS (read when cuBLAS initialises)
     "NVTE_ALLOW_NONDETERMINISTIC_ALGO": "0",  # TE attention backends; megatron's deterministic_mode requires it
@@ -69,29 +68,6 @@ class DistInfo:
         return self.rank == 0
 
 
-def _launcher_env(environ: Mapping[str, str]) -> tuple[int, int, int] | None:
-    present = [name for name in LAUNCHER_VARS if name in environ]
-    if not present:
-        return None
-    missing = [name for name in ("RANK", "WORLD_SIZE") if name not in environ]
-    if missing:
-        raise FlowpinError(
-            f"launcher environment incomplete: {', '.join(present)} set but {', '.join(missing)} missing; "
-            "start with torchrun, or unset them to train as a single process"
-        )
-    values = {}
-    for name in LAUNCHER_VARS:
-        raw = environ.get(name, "0")
-        try:
-            values[name] = int(raw)
-        except ValueError as exc:
-            raise FlowpinError(f"launcher environment: {name}={raw!r} is not an integer") from exc
-    rank, world, local = values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"]
-    if world < 1 or not 0 <= rank < world or local < 0:
-        raise FlowpinError(f"launcher environment: RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local} is inconsistent")
-    return rank, world, local
-
-
 def init_distributed(*, backend: str | None = None, environ: Mapping[str, str] | None = None) -> DistInfo:
     """Initialise the process group and megatron's parallel state (TP=1, PP=1, DP=world); once per process.
 
@@ -102,7 +78,7 @@ def init_distributed(*, backend: str | None = None, environ: Mapping[str, str] |
     from megatron.core import parallel_state  # type: ignore[import-untyped,unused-ignore]
 
     env = os.environ if environ is None else environ
-    launched = _launcher_env(env)
+    launched = launcher_env(env)
     if dist.is_initialized():
         raise FlowpinError("init_distributed: a process group already exists; call destroy() before re-initialising")
     cuda = torch.cuda.is_available()

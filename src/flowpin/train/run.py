@@ -8,16 +8,39 @@ a parent checkpoint (weights only: a new stage starts a new optimizer and schedu
 do), resuming a killed run, and refusing to resume checkpoints written under another recipe.
 
 Checkpoints go to ``<run_dir>/checkpoints/step-NNNNNN`` (each published atomically; a killed run resumes
-from the last one and ends with the same final checkpoint as an uninterrupted run). ``run-key.json``
-next to them names what the checkpoints were trained from; when the recipe, data or parent differs,
-the old checkpoints are removed first (and the report says so) instead of being resumed.
+from the last one and ends with the same final checkpoint as an uninterrupted run).
+
+**The run key.** ``<run_dir>/run-key.json`` names what the checkpoints were trained from: the key's
+*parts* (canonical JSON: the model config, the init checkpoint, the thread count, the sha256 of each code
+file, and the stage's own parts -- loop config, data digest, order seed...) and their digest. Checkpoints
+are resumed only under the same key. :func:`open_run` (rank 0) compares the keys before training:
+
+* the same key: the checkpoints are resumed;
+* another key and no complete checkpoint: the directory is claimed under the new key;
+* another key and checkpoints: refused with :class:`~flowpin.errors.StaleCheckpointsError`, which names
+  each part that changed (``code: src/flowpin/train/loop.py changed; loop.steps: 150 -> 200``) and keeps
+  the checkpoints. Nothing is deleted unless the user chooses, by running again with
+  ``FLOWPIN_STALE_CHECKPOINTS=archive`` (the checkpoints, ``metrics.jsonl`` and the old ``run-key.json`` move
+  to ``<run_dir>/stale/<first 12 hex of the old key>/``) or ``=discard`` (they are deleted); the report's
+  ``removed_stale_checkpoints`` and ``stale_checkpoints`` say which, why and where. A ``run-key.json`` of an
+  older flowpin holds the digest alone: its parts are unknown, and it is refused the same way.
+
+The choice is an environment variable, read at the stage's edge (:meth:`RunClaim.from_env`), not a recipe
+key: the recipe is the run's identity, and what becomes of an earlier run's checkpoints is not.
+
+**Code.** The key's code part covers the code that can change the stage's outputs: a stage passes the
+files of its ``dvc.yaml`` code deps, what its manifest pins (:meth:`flowpin.stage.StageRun.code_digests`),
+so an edit to ``cli.py`` does not strand a killed run's checkpoints. A caller that names no code set (a
+library or test call) gets every source file of the imported flowpin package (:func:`package_code_digests`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +50,18 @@ from flowpin.atomic import atomic_write_bytes
 from flowpin.canonical import canonical_json
 from flowpin.data.order import order_for
 from flowpin.data.tokenize import TokenizedDataset
-from flowpin.errors import CheckpointCorruptError, CheckpointMissingError, RecipeError, StrictJSONError
+from flowpin.errors import (
+    CheckpointCorruptError,
+    CheckpointMissingError,
+    RecipeError,
+    StaleCheckpointsError,
+    StrictJSONError,
+)
 from flowpin.hashing import hash_bytes
 from flowpin.jsonio import loads_strict
 from flowpin.recipe import check_choice, check_int, to_config, to_plain
 from flowpin.safeio import read_regular
-from flowpin.tracking import FanoutTracker, JsonlTracker, Tracker
+from flowpin.tracking import FanoutTracker, JsonlTracker, NullTracker, Tracker
 from flowpin.train.checkpoint import (
     MAX_STATE_BYTES,
     CheckpointRef,
@@ -118,22 +147,80 @@ def probe_loss(model: torch.nn.Module, loss_fn: Any, batches: Any) -> float:
     return sum(values) / len(values)
 
 
-def package_code_digest() -> str:
-    """Digest of every flowpin source file (relative path + content).
+def package_code_digests() -> dict[str, str]:
+    """sha256 of every source file of the imported flowpin package, by ``flowpin/<relative path>``.
 
-    Part of the run key: after any code change a stage retrains instead of resuming checkpoints that
-    older code wrote (its manifest would otherwise pin new code for old checkpoints).
+    The run key's code part when the caller names no code set (:class:`RunClaim` ``code=None``).
     """
     import flowpin
     from flowpin.hashing import hash_file
     from flowpin.manifest.record import source_files
 
     package = Path(flowpin.__file__).resolve().parent
-    return hash_bytes(canonical_json({rel: hash_file(package / rel) for rel in source_files(package)}))
+    return {f"flowpin/{rel}": hash_file(package / rel, "sha256") for rel in source_files(package)}
 
 
-def run_key(**parts: Any) -> str:
-    return hash_bytes(canonical_json(parts))
+def run_key(parts: Mapping[str, Any]) -> str:
+    """The digest of a run key's parts: sha256 of their canonical JSON."""
+    return hash_bytes(canonical_json(dict(parts)))
+
+
+RUN_KEY_FILE = "run-key.json"
+"""``<run_dir>/run-key.json``: the run key (digest and parts) the run's checkpoints were trained under."""
+STALE_DIR = "stale"
+"""``<run_dir>/stale/<old key>/``: where ``FLOWPIN_STALE_CHECKPOINTS=archive`` moves checkpoints of another key."""
+STALE_CHECKPOINTS_ENV = "FLOWPIN_STALE_CHECKPOINTS"
+"""The user's choice for checkpoints of another run key: unset (refuse), ``archive`` or ``discard``."""
+STALE_CHOICES = ("refuse", "archive", "discard")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunClaim:
+    """How :func:`open_run` claims its run directory: what the run key's code part covers, and what becomes
+    of checkpoints trained under another key (see the module docstring)."""
+
+    code: Mapping[str, str] | None = None
+    """sha256 of each code file the checkpoints depend on, by path. A stage passes its ``dvc.yaml`` code deps
+    (``run.code_digests()``); ``None``: every source file of the imported flowpin package."""
+    stale: str = "refuse"
+    """Checkpoints of another run key: ``refuse`` (:class:`~flowpin.errors.StaleCheckpointsError`, nothing
+    touched), ``archive`` (moved to ``<run_dir>/stale/<old key>/``) or ``discard`` (deleted)."""
+
+    def __post_init__(self) -> None:
+        if self.stale not in STALE_CHOICES:
+            raise StaleCheckpointsError(f"stale: {self.stale!r} is not one of {', '.join(STALE_CHOICES)}")
+
+    @classmethod
+    def from_env(cls, code: Mapping[str, str] | None = None, environ: Mapping[str, str] | None = None) -> RunClaim:
+        """A claim of ``code`` whose choice is ``FLOWPIN_STALE_CHECKPOINTS`` in ``environ`` (default
+        ``os.environ``; unset or empty: refuse). Raises :class:`~flowpin.errors.StaleCheckpointsError` for
+        another value, before anything is trained."""
+        env = os.environ if environ is None else environ
+        raw = env.get(STALE_CHECKPOINTS_ENV, "")
+        choice = raw.strip().lower() or "refuse"
+        if choice not in STALE_CHOICES:
+            raise StaleCheckpointsError(
+                f"{STALE_CHECKPOINTS_ENV}={raw!r}: unknown; set it to 'archive' (move checkpoints of another run "
+                "key aside) or 'discard' (delete them), or unset it to have them refused"
+            )
+        return cls(code=code, stale=choice)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StaleCheckpoints:
+    """Checkpoints of another run key that a run took out of its directory, as the user chose."""
+
+    choice: str
+    """``archive`` or ``discard``."""
+    checkpoints: tuple[str, ...]
+    """Their names (``step-NNNNNN``)."""
+    changed: tuple[str, ...]
+    """What differed between their run key and this run's (:func:`key_changes`)."""
+    archive: str | None
+    """Where they went, relative to the run directory (``stale/<old key>``); ``None`` when discarded."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"choice": self.choice, "changed": list(self.changed), "archive": self.archive}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -146,9 +233,11 @@ class OpenRun:
     init: CheckpointRef | None
     """The upstream checkpoint whose weights the model starts from (``None``: from ``loop.seed``)."""
     removed: list[str]
-    """Checkpoints of an earlier, different setup that were removed instead of resumed."""
+    """Checkpoints of another run key taken out of the run (archived or discarded, as the user chose)."""
     determinism: dict[str, Any]
     """What :func:`flowpin.train.distributed.set_deterministic` set."""
+    stale: StaleCheckpoints | None = None
+    """What became of those checkpoints and why (``None``: none were taken out)."""
 
 
 MODEL_CONFIG = "model.json"
@@ -164,14 +253,16 @@ def open_run(
     init_dir: Path | None,
     dist: DistInfo,
     key: Mapping[str, Any],
+    claim: RunClaim | None = None,
 ) -> OpenRun:
     """Set determinism, claim ``run_dir`` and build the model (from ``init_dir``'s last checkpoint, if given).
 
     ``key`` names everything else the checkpoints depend on (loop config, data digest and order, the
-    stage's own recipe): with the model config, the init checkpoint, the thread count and flowpin's code it
-    forms the run key; checkpoints written under another key are removed rather than resumed. Rank 0
-    alone claims the directory; the other ranks wait for it. Every post-training stage (SFT, DPO, RLVR)
-    opens its run through here, as the pretraining stages do.
+    stage's own recipe): with the model config, the init checkpoint, the thread count and the code of
+    ``claim`` (default :class:`RunClaim`: the whole package, stale checkpoints refused) it forms the run
+    key; checkpoints trained under another key are refused, archived or discarded as ``claim`` says (see
+    the module docstring), never resumed. Rank 0 alone claims the directory; the other ranks wait for it.
+    Every post-training stage (SFT, DPO, RLVR) opens its run through here, as the pretraining stages do.
     """
     check_precision(model_cfg, dist.device)
     determinism = set_deterministic(seed, cpu_threads=threads)
@@ -180,24 +271,29 @@ def open_run(
         init = latest_checkpoint(init_dir)
         if init is None:
             raise RecipeError(f"paths.inputs.init: {init_dir} holds no complete checkpoint; run the upstream stage")
-    run = run_key(
-        model=to_plain(model_cfg),
+    claim = RunClaim() if claim is None else claim
+    clash = sorted(set(key) & {"model", "init", "threads", "code"})
+    if clash:
+        raise ValueError(f"open_run: key names {', '.join(clash)}, which open_run sets itself")
+    parts = {
+        "model": to_plain(model_cfg),
         # the init checkpoint by content: a retrained upstream with the same step names is a new start
-        init=None if init is None else {"step": init.step, "name": init.path.name, "state": state_digest(init.path)},
-        threads=threads,
-        code=package_code_digest(),
+        "init": None if init is None else {"step": init.step, "name": init.path.name, "state": state_digest(init.path)},
+        "threads": threads,
+        "code": package_code_digests() if claim.code is None else dict(claim.code),
         **key,
-    )
-    removed: list[str] = []
+    }
+    stale: StaleCheckpoints | None = None
     if dist.is_main:
-        removed = _claim_run_dir(run_dir, run)
+        stale = claim_run_dir(run_dir, parts, claim.stale)
         atomic_write_bytes(run_dir / CHECKPOINTS_DIR / MODEL_CONFIG, canonical_json(to_plain(model_cfg)) + b"\n")
     if dist.world_size > 1:
         barrier()
     model = build_model(model_cfg, device=dist.device, seed=seed)
     if init is not None:
         load_checkpoint(init.path, model=model, optimizer=None, restore_rng_state=False)
-    return OpenRun(model=model, model_cfg=model_cfg, init=init, removed=removed, determinism=determinism)
+    removed = [] if stale is None else list(stale.checkpoints)
+    return OpenRun(model=model, model_cfg=model_cfg, init=init, removed=removed, determinism=determinism, stale=stale)
 
 
 def read_model_config(checkpoints_dir: Path) -> ModelConfig:
@@ -237,8 +333,10 @@ def run_training(
     init_dir: Path | None,
     dist: DistInfo,
     tracker: Tracker | None = None,
+    claim: RunClaim | None = None,
 ) -> TrainingResult:
-    """Train one stage into ``run_dir``; see the module docstring. ``tracker``: see :func:`train_loop`."""
+    """Train one stage into ``run_dir``; see the module docstring. ``tracker``: see :func:`train_loop`;
+    ``claim``: the run key's code and the choice for stale checkpoints (:func:`open_run`)."""
     if (cfg.init == "checkpoint") != (init_dir is not None):
         raise RecipeError(
             "train.init: 'checkpoint' needs paths.inputs.init (the upstream run's checkpoints) and 'scratch' "
@@ -259,6 +357,7 @@ def run_training(
             "data": data_digest,
             "data_parallel": to_plain(cfg.data_parallel),
         },
+        claim=claim,
     )
     model, init = opened.model, opened.init
     order = order_for(data, order_seed=cfg.order_seed, batch_size=cfg.loop.batch_size, dataset_digest=data_digest)
@@ -286,6 +385,7 @@ def run_training(
         "init": None if init is None else {"checkpoint": init.path.name, "step": init.step},
         "resumed_from": None if result.resumed_from is None else result.resumed_from.name,
         "removed_stale_checkpoints": opened.removed,
+        "stale_checkpoints": None if opened.stale is None else opened.stale.to_json(),
         "determinism_changes": list(result.determinism_changes),
         "steps": result.state.step,
         "tokens_seen": result.state.tokens_seen,
@@ -342,7 +442,9 @@ def train_loop(
     from flowpin.train import megatron_cpu
 
     main = dist is None or dist.is_main
-    jsonl = JsonlTracker(run_dir / "metrics.jsonl")
+    # rank 0 alone logs (the loop hands other ranks no tracker): another rank opening the shared log would
+    # race rank 0's appends when it trims a torn tail
+    jsonl: Tracker = JsonlTracker(run_dir / "metrics.jsonl") if main else NullTracker()
     try:
         # a bar over the steps on a terminal (main rank only); it only draws, nothing it sees is hashed
         with step_progress(run_dir.name, force=None if main else False) as progress:
@@ -364,19 +466,142 @@ def train_loop(
         jsonl.close()
 
 
-def _claim_run_dir(run_dir: Path, key: str) -> list[str]:
-    """Keep checkpoints trained from this exact setup (to resume them); remove any others."""
-    key_file = run_dir / "run-key.json"
-    ckpt_dir = run_dir / "checkpoints"
-    removed: list[str] = []
-    # compared as bytes, never parsed; a regular file only (a FIFO here would hang the run's start)
-    previous = read_regular(key_file, max_bytes=1 << 20, what="run key") if key_file.exists() else None
-    if previous != canonical_json({"key": key}) and ckpt_dir.exists():
-        removed = [c.path.name for c in list_checkpoints(ckpt_dir)]
-        shutil.rmtree(ckpt_dir)
+def claim_run_dir(run_dir: Path, parts: Mapping[str, Any], stale: str) -> StaleCheckpoints | None:
+    """Claim ``run_dir`` for a run under the key of ``parts`` (rank 0, before training) and write its
+    ``run-key.json``: checkpoints of the same key are kept to resume; those of another key are refused with
+    :class:`~flowpin.errors.StaleCheckpointsError` naming what changed, or, as ``stale`` chooses (``archive``,
+    ``discard``), set aside. Returns what was set aside, if anything. See the module docstring."""
+    if stale not in STALE_CHOICES:
+        raise ValueError(f"claim_run_dir: stale={stale!r} is not one of {', '.join(STALE_CHOICES)}")
+    plain = json.loads(canonical_json(dict(parts)))  # compared as it is stored: lists, not tuples
+    key = run_key(plain)
+    ckpt_dir = run_dir / CHECKPOINTS_DIR
+    previous = _read_run_key(run_dir / RUN_KEY_FILE)
+    found = [] if previous is not None and previous.key == key else list_checkpoints(ckpt_dir)
+    taken: StaleCheckpoints | None = None
+    if found:
+        if previous is None:
+            changed = [f"unknown: no {RUN_KEY_FILE} beside them names what they were trained from"]
+        elif previous.parts is None:
+            changed = [f"unknown: {previous.unknown}"]
+        else:
+            changed = key_changes(previous.parts, plain) or [f"{RUN_KEY_FILE}: its digest does not match its parts"]
+        prefix = "unknown" if previous is None or previous.key is None else previous.key[:12]
+        if stale == "refuse":
+            names = found[0].path.name + ("" if len(found) == 1 else f" .. {found[-1].path.name}")
+            raise StaleCheckpointsError(
+                f"{ckpt_dir}: {len(found)} checkpoint(s) ({names}) were trained under another run key; changed: "
+                f"{'; '.join(changed)}. They are kept, not resumed. To resume them, restore the recipe, data and "
+                f"code they were trained from; to start over, run again with {STALE_CHECKPOINTS_ENV}=archive "
+                f"(moves them to {run_dir / STALE_DIR / prefix}/) or {STALE_CHECKPOINTS_ENV}=discard (deletes them)"
+            )
+        taken = _set_aside(run_dir, found, changed, stale, prefix)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(key_file, canonical_json({"key": key}))
-    return removed
+    atomic_write_bytes(run_dir / RUN_KEY_FILE, canonical_json({"key": key, "parts": plain}) + b"\n")
+    return taken
+
+
+@dataclasses.dataclass(frozen=True)
+class _StoredKey:
+    key: str | None
+    parts: dict[str, Any] | None
+    unknown: str
+    """Why ``parts`` is ``None``."""
+
+
+def _read_run_key(path: Path) -> _StoredKey | None:
+    """The run key stored in ``path`` (``None``: there is none); a regular file only (a FIFO would hang here)."""
+    if not path.exists():
+        return None
+    raw = read_regular(path, max_bytes=MAX_STATE_BYTES, what="run key", fix="move it aside or delete it")
+    try:
+        doc = loads_strict(raw, where=str(path), max_bytes=MAX_STATE_BYTES)
+    except StrictJSONError as exc:
+        return _StoredKey(key=None, parts=None, unknown=f"{RUN_KEY_FILE} is unreadable ({exc})")
+    key = doc.get("key") if isinstance(doc, dict) else None
+    key = key if isinstance(key, str) else None
+    parts = doc.get("parts") if isinstance(doc, dict) else None
+    if isinstance(parts, dict):
+        return _StoredKey(key=key, parts=parts, unknown="")
+    if key is not None:
+        older = f"{RUN_KEY_FILE} was written by an older flowpin: it holds the key's digest, not its parts"
+        return _StoredKey(key=key, parts=None, unknown=older)
+    return _StoredKey(key=None, parts=None, unknown=f"{RUN_KEY_FILE} holds no run key")
+
+
+def _set_aside(
+    run_dir: Path, found: Sequence[CheckpointRef], changed: Sequence[str], choice: str, prefix: str
+) -> StaleCheckpoints:
+    """Archive (move to ``stale/<prefix>/``) or discard the checkpoints directory, with the log and key file
+    of the run that wrote it."""
+    pieces = [run_dir / CHECKPOINTS_DIR, run_dir / "metrics.jsonl", run_dir / RUN_KEY_FILE]
+    archive: str | None = None
+    if choice == "archive":
+        target = run_dir / STALE_DIR / prefix
+        n = 1
+        while target.exists():
+            n += 1
+            target = run_dir / STALE_DIR / f"{prefix}-{n}"
+        target.mkdir(parents=True)
+        for piece in pieces:
+            if piece.exists():
+                os.replace(piece, target / piece.name)
+        archive = target.relative_to(run_dir).as_posix()
+    else:
+        shutil.rmtree(pieces[0])
+        for piece in pieces[1:]:
+            piece.unlink(missing_ok=True)
+    return StaleCheckpoints(
+        choice=choice, checkpoints=tuple(c.path.name for c in found), changed=tuple(changed), archive=archive
+    )
+
+
+def key_changes(old: Mapping[str, Any], new: Mapping[str, Any], *, limit: int = 12) -> list[str]:
+    """What differs between two run keys' parts, one phrase each, at most ``limit`` (then ``N more``).
+
+    ``code: <path> changed`` (or ``added``, ``removed``) for each code file, then ``<dotted key>: <old> -> <new>``
+    for every other leaf, in key order; long values are shortened.
+    """
+    changes: list[str] = []
+    old_code, new_code = old.get("code"), new.get("code")
+    if isinstance(old_code, Mapping) and isinstance(new_code, Mapping):
+        for path in sorted(set(old_code) | set(new_code)):
+            if path not in old_code:
+                changes.append(f"code: {path} added")
+            elif path not in new_code:
+                changes.append(f"code: {path} removed")
+            elif old_code[path] != new_code[path]:
+                changes.append(f"code: {path} changed")
+    elif old_code != new_code:
+        changes.append("code: changed")
+    before = _leaves({k: v for k, v in old.items() if k != "code"})
+    after = _leaves({k: v for k, v in new.items() if k != "code"})
+    for name in sorted(set(before) | set(after)):
+        if before.get(name, _ABSENT) != after.get(name, _ABSENT):
+            changes.append(f"{name}: {_shown(before.get(name, _ABSENT))} -> {_shown(after.get(name, _ABSENT))}")
+    if len(changes) > limit:
+        changes = [*changes[:limit], f"{len(changes) - limit} more"]
+    return changes
+
+
+_ABSENT = object()
+
+
+def _leaves(value: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, item in value.items():
+        if isinstance(item, Mapping) and item:
+            out.update(_leaves(item, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = item
+    return out
+
+
+def _shown(value: Any) -> str:
+    if value is _ABSENT:
+        return "(none)"
+    text = json.dumps(value, sort_keys=True, ensure_ascii=False)
+    return text if len(text) <= 40 else text[:36] + "..."
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
