@@ -1,6 +1,7 @@
 # flowpin — the two commands of the README, plus helpers.
 #   make run   create .venv if missing, install, replay the reference flow (dvc repro), verify manifests
 #   make test  create .venv if missing, install, run ruff, mypy and pytest
+#   make shell an interactive shell inside the environment (what `source .venv/bin/activate` gives)
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(abspath $(VENV))/bin
@@ -10,7 +11,7 @@ export DVC_NO_ANALYTICS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test lint typecheck pytest bench fuzz faults data-full release-check release-record clean-venv
+.PHONY: install run shell test lint typecheck pytest bench fuzz faults data-full release-check release-record clean-venv
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +27,13 @@ run: install
 	$(BIN)/flowpin key init --if-missing
 	$(BIN)/dvc repro
 	$(BIN)/flowpin verify manifests/*.json  # the reference flow (variants live in manifests/full/)
+
+# A new interactive shell inside the environment: .venv/bin first on PATH and VIRTUAL_ENV set (the venv's
+# activate script), so that `dvc repro` (whose stages run `python stages/<x>.py`), `flowpin`, `python` and
+# `torchrun` are the environment's. `exit` leaves it. In the current shell: `source .venv/bin/activate`.
+shell: install
+	@echo "flowpin: a shell inside $(abspath $(VENV)) (exit to leave)"
+	@. $(VENV)/bin/activate && exec $${SHELL:-bash} -i
 
 # The full-flow reproducibility check (after `make run`, e.g. on a fresh clone): every manifest of the
 # release record (manifests/*.json; on a fresh clone that is what `verify --all` finds, as the variants

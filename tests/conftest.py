@@ -5,6 +5,7 @@ Fixtures are grouped by the area they serve; add new groups below the existing o
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import errno
 import os
@@ -233,3 +234,24 @@ full disk or a file size limit) and committed artifacts found changed or missing
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if FAULTS["injected"]:
         terminalreporter.write_line(f"faults injected: {FAULTS['injected']}, artifacts lost: {FAULTS['lost']}")
+
+
+# --- the flowpin CLI's commands (tests/test_cli.py, test_readme.py) ---------------------------------
+
+
+def flowpin_commands() -> dict[tuple[str, ...], argparse.ArgumentParser]:
+    """Every command of ``flowpin`` (``()`` is ``flowpin`` itself, ``("key", "init")`` is ``flowpin key init``)
+    and its parser, walked from the parser ``flowpin`` runs (:func:`flowpin.cli.build_parser`)."""
+    from flowpin.cli import build_parser
+
+    found: dict[tuple[str, ...], argparse.ArgumentParser] = {}
+
+    def walk(path: tuple[str, ...], parser: argparse.ArgumentParser) -> None:
+        found[path] = parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk((*path, name), sub)
+
+    walk((), build_parser())
+    return found

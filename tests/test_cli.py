@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import base64
 import copy
 import hashlib
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from conftest import Project
+from conftest import Project, flowpin_commands
 from flowpin import hashing
 from flowpin.canonical import canonical_json
 from flowpin.cli import main
@@ -375,3 +376,21 @@ def test_key_init_and_list(cli: Project, capsys: pytest.CaptureFixture[str]) -> 
     code, out, _ = run(capsys, "key", "list")
     assert code == 0
     assert sorted(out.split()) == sorted([keyid, cli.signer.keyid])
+
+
+# --- --help -------------------------------------------------------------------------------------------
+
+
+def test_every_positional_argument_of_every_command_has_a_help_line() -> None:
+    """`flowpin diff --help` etc. say what each positional is, not just its name (issue #19)."""
+    commands = flowpin_commands()
+    assert {("diff",), ("lineage",), ("show",), ("batch",), ("model-sign", "sign")} <= set(commands)
+    positionals = {
+        (" ".join(("flowpin", *path)), action.dest): action.help
+        for path, parser in commands.items()
+        for action in parser._actions
+        if not action.option_strings and not isinstance(action, argparse._SubParsersAction)
+    }
+    assert ("flowpin diff", "a") in positionals  # the walk sees them
+    missing = sorted(where for where, text in positionals.items() if not text or text == argparse.SUPPRESS)
+    assert missing == []

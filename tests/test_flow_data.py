@@ -53,6 +53,7 @@ RECORDING = (
     "src/flowpin/sweep.py",  # where a sweep job writes (run metadata), not what it computes
     "src/flowpin/failpoints.py",  # armed only by the fault-injection suite: kills, never changes a byte
     "src/flowpin/display.py",  # escapes text for a terminal: human output only
+    "src/flowpin/train/cpu_warnings.py",  # which third-party warnings a terminal shows: human output only
 )
 """Modules that record a run but cannot change what a stage computes (not DVC deps of stages)."""
 

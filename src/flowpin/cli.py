@@ -562,15 +562,17 @@ def build_parser() -> argparse.ArgumentParser:
         "read); 3 every output identical, but the identity differs (recipe, entry point, inputs, code or "
         "environment; run metadata too with --include-run).",
     )
-    d.add_argument("a")
-    d.add_argument("b")
+    d.add_argument(
+        "a", metavar="A", help="a manifest file, or a directory of manifests (paired with B's by relative path)"
+    )
+    d.add_argument("b", metavar="B", help="the manifest file or directory to compare A with")
     d.add_argument("--json", action="store_true", help='{"verdict": {...}, "diffs": [one object per pair]}')
     d.add_argument("--include-run", action="store_true", help="also compare run metadata (times, host)")
     d.set_defaults(func=_cmd_diff)
 
     lin = sub.add_parser("lineage", help="walk parent manifests back to raw inputs")
-    lin.add_argument("path")
-    lin.add_argument("--json", action="store_true")
+    lin.add_argument("path", help="the manifest to start from (e.g. manifests/eval.json)")
+    lin.add_argument("--json", action="store_true", help="the tree as JSON")
     lin.set_defaults(func=_cmd_lineage)
 
     f = sub.add_parser("fork", help="continue a training stage from its checkpoint at a step, under overrides")
@@ -642,7 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
     ri.set_defaults(func=_cmd_release_import)
 
     s = sub.add_parser("show", help="human summary of a manifest")
-    s.add_argument("path")
+    s.add_argument("path", help="a manifest file (e.g. manifests/pretrain.json)")
     s.add_argument("--json", action="store_true", help="print the decoded statement")
     s.add_argument(
         "--digests", action="store_true", help="also re-hash every subject and dependency (as flowpin verify)"

@@ -14,7 +14,14 @@
 * :mod:`flowpin.train.checkpoint` -- full training state in safetensors + canonical JSON (no pickle),
   self-describing and digest-checked, published atomically.
 * :mod:`flowpin.train.loop` -- the deterministic, resumable, forkable loop over the exact data order.
+* :mod:`flowpin.train.cpu_warnings` -- megatron's warnings that are expected on the CPU reference path (no
+  Transformer Engine, no Apex), filtered by exact message and module, and the one line that replaces them.
 
 Nothing here imports megatron at import time (on a GPU machine that imports Transformer Engine and starts
-CUDA); the functions that need it import it.
+CUDA); the functions that need it import it. Importing the package installs the filters of
+:mod:`~flowpin.train.cpu_warnings` (torch-free), so they are in place before any of them does.
 """
+
+from flowpin.train.cpu_warnings import filter_expected_warnings
+
+filter_expected_warnings()

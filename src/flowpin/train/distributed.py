@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,7 +33,7 @@ import torch.distributed as dist
 
 from flowpin.errors import FlowpinError
 from flowpin.recipe import check_int
-from flowpin.train import megatron_cpu
+from flowpin.train import cpu_warnings, megatron_cpu
 from flowpin.train.launcher import launcher_env
 
 GPU_DETERMINISM_ENV: Mapping[str, str] = {
@@ -74,6 +75,8 @@ def init_distributed(*, backend: str | None = None, environ: Mapping[str, str] |
     ``backend`` defaults to ``nccl`` with CUDA and ``gloo`` without. ``environ`` (default ``os.environ``) is
     where the launcher's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` are read; without them the world is this
     process alone. Raises :class:`FlowpinError` if a process group already exists (call :func:`destroy`).
+    When megatron runs without Transformer Engine and Apex, rank 0 says so on stderr, once per process
+    (:func:`flowpin.train.cpu_warnings.reference_path_line`).
     """
     from megatron.core import parallel_state  # type: ignore[import-untyped,unused-ignore]
 
@@ -100,6 +103,8 @@ def init_distributed(*, backend: str | None = None, environ: Mapping[str, str] |
     except BaseException:
         destroy()
         raise
+    if rank == 0:
+        _announce_reference_path(cuda=cuda)
     return DistInfo(
         rank=rank,
         world_size=world,
@@ -109,6 +114,21 @@ def init_distributed(*, backend: str | None = None, environ: Mapping[str, str] |
         launcher="single" if launched is None else "torchrun",
         cpu_patches=patches,
     )
+
+
+_announced = False
+
+
+def _announce_reference_path(*, cuda: bool) -> None:
+    """Print, once per process, the line that says megatron runs its fallbacks (no TE, no Apex), if it does:
+    it stands for the import warnings :mod:`flowpin.train.cpu_warnings` filters."""
+    global _announced
+    if _announced:
+        return
+    _announced = True
+    line = cpu_warnings.reference_path_line(cuda=cuda)
+    if line is not None:
+        print(line, file=sys.stderr, flush=True)
 
 
 def destroy() -> None:

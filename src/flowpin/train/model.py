@@ -415,6 +415,7 @@ def to_transformer_config(cfg: ModelConfig, *, device: str) -> TransformerConfig
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         cross_entropy_loss_fusion=False,
+        cuda_graph_scope=[],  # the whole layer; megatron's default "full" means the same but warns it is deprecated
     )
 
 
