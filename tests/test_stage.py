@@ -115,11 +115,14 @@ def test_a_stage_that_swaps_its_output_in_refuses_a_torchrun_world(
 ) -> None:
     """Every rank would build the output aside and swap it in: refused on every rank, before anything is written."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
 
     from flowpin.data.dedup import DedupConfig
     from flowpin.errors import FlowpinError
     from flowpin.stage import stage_run
 
+    # not inside a Hydra app (an earlier test of this worker may have left Hydra's run config behind)
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)
     root = project.root
     shutil.copytree(REPO / "params", root / "params")
     with initialize_config_dir(config_dir=str(root / "params"), version_base="1.3"):
