@@ -24,6 +24,7 @@ pinned run repeats itself; it cannot show the cross-ISA equality, and says so.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -92,7 +93,16 @@ def worker(steps: int) -> None:
     print(json.dumps({"capability": capability, "digest": digest.hexdigest(), "seconds": seconds}))
 
 
-def run_variant(pins: dict[str, str], steps: int) -> dict[str, object]:
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What one variant's worker process reported."""
+
+    capability: str
+    digest: str
+    seconds: float
+
+
+def run_variant(pins: dict[str, str], steps: int) -> Run:
     env = {k: v for k, v in os.environ.items() if k not in ISA_VARS}
     env.update(pins)
     proc = subprocess.run(
@@ -104,7 +114,7 @@ def run_variant(pins: dict[str, str], steps: int) -> dict[str, object]:
     )
     if proc.returncode != 0:
         raise SystemExit(f"variant {pins} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    return Run(**json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
 def cpu_flags() -> set[str]:
@@ -128,30 +138,27 @@ def main() -> None:
         return
     flags = cpu_flags()
     has_avx512 = "avx512f" in flags
-    results: dict[str, dict[str, object]] = {}
+    results: dict[str, Run] = {}
     for name, pins in variants(has_avx512).items():
         runs = [run_variant(pins, args.steps) for _ in range(args.repeat)]
-        if len({r["digest"] for r in runs}) != 1:
-            raise SystemExit(f"variant {name}: repeated runs differ: {[r['digest'] for r in runs]}")
-        results[name] = {**runs[0], "seconds": min(float(str(r["seconds"])) for r in runs)}
+        if len({r.digest for r in runs}) != 1:
+            raise SystemExit(f"variant {name}: repeated runs differ: {[r.digest for r in runs]}")
+        results[name] = dataclasses.replace(runs[0], seconds=min(r.seconds for r in runs))
     pinned, unpinned = results["pinned"], results["unpinned"]
     print(f"tiny model, {args.steps} steps of 8 x 256 tokens, 2 threads, fp32; pins: {PINS}")
     print(
         f"{'variant':<16} {'ATen kernels':<13} {'final weights sha256':<20} {'= pinned':<9} {'s/step':>7} {'ratio':>7}"
     )
     for name, r in results.items():
-        same = "yes" if r["digest"] == pinned["digest"] else "no"
-        per_step = float(str(r["seconds"])) / args.steps
-        ratio = float(str(r["seconds"])) / float(str(unpinned["seconds"]))
-        print(
-            f"{name:<16} {r['capability']!s:<13} {str(r['digest'])[:16] + '…':<20} {same:<9} "
-            f"{per_step:>7.3f} {ratio:>6.2f}x"
-        )
+        same = "yes" if r.digest == pinned.digest else "no"
+        per_step = r.seconds / args.steps
+        ratio = r.seconds / unpinned.seconds
+        print(f"{name:<16} {r.capability:<13} {r.digest[:16] + '…':<20} {same:<9} {per_step:>7.3f} {ratio:>6.2f}x")
     if not has_avx512:
         simd = " ".join(sorted(f for f in flags if f.startswith(("avx", "fma", "sse"))))
         print(
             f"this CPU has no AVX-512 ({simd}): whether an AVX-512 machine reproduces the pinned digest "
-            f"{str(pinned['digest'])[:16]}… is NOT measured here; run this script there and compare"
+            f"{pinned.digest[:16]}… is NOT measured here; run this script there and compare"
         )
     write_figures(
         args.figures,
@@ -159,10 +166,10 @@ def main() -> None:
             Figure(
                 benchmark="cpu_isa",
                 measure=f"tiny model step, CPU kernels pinned ({', '.join(f'{k}={v}' for k, v in PINS.items())})",
-                value=float(str(pinned["seconds"])) / args.steps,
+                value=pinned.seconds / args.steps,
                 unit="s/step",
                 baseline="the same steps unpinned (kernels picked by CPU)",
-                ratio=float(str(pinned["seconds"])) / float(str(unpinned["seconds"])),
+                ratio=pinned.seconds / unpinned.seconds,
             )
         ],
     )
