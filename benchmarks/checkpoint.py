@@ -35,9 +35,9 @@ from flowpin.recipe import to_config
 from flowpin.train.checkpoint import load_checkpoint, save_checkpoint
 from flowpin.train.distributed import destroy, init_distributed, set_deterministic
 from flowpin.train.loop import OptimConfig, TrainConfig, build_optimizer, train
-from flowpin.train.model import ModelConfig, build_model
 from flowpin.train.run import lm_loss
 from flowpin.train.schedule import ScheduleConfig
+from flowpin.train.transformer import ModelConfig, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 8192

@@ -65,9 +65,9 @@ def worker(steps: int) -> None:
     from flowpin.recipe import to_config
     from flowpin.train.distributed import destroy, init_distributed, set_deterministic
     from flowpin.train.loop import OptimConfig, build_optimizer
-    from flowpin.train.model import ModelConfig, build_model
     from flowpin.train.run import lm_loss
     from flowpin.train.schedule import ScheduleConfig
+    from flowpin.train.transformer import ModelConfig, build_model
 
     init_distributed()
     set_deterministic(0, cpu_threads=2)

@@ -27,7 +27,7 @@ from figures import Figure, write_figures
 from flowpin.data.dedup import DedupConfig, dedup_records
 from flowpin.data.shards import read_dataset
 from flowpin.data.tokenize import TokenizeConfig, TokenizedDataset, pack_texts
-from flowpin.manifest.model import load_manifest
+from flowpin.manifest.statement import load_manifest
 from flowpin.recipe import to_config
 
 ROOT = Path(__file__).resolve().parents[1]

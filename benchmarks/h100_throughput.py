@@ -17,15 +17,15 @@ Variants (``--variants`` picks some):
   (``NVTE_ALLOW_NONDETERMINISTIC_ALGO=1``, megatron ``deterministic_mode`` off, no
   ``torch.use_deterministic_algorithms``);
 * ``bf16-det`` -- the same with :func:`flowpin.train.distributed.set_deterministic` before anything else
-  (deterministic cuBLAS workspace, TE attention, torch algorithms) and :func:`flowpin.train.model.build_model`
+  (deterministic cuBLAS workspace, TE attention, torch algorithms) and :func:`flowpin.train.transformer.build_model`
   as training builds it;
 * ``fp8-delayed`` / ``fp8-delayed-det`` -- FP8 ``hybrid`` (e4m3 forward, e5m2 gradients) through Transformer
   Engine with delayed scaling (amax history 16, ``max``);
 * ``fp8-tensorwise`` / ``fp8-tensorwise-det`` -- FP8 ``hybrid`` with per-tensor current scaling.
 
-FP8 is never claimed without being used: :func:`flowpin.train.model.check_precision` refuses it up front
+FP8 is never claimed without being used: :func:`flowpin.train.transformer.check_precision` refuses it up front
 when Transformer Engine is not importable (the variant is reported as skipped), the built model must pass
-:func:`flowpin.train.model.effective_precision`, and after the warmup at least one Transformer Engine
+:func:`flowpin.train.transformer.effective_precision`, and after the warmup at least one Transformer Engine
 module must report that it ran under FP8 (else the variant is reported as failed, with no numbers).
 
 Model FLOPs per token (reported as ``model TFLOP/s`` = FLOPs per token x tokens/s):
@@ -66,7 +66,7 @@ import torch
 from flowpin.environment import probe_transformer_engine
 from flowpin.errors import FlowpinError, PrecisionError
 from flowpin.train.distributed import GPU_DETERMINISM_ENV
-from flowpin.train.model import (
+from flowpin.train.transformer import (
     ModelConfig,
     PrecisionConfig,
     check_precision,
@@ -216,7 +216,7 @@ def _fp8_executed(model: torch.nn.Module) -> bool | None:
 
 def _build(cfg: ModelConfig, variant: Variant) -> torch.nn.Module:
     """The model as training builds it; the non-deterministic baselines with megatron's deterministic_mode off."""
-    from flowpin.train.model import build_model
+    from flowpin.train.transformer import build_model
 
     built: torch.nn.Module = build_model(cfg, device="cuda", seed=SEED, deterministic=variant.deterministic)
     return built
@@ -226,8 +226,8 @@ def measure(model_name: str, variant: Variant, *, micro_batch: int, warmup: int,
     """Train ``steps`` timed steps after ``warmup``; the numbers of one variant (run in a fresh process)."""
     from flowpin.train.distributed import destroy, init_distributed, set_deterministic
     from flowpin.train.loop import OptimConfig, build_optimizer
-    from flowpin.train.model import effective_precision
     from flowpin.train.schedule import ScheduleConfig
+    from flowpin.train.transformer import effective_precision
 
     cfg = model_config(model_name, variant)
     check_precision(cfg, "cuda")  # FP8 without an importable Transformer Engine: PrecisionError, no numbers

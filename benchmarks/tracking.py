@@ -45,9 +45,9 @@ from flowpin.tracking.aim import AimTracker
 from flowpin.train import megatron_cpu
 from flowpin.train.distributed import destroy, init_distributed, set_deterministic
 from flowpin.train.loop import ExtraRng, OptimConfig, TrainConfig, train
-from flowpin.train.model import ModelConfig, build_model
 from flowpin.train.run import lm_loss, train_loop
 from flowpin.train.schedule import ScheduleConfig
+from flowpin.train.transformer import ModelConfig, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 8192

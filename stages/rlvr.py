@@ -11,10 +11,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from flowpin.constants import MODEL_CONFIG
 from flowpin.post.rlvr import RLVRConfig, run_rlvr
 from flowpin.stage import stage_run
 from flowpin.train.distributed import destroy, init_distributed
-from flowpin.train.run import MODEL_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
 

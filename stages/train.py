@@ -14,12 +14,13 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from flowpin.constants import MODEL_CONFIG
 from flowpin.data.order import dataset_digest
 from flowpin.recipe import to_config
 from flowpin.stage import stage_run
 from flowpin.train.distributed import destroy, init_distributed
-from flowpin.train.model import ModelConfig
-from flowpin.train.run import MODEL_CONFIG, TrainingStageConfig, run_training
+from flowpin.train.run import TrainingStageConfig, run_training
+from flowpin.train.transformer import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

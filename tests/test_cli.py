@@ -19,8 +19,8 @@ from conftest import Project, flowpin_commands
 from flowpin import hashing
 from flowpin.canonical import canonical_json
 from flowpin.cli import main
-from flowpin.manifest.model import load_manifest, write_manifest
 from flowpin.manifest.record import record
+from flowpin.manifest.statement import load_manifest, write_manifest
 from flowpin.signing import init_key
 
 

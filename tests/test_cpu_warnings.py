@@ -53,7 +53,7 @@ logging.basicConfig(level=logging.INFO, format="LOG %(name)s: %(message)s")  # a
 for stage in {TRAINING_STAGES!r}:
     runpy.run_path(f"stages/{{stage}}.py", run_name="probe")  # the stage's imports, as `python stages/x.py`
 from flowpin.train.distributed import destroy, init_distributed
-from flowpin.train.model import ModelConfig, build_model
+from flowpin.train.transformer import ModelConfig, build_model
 
 for _ in range(2):  # a second initialisation in the same process says nothing again
     init_distributed()

@@ -68,7 +68,7 @@ WORKER = textwrap.dedent(
     )
     from flowpin.train.loop import ExtraRng, OptimConfig, TrainConfig, train
     from flowpin.train.megatron_ddp import DataParallelConfig, MegatronGradSync
-    from flowpin.train.model import ModelConfig, build_model
+    from flowpin.train.transformer import ModelConfig, build_model
     from flowpin.train.schedule import ScheduleConfig
 
     CFG = ModelConfig(

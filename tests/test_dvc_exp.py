@@ -19,7 +19,7 @@ import pytest
 from conftest import BIN, REPO, checked, make_project, run_in
 from flowpin.dvcexp import plan_experiment
 from flowpin.errors import RecipeError
-from flowpin.manifest.model import load_manifest
+from flowpin.manifest.statement import load_manifest
 
 DVC = str(BIN / "dvc")
 FLOWPIN = str(BIN / "flowpin")

@@ -19,7 +19,7 @@ import pytest
 
 from conftest import BIN, REPO, checked, make_project, run_in
 from flowpin.errors import PrecisionError, RecipeError
-from flowpin.manifest.model import load_manifest
+from flowpin.manifest.statement import load_manifest
 from flowpin.recipe import StagePaths, to_config
 
 DVC = str(BIN / "dvc")
@@ -111,8 +111,8 @@ def test_the_multinode_recipe_composes_into_typed_configs() -> None:
 
     from flowpin.train.distributed import GPU_DETERMINISM_ENV
     from flowpin.train.loop import rank_rows
-    from flowpin.train.model import ModelConfig, check_precision, estimate_params
     from flowpin.train.run import TrainingStageConfig
+    from flowpin.train.transformer import ModelConfig, check_precision, estimate_params
 
     with initialize_config_dir(config_dir=str(REPO / "params"), version_base="1.3"):
         cfg = compose(config_name="pretrain_multinode")

@@ -39,7 +39,7 @@ from flowpin.data.shards import read_dataset, read_index
 from flowpin.errors import FailpointError
 from flowpin.failpoints import NAMES, Failpoint, failpoint, parse
 from flowpin.hashing import Hasher
-from flowpin.manifest.model import load_manifest
+from flowpin.manifest.statement import load_manifest
 from flowpin.manifest.verify import find_manifests, verify_manifest
 from flowpin.signing import load_signer, load_trust_store
 

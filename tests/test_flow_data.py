@@ -25,7 +25,7 @@ from conftest import BIN, REPO, checked, make_project
 from flowpin.cli import main as flowpin_main
 from flowpin.data.tokenize import TokenizedDataset
 from flowpin.manifest.digests import identity_view
-from flowpin.manifest.model import load_manifest
+from flowpin.manifest.statement import load_manifest
 
 DATA_STAGES = (
     "ingest",

@@ -15,10 +15,10 @@ import pytest
 
 from conftest import Project
 from flowpin.errors import EntryPointError, MissingEntryPointError
-from flowpin.manifest.model import EntryPoint, load_manifest, write_manifest
 from flowpin.manifest.record import record
-from flowpin.train import fork as fork_module
-from flowpin.train.fork import fork
+from flowpin.manifest.statement import EntryPoint, load_manifest, write_manifest
+from flowpin.replay import fork as fork_module
+from flowpin.replay.fork import fork
 
 VARIANT = EntryPoint(script="stages/train.py", config_name="pretrain_variant")
 

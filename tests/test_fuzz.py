@@ -46,9 +46,9 @@ from flowpin.errors import (
 )
 from flowpin.hashing import Hasher
 from flowpin.manifest.digests import identity_key
-from flowpin.manifest.model import parse_manifest_bytes
 from flowpin.manifest.record import record
 from flowpin.manifest.resolve import python_package_root, python_package_uri
+from flowpin.manifest.statement import parse_manifest_bytes
 from flowpin.manifest.verify import verify_manifest
 from flowpin.signing import PAYLOAD_TYPE, Signer, decode_b64, init_key, keyid_of, load_trust_store, pae, verify_envelope
 

@@ -30,8 +30,8 @@ from flowpin.display import safe
 from flowpin.errors import UnverifiedManifestError
 from flowpin.hashing import hash_bytes
 from flowpin.manifest.digests import subjects_key
-from flowpin.manifest.model import load_manifest
 from flowpin.manifest.record import record
+from flowpin.manifest.statement import load_manifest
 from flowpin.signing import PAYLOAD_TYPE, Signer, init_key
 
 FLOWPIN = str(Path(sys.executable).parent / "flowpin")
@@ -116,7 +116,7 @@ def assert_refused(exc: pytest.ExceptionInfo[UnverifiedManifestError], where: st
 
 
 def test_fork_refuses_a_parent_resigned_by_an_unknown_key(project: Project, tmp_path: Path) -> None:
-    from flowpin.train.fork import fork
+    from flowpin.replay.fork import fork
 
     parent = training_parent(project)
     step2 = project.root / "runs" / "pretrain" / "checkpoints" / "step-000002"
@@ -136,7 +136,7 @@ def test_fork_refuses_a_parent_resigned_by_an_unknown_key(project: Project, tmp_
 
 
 def test_fork_refuses_a_checkpoint_whose_bytes_changed(project: Project) -> None:
-    from flowpin.train.fork import fork
+    from flowpin.replay.fork import fork
 
     parent = training_parent(project)
     flip_byte(project.root / "runs" / "pretrain" / "checkpoints" / "step-000002" / "model.safetensors")
@@ -149,7 +149,7 @@ def test_fork_refuses_a_checkpoint_whose_bytes_changed(project: Project) -> None
 
 
 def test_rebuild_refuses_an_untrusted_manifest_before_making_a_workspace(project: Project, tmp_path: Path) -> None:
-    from flowpin.manifest.rebuild import RebuildOptions, rebuild_manifest
+    from flowpin.replay.rebuild import RebuildOptions, rebuild_manifest
 
     path = project.record_stage("train")
     resign(path, stranger(tmp_path))

@@ -28,8 +28,9 @@ from torch import nn
 
 from conftest import Project, one_step_state
 from flowpin.canonical import canonical_json
+from flowpin.constants import INDEX_NAME
 from flowpin.data.shards import write_dataset
-from flowpin.data.tokenize import INDEX_NAME, TokenizeConfig, run_tokenize
+from flowpin.data.tokenize import TokenizeConfig, run_tokenize
 from flowpin.errors import (
     ArtifactUnreadableError,
     DataOrderError,
@@ -47,7 +48,7 @@ from flowpin.errors import (
 from flowpin.jsonio import loads_strict
 from flowpin.modelsign import init_key as init_model_key
 from flowpin.recipe import to_config
-from flowpin.release import RELEASE_FILE, RELEASE_PAYLOAD_TYPE, import_release
+from flowpin.replay.release import RELEASE_FILE, RELEASE_PAYLOAD_TYPE, import_release
 from flowpin.safeio import open_regular, read_regular
 from flowpin.train.checkpoint import load_checkpoint, save_checkpoint
 

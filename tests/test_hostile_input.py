@@ -43,8 +43,9 @@ from torch import nn
 
 from conftest import Project, one_step_state
 from flowpin.canonical import canonical_json
+from flowpin.constants import INDEX_NAME
 from flowpin.data.dedup import DedupConfig
-from flowpin.data.shards import INDEX_NAME, read_dataset, read_shard_bytes, write_dataset
+from flowpin.data.shards import read_dataset, read_shard_bytes, write_dataset
 from flowpin.data.tokenize import TokenizeConfig, TokenizedDataset, run_tokenize
 from flowpin.errors import (
     ArtifactMissingError,
@@ -67,8 +68,8 @@ from flowpin.errors import (
     UntrustedKeyError,
 )
 from flowpin.hashing import Hasher
-from flowpin.manifest.model import MAX_MANIFEST_BYTES
 from flowpin.manifest.record import record
+from flowpin.manifest.statement import MAX_MANIFEST_BYTES
 from flowpin.manifest.verify import Finding, verify_manifest
 from flowpin.recipe import to_config
 from flowpin.signing import PAYLOAD_TYPE, init_key, keyid_of, load_signer, load_trust_store, pae

@@ -21,7 +21,7 @@ import pytest
 
 from conftest import BIN, make_project, scratch_env
 from flowpin.errors import PathError
-from flowpin.manifest.model import load_manifest
+from flowpin.manifest.statement import load_manifest
 from flowpin.paths import check_output_path
 from flowpin.recipe import StageInput, StagePaths, user_hydra_overrides
 from flowpin.stage import check_stage_paths

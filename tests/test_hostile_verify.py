@@ -29,7 +29,7 @@ from flowpin.canonical import canonical_json
 from flowpin.cli import main
 from flowpin.errors import DuplicateSubjectError, KeyFileError, ReleaseIncoherentError, SchemaError, TensorFileError
 from flowpin.hashing import Hasher, default_cache
-from flowpin.manifest.model import load_manifest
+from flowpin.manifest.statement import load_manifest
 from flowpin.manifest.verify import verify_manifest
 from flowpin.signing import PAYLOAD_TYPE, init_key, load_signer, load_trust_store
 
@@ -317,7 +317,7 @@ def _verify(root: Path, manifest: Path, *, cached: bool) -> bool:
 
 
 def test_forged_cache_row_does_not_fool_release_export(forged: Path) -> None:
-    from flowpin.release import _check_manifests
+    from flowpin.replay.release import _check_manifests
 
     with pytest.raises(ReleaseIncoherentError, match=r"manifests/train\.json: .*model\.bin"):
         _check_manifests(forged, ["manifests/train.json"], load_trust_store(forged))
@@ -327,15 +327,15 @@ def test_forged_cache_row_does_not_fool_release_import_verify(
     forged: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``flowpin release import --verify``: the import itself is stubbed, the verify it then runs is real."""
-    import flowpin.release
-    from flowpin.release import ImportResult
+    import flowpin.replay.release
+    from flowpin.replay.release import ImportResult
 
     def imported(root: Path, release: Path, *, expect_keyid: str | None = None) -> ImportResult:
         return ImportResult(
             release=release, commit="0" * 40, keyid="0" * 64, files=1, store_objects=0, remote="", pull=(), seconds=0.0
         )
 
-    monkeypatch.setattr(flowpin.release, "import_release", imported)
+    monkeypatch.setattr(flowpin.replay.release, "import_release", imported)
     monkeypatch.setenv("FLOWPIN_ROOT", str(forged))
     monkeypatch.chdir(forged)
     assert main(["release", "import", str(tmp_path), "--verify"]) == 1

@@ -21,8 +21,8 @@ import zstandard
 from conftest import Project
 from flowpin.canonical import canonical_json
 from flowpin.errors import DigestMismatchError, RecipeError, UnsupportedAlgorithmError
-from flowpin.manifest.model import load_manifest
 from flowpin.manifest.record import RUN_CONTEXT_FIELDS, record
+from flowpin.manifest.statement import load_manifest
 from flowpin.signing import PAYLOAD_TYPE
 
 # --- the published rules, written independently of flowpin (README "Digest rules", manifest/digests.py) ---

@@ -39,8 +39,8 @@ from flowpin.errors import (
     UntrustedKeyError,
     WriteError,
 )
-from flowpin.manifest.model import load_manifest
 from flowpin.manifest.record import record
+from flowpin.manifest.statement import load_manifest
 from flowpin.manifest.verify import VerifyReport
 from flowpin.signing import PAYLOAD_TYPE, Signer, keyid_of
 

@@ -14,8 +14,8 @@ from flowpin.recipe import to_config
 from flowpin.train import megatron_cpu
 from flowpin.train.distributed import destroy, init_distributed
 from flowpin.train.megatron_ddp import DataParallelConfig, MegatronGradSync, ddp_config
-from flowpin.train.model import ModelConfig, build_model
 from flowpin.train.run import TrainingStageConfig
+from flowpin.train.transformer import ModelConfig, build_model
 
 
 @pytest.mark.parametrize(

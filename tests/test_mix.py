@@ -39,7 +39,7 @@ from flowpin.data.mix import (
 from flowpin.data.shards import read_dataset, read_index, write_dataset
 from flowpin.errors import DataError, EmptyCorpusError, NoSurvivorsError, RecipeError, UnknownTopicError
 from flowpin.manifest import record
-from flowpin.manifest.model import load_manifest
+from flowpin.manifest.statement import load_manifest
 from flowpin.recipe import to_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""flowpin.train.model and flowpin.train.distributed: recipes, the megatron mapping, the built model on CPU."""
+"""flowpin.train.transformer and flowpin.train.distributed: recipes, the megatron mapping, the built model on CPU."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from flowpin.errors import FlowpinError, RecipeError
 from flowpin.recipe import to_config
 from flowpin.train import megatron_cpu
 from flowpin.train.distributed import DistInfo, destroy, init_distributed, set_deterministic
-from flowpin.train.model import (
+from flowpin.train.transformer import (
     ModelConfig,
     PrecisionConfig,
     YarnConfig,
@@ -403,7 +403,7 @@ import hashlib, json, sys, warnings
 warnings.filterwarnings("ignore")
 import torch
 from flowpin.train.distributed import destroy, init_distributed, set_deterministic
-from flowpin.train.model import ModelConfig, build_model
+from flowpin.train.transformer import ModelConfig, build_model
 
 cfg = ModelConfig(**json.loads(sys.argv[1]))
 init_distributed()

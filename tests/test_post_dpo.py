@@ -27,7 +27,7 @@ import flowpin.post.dpo as dpo
 from conftest import BIN, checked, make_project, scratch_env
 from flowpin.data.synth import Task, load_tasks, verify_answer
 from flowpin.errors import DataError, RecipeError
-from flowpin.manifest.model import load_manifest
+from flowpin.manifest.statement import load_manifest
 from flowpin.post.dpo import (
     DPOConfig,
     Pair,
@@ -191,7 +191,7 @@ def megatron() -> Iterator[None]:
 
 
 def test_pairs_from_a_real_model_are_seeded(megatron: None, vocab: Vocab, tasks: list[Task]) -> None:
-    from flowpin.train.model import build_model
+    from flowpin.train.transformer import build_model
 
     weak = build_model(tiny_config(vocab.tokenizer.get_vocab_size()), device="cpu", seed=5)
     weak.eval()

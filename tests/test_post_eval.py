@@ -28,7 +28,14 @@ from flowpin.canonical import canonical_json
 from flowpin.data.shards import write_dataset
 from flowpin.data.synth import Task, task_record
 from flowpin.data.tokenize import TokenizerConfig, train_tokenizer
-from flowpin.errors import ArtifactMissingError, CheckpointMissingError, DataError, RecipeError
+from flowpin.errors import (
+    ArtifactMissingError,
+    CheckpointMissingError,
+    DataError,
+    DecontaminationReportError,
+    HeldoutOverlapError,
+    RecipeError,
+)
 from flowpin.manifest.record import record
 from flowpin.post.eval import (
     DECONTAMINATION_NAME,
@@ -36,10 +43,8 @@ from flowpin.post.eval import (
     RESPONSES_NAME,
     TABLE_NAME,
     Decontamination,
-    DecontaminationReportError,
     EvalConfig,
     EvalInputs,
-    HeldoutOverlapError,
     bits_per_byte,
     check_heldout_disjoint,
     check_inputs,
@@ -57,7 +62,7 @@ from flowpin.post.verifiers import verify
 from flowpin.recipe import StagePaths, to_config, to_plain
 from flowpin.train.checkpoint import DataPosition, TrainState, capture_rng, latest_checkpoint, save_checkpoint
 from flowpin.train.distributed import destroy, init_distributed
-from flowpin.train.model import ModelConfig, build_model
+from flowpin.train.transformer import ModelConfig, build_model
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -30,7 +30,7 @@ from flowpin.data.synth import Task
 from flowpin.data.tokenize import TokenizerConfig, train_tokenizer
 from flowpin.errors import DataError, RecipeError
 from flowpin.failpoints import ENV as FAILPOINT_ENV
-from flowpin.manifest.model import load_manifest
+from flowpin.manifest.statement import load_manifest
 from flowpin.post.lm import SamplingConfig
 from flowpin.post.prompts import Vocab
 from flowpin.post.rlvr import (
@@ -52,8 +52,8 @@ from flowpin.post.rlvr import (
 from flowpin.post.verifiers import exact_integer
 from flowpin.recipe import to_config
 from flowpin.train.loop import OptimConfig, TrainConfig
-from flowpin.train.model import ModelConfig
 from flowpin.train.schedule import ScheduleConfig
+from flowpin.train.transformer import ModelConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -234,7 +234,7 @@ def tiny_config(vocab_size: int) -> ModelConfig:
 
 
 def tiny_model(vocab: Vocab, seed: int = 3) -> torch.nn.Module:
-    from flowpin.train.model import build_model
+    from flowpin.train.transformer import build_model
 
     model: torch.nn.Module = build_model(tiny_config(vocab.tokenizer.get_vocab_size()), device="cpu", seed=seed)
     return model

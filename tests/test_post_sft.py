@@ -36,7 +36,7 @@ from flowpin.post.sft import (
     weights_digest,
 )
 from flowpin.recipe import to_config
-from flowpin.train.model import ModelConfig
+from flowpin.train.transformer import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -156,7 +156,7 @@ def tiny_config(vocab_size: int) -> ModelConfig:
 
 def test_sft_loss_on_the_megatron_gpt_matches_its_logits(megatron: None, vocab: Vocab, tasks: list[Task]) -> None:
     from flowpin.post.lm import logits
-    from flowpin.train.model import build_model
+    from flowpin.train.transformer import build_model
 
     model = build_model(tiny_config(vocab.tokenizer.get_vocab_size()), device="cpu", seed=3)
     examples = sft_examples(tasks, vocab, seq_len=48)

@@ -19,7 +19,7 @@ import flowpin.progress as progress_mod
 from conftest import Project
 from flowpin.cli import main as flowpin_main
 from flowpin.hashing import Hasher, reporting_progress
-from flowpin.manifest.model import load_manifest
+from flowpin.manifest.statement import load_manifest
 from flowpin.progress import (
     PollingProgress,
     Progress,

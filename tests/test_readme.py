@@ -32,8 +32,8 @@ import pytest
 
 from conftest import REPO, checked, flowpin_commands, make_project
 from flowpin.hashing import hash_bytes, hash_file
-from flowpin.manifest.model import load_manifest
-from flowpin.manifest.rebuild import GitHistory, pinned_code
+from flowpin.manifest.statement import load_manifest
+from flowpin.replay.rebuild import GitHistory, pinned_code
 from test_sweep import PROBE_RECIPE, PROBE_STAGE
 
 ACTIVATE = "source .venv/bin/activate"

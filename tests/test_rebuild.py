@@ -24,8 +24,9 @@ from conftest import Project, checked, make_project, scratch_env
 from flowpin.canonical import canonical_json
 from flowpin.cli import main
 from flowpin.errors import EntryPointError, FlowpinError, MissingEntryPointError, SchemaError
-from flowpin.manifest.model import EntryPoint, load_manifest, write_manifest
-from flowpin.manifest.rebuild import (
+from flowpin.manifest.record import entry_script, record
+from flowpin.manifest.statement import EntryPoint, load_manifest, write_manifest
+from flowpin.replay.rebuild import (
     GitHistory,
     RebuildError,
     RebuildOptions,
@@ -37,7 +38,6 @@ from flowpin.manifest.rebuild import (
     rebuild_manifest,
     subject_differences,
 )
-from flowpin.manifest.record import entry_script, record
 from flowpin.signing import PAYLOAD_TYPE, load_signer
 
 SALTED_SCRIPT = '''"""A test stage whose output depends on its recipe and two environment variables."""

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from conftest import BIN, checked, make_project, run_in
 from flowpin.canonical import canonical_json
-from flowpin.release import BUNDLE_FILE, RELEASE_FILE, RELEASE_PAYLOAD_TYPE, STORE_DIR, object_name
+from flowpin.replay.release import BUNDLE_FILE, RELEASE_FILE, RELEASE_PAYLOAD_TYPE, STORE_DIR, object_name
 from flowpin.signing import Signer, keyid_of, load_signer, load_trust_store, verify_envelope
 
 DVC = str(BIN / "dvc")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from flowpin.manifest.model import load_manifest
+from flowpin.manifest.statement import load_manifest
 
 
 def test_every_committed_manifest_was_recorded_from_a_clean_commit() -> None:

@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 import yaml
 
+from flowpin.constants import RUN_KEY_FILE
 from flowpin.errors import StaleCheckpointsError
 from flowpin.stage import stage_code_digests
-from flowpin.train.run import RUN_KEY_FILE, RunClaim, claim_run_dir, key_changes, run_key
+from flowpin.train.run import RunClaim, claim_run_dir, key_changes, run_key
 
 REPO = Path(__file__).resolve().parents[1]
 LOOP_PY = "src/flowpin/train/loop.py"

@@ -14,8 +14,8 @@ import yaml
 
 from conftest import Project
 from flowpin.data.shards import write_dataset
-from flowpin.manifest.model import load_manifest
 from flowpin.manifest.record import record
+from flowpin.manifest.statement import load_manifest
 from flowpin.stage import stage_name
 from flowpin.train.launcher import process_rank
 

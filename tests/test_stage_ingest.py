@@ -17,7 +17,7 @@ import yaml
 
 from conftest import BIN, checked, make_project, run_in
 from flowpin.cli import main as flowpin_main
-from flowpin.manifest.model import load_manifest
+from flowpin.manifest.statement import load_manifest
 
 
 @pytest.fixture(scope="module")

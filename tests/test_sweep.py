@@ -25,7 +25,7 @@ from conftest import BIN, REPO, checked, make_project, run_in, scratch_env
 from flowpin.cli import main
 from flowpin.errors import RecipeError
 from flowpin.manifest.diff import Change, diff_manifests
-from flowpin.manifest.model import Manifest, load_manifest
+from flowpin.manifest.statement import Manifest, load_manifest
 from flowpin.recipe import StagePaths
 from flowpin.sweep import (
     JOB_FILE,

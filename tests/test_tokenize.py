@@ -22,11 +22,11 @@ from safetensors.numpy import save as st_save
 from conftest import Project
 from flowpin.canonical import canonical_json
 from flowpin.cli import main as flowpin_main
+from flowpin.constants import INDEX_NAME
 from flowpin.data.order import dataset_digest
 from flowpin.data.shards import read_shard_bytes, write_dataset
 from flowpin.data.tokenize import (
     DOCUMENTS_NAME,
-    INDEX_NAME,
     TOKENIZER_NAME,
     TokenizeConfig,
     TokenizedDataset,
@@ -39,8 +39,8 @@ from flowpin.data.tokenize import (
     train_tokenizer,
 )
 from flowpin.errors import DataError, EmptyCorpusError, RecipeError, ShardError, TokenizerError
-from flowpin.manifest.model import load_manifest
 from flowpin.manifest.record import record
+from flowpin.manifest.statement import load_manifest
 from flowpin.recipe import to_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -29,7 +29,7 @@ from conftest import Project
 from flowpin.cli import main as flowpin_main
 from flowpin.data.order import DataOrder
 from flowpin.hashing import Hasher
-from flowpin.manifest.model import load_manifest
+from flowpin.manifest.statement import load_manifest
 from flowpin.tracking import FanoutTracker, Tracker, read_jsonl
 from flowpin.tracking.aim import (
     AimProcess,

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, checked, make_project, scratch_env
-from flowpin.manifest.model import EntryPoint, load_manifest
+from flowpin.manifest.statement import EntryPoint, load_manifest
 
 SHORT = [
     "train.loop.steps=6",

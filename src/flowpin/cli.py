@@ -181,7 +181,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
     """Exit 0 when the manifest is VERIFIED (signed by a trusted key; with --digests also every digest), 1
     when UNVERIFIED (it is shown all the same, marked), 2 when it cannot be read. Every line is escaped."""
     from flowpin.errors import UnverifiedManifestError
-    from flowpin.manifest.model import entry_files, entry_kind, entry_size, load_manifest
+    from flowpin.manifest.statement import entry_files, entry_kind, entry_size, load_manifest
     from flowpin.manifest.trust import check_signature, require_digests, short_digest
 
     m = load_manifest(Path(args.path))
@@ -398,7 +398,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
 
 def _cmd_fork(args: argparse.Namespace) -> int:
-    from flowpin.train.fork import fork
+    from flowpin.replay.fork import fork
 
     root = find_root()
     manifest = fork(Path(args.manifest), step=args.step, overrides=list(args.overrides), root=root, out=args.out)
@@ -407,7 +407,7 @@ def _cmd_fork(args: argparse.Namespace) -> int:
 
 
 def _cmd_rebuild(args: argparse.Namespace) -> int:
-    from flowpin.manifest.rebuild import RebuildOptions, exit_status, flow_manifests, rebuild_many, render_result
+    from flowpin.replay.rebuild import RebuildOptions, exit_status, flow_manifests, rebuild_many, render_result
 
     root = find_root()
     paths = [Path(p) for p in args.paths] or (flow_manifests(root) if args.all else [])
@@ -456,7 +456,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_release_export(args: argparse.Namespace) -> int:
-    from flowpin.release import export_release
+    from flowpin.replay.release import export_release
 
     r = export_release(find_root(), Path(args.dir), force=args.force)
     print(
@@ -471,7 +471,7 @@ def _cmd_release_export(args: argparse.Namespace) -> int:
 
 
 def _keyid_arg(value: str) -> str:
-    from flowpin.release import check_keyid_prefix
+    from flowpin.replay.release import check_keyid_prefix
 
     try:
         return check_keyid_prefix(value)
@@ -482,7 +482,7 @@ def _keyid_arg(value: str) -> str:
 def _cmd_release_import(args: argparse.Namespace) -> int:
     import subprocess
 
-    from flowpin.release import REMOTE_NAME, import_release
+    from flowpin.replay.release import REMOTE_NAME, import_release
 
     root = find_root()
     r = import_release(root, Path(args.dir), expect_keyid=args.expect_keyid)

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import shlex
 import shutil
 import subprocess
@@ -52,6 +51,7 @@ import yaml
 
 from flowpin.errors import FlowpinError, RecipeError
 from flowpin.paths import find_root
+from flowpin.settings import Settings
 
 PARAMS_DIR = "params"
 KEYS_DIR = ".flowpin/keys"
@@ -81,7 +81,7 @@ class ExpPlan:
             cmd.append("--queue")
         elif temp:
             cmd.append("--temp")
-        if (temp or queue) and not os.environ.get("FLOWPIN_SIGNING_KEY"):
+        if (temp or queue) and not Settings.from_env().signing_key:
             cmd += ["--copy-paths", KEYS_DIR]  # a copy of the repository has no signing key of its own
         for value in self.set_params:
             cmd += ["--set-param", value]

@@ -33,6 +33,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from flowpin import settings
+
 PACKAGES = (
     *("torch", "megatron-core", "transformer-engine", "numpy"),  # kernels: can change numerics
     *("dvc", "hydra-core", "omegaconf", "aim", "flowpin"),  # flow tooling
@@ -66,8 +68,8 @@ _ENV_PREFIXES = ("NVTE_", "TORCH_", "FLOWPIN_")
 # Paths (signing key, root), and switches that cannot change what a stage computes (tracking, progress bars).
 _ENV_SKIP = frozenset(
     {
-        *("FLOWPIN_SIGNING_KEY", "FLOWPIN_ROOT", "FLOWPIN_TRACKING", "FLOWPIN_AIM_REPO", "FLOWPIN_PROGRESS"),
-        "FLOWPIN_STALE_CHECKPOINTS",  # what to do with checkpoints of another run key: never what is computed
+        *(settings.SIGNING_KEY, settings.ROOT, settings.TRACKING, settings.AIM_REPO, settings.PROGRESS),
+        settings.STALE_CHECKPOINTS,  # what to do with checkpoints of another run key: never what is computed
     }
 )
 # Prefixes of CPU flags that select SIMD kernels (x86 'flags', then ARM 'Features').

@@ -205,7 +205,7 @@ class ModelSignatureMismatchError(ModelSignatureError, IntegrityError):
     """The checkpoint's files differ from the signed statement (changed, added or removed files)."""
 
 
-# --- release bundles (flowpin.release) --------------------------------------------------------------
+# --- release bundles (flowpin.replay.release) --------------------------------------------------------------
 
 
 class ReleaseError(FlowpinError):
@@ -339,3 +339,46 @@ class CheckpointCorruptError(CheckpointError, DigestMismatchError):
 
 class TrainingDivergedError(FlowpinError):
     """The loss or gradient norm became non-finite; the step was not applied."""
+
+
+# --- moved beside their kin: replay, distributed training, tracking, sweeps, eval ---------------------------
+
+
+class RebuildError(FlowpinError):
+    """A stage cannot be rebuilt: a fork record, a recipe outside params/, unusable workspace, or the stage failed."""
+
+
+class CodeDriftError(RebuildError):
+    """Pinned code or config is neither in the checkout nor in git history at its pinned digest."""
+
+
+class PinnedInputError(IntegrityError):
+    """A pinned input (dataset, checkpoint, parent manifest, file set) is missing or has other bytes."""
+
+
+class ReplicaDivergenceError(FlowpinError):
+    """Data-parallel ranks that must hold identical replicas (weights, generators, step) do not."""
+
+
+class TrackingError(FlowpinError):
+    """The experiment tracker cannot be opened or served (aim missing, repository unwritable, server down)."""
+
+
+class SweepError(FlowpinError):
+    """A directory is not a Hydra sweep, or a sweep's files cannot be read."""
+
+
+class HeldoutOverlapError(DataError):
+    """A held-out text file is among the documents the corpus ingested (the models may have trained on it)."""
+
+
+class DecontaminationReportError(IntegrityError):
+    """The decontamination report is not the one its manifest vouches for, or does not cover the held-out set."""
+
+
+# --- programming errors -------------------------------------------------------------------------------
+
+
+class InternalError(FlowpinError):
+    """A flowpin bug: an internal call broke its contract (not the user's input). Report it with the traceback;
+    no recipe or file change fixes it."""

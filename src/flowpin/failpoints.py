@@ -43,9 +43,11 @@ import re
 import signal
 from collections.abc import Callable
 
+from flowpin import settings
 from flowpin.errors import FailpointError
+from flowpin.settings import Settings
 
-ENV = "FLOWPIN_FAILPOINT"
+ENV = settings.FAILPOINT
 """The environment variable that arms one failpoint: ``NAME[:MATCH][@N]``."""
 
 NAMES = frozenset(
@@ -104,7 +106,7 @@ def failpoint(name: str, detail: str = "", *, prepare: Callable[[], object] | No
     ``prepare`` runs just before the kill (e.g. ``fh.flush`` so that buffered bytes reach the file and
     the kill leaves what a crash mid-write leaves).
     """
-    value = os.environ.get(ENV)
+    value = Settings.from_env().failpoint
     if not value:
         return
     global _armed, _hits

@@ -35,7 +35,6 @@ import base64
 import binascii
 import dataclasses
 import hashlib
-import os
 import shlex
 import stat
 import tempfile
@@ -47,7 +46,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from flowpin import settings
 from flowpin.atomic import atomic_write_bytes
+from flowpin.constants import CHECKPOINTS_DIR
 from flowpin.errors import (
     BadModelSignatureError,
     CheckpointError,
@@ -62,11 +63,12 @@ from flowpin.errors import (
 )
 from flowpin.jsonio import loads_strict
 from flowpin.safeio import read_regular
+from flowpin.settings import Settings
 from flowpin.signing import publish_private_key
 from flowpin.tensorfile import validate_safetensors
 from flowpin.train.checkpoint import MAX_STATE_BYTES, STATE_FILE, read_state
 
-KEY_ENV = "FLOWPIN_MODEL_SIGNING_KEY"
+KEY_ENV = settings.MODEL_SIGNING_KEY
 """Environment variable naming the private key file (overrides :data:`DEFAULT_KEY_PATH`)."""
 DEFAULT_KEY_PATH = Path(".flowpin") / "keys" / "model-signing.key"
 """The private key, relative to the project root (``.flowpin/`` is gitignored)."""
@@ -152,7 +154,7 @@ def _public_pem(public: ec.EllipticCurvePublicKey) -> bytes:
 
 def default_key_path(root: Path) -> Path:
     """``$FLOWPIN_MODEL_SIGNING_KEY`` or ``<root>/.flowpin/keys/model-signing.key``."""
-    env = os.environ.get(KEY_ENV)
+    env = Settings.from_env().model_signing_key
     return Path(env) if env else root / DEFAULT_KEY_PATH
 
 
@@ -305,7 +307,7 @@ def default_signature_path(checkpoint: Path) -> Path:
     ``D`` -> ``D.sig`` beside it.
     """
     ck = checkpoint if checkpoint.name not in ("", ".", "..") else checkpoint.resolve()
-    if ck.parent.name == "checkpoints":
+    if ck.parent.name == CHECKPOINTS_DIR:
         return ck.parent.parent / SIGNATURES_DIR / f"{ck.name}{SIGNATURE_SUFFIX}"
     return ck.with_name(ck.name + SIGNATURE_SUFFIX)
 

@@ -14,6 +14,7 @@ import os
 from pathlib import Path, PurePosixPath
 
 from flowpin.errors import PathError
+from flowpin.settings import Settings
 
 _ROOT_MARKERS = (".dvc", ".git")
 
@@ -23,7 +24,7 @@ def find_root(start: Path | None = None) -> Path:
 
     ``FLOWPIN_ROOT`` overrides the search.
     """
-    env = os.environ.get("FLOWPIN_ROOT")
+    env = Settings.from_env().root
     if env:
         return Path(env).resolve()
     here = (start or Path.cwd()).resolve()

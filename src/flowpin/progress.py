@@ -36,9 +36,12 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any, TypeVar
 
+from flowpin import settings
+from flowpin.settings import Settings
+
 T = TypeVar("T")
 
-ENV_VAR = "FLOWPIN_PROGRESS"
+ENV_VAR = settings.PROGRESS
 """``FLOWPIN_PROGRESS=0`` turns every bar off, even on a terminal."""
 
 ProgressHook = Callable[[int, int], None]
@@ -51,9 +54,7 @@ def progress_enabled(stream: IO[str] | None = None, *, force: bool | None = None
     """Whether a bar on ``stream`` (default ``sys.stderr``) renders: see the module docstring."""
     if force is not None:
         return force
-    if os.environ.get(ENV_VAR, "").strip() == "0":
-        return False
-    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+    if Settings.from_env().progress_off:  # FLOWPIN_PROGRESS=0, or CI
         return False
     stream = sys.stderr if stream is None else stream
     try:

@@ -21,7 +21,6 @@ import base64
 import binascii
 import dataclasses
 import hashlib
-import os
 import stat
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from flowpin.errors import (
 )
 from flowpin.failpoints import failpoint
 from flowpin.safeio import read_regular
+from flowpin.settings import Settings
 
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 TRUST_DIR = "keys"
@@ -80,7 +80,7 @@ class Signer:
 
 
 def default_key_path(root: Path) -> Path:
-    env = os.environ.get("FLOWPIN_SIGNING_KEY")
+    env = Settings.from_env().signing_key
     return Path(env) if env else root / DEFAULT_KEY_PATH
 
 

@@ -387,7 +387,7 @@ def stage_params(stage: str, cfg: DictConfig, src: HydraSources, root: Path) -> 
 
 def manifest_params(path: Path, name: str | os.PathLike[str]) -> dict[str, Any]:
     """The run's ``manifest`` param: the manifest's name, its file sha256 and its identity digest."""
-    from flowpin.manifest.model import load_manifest
+    from flowpin.manifest.statement import load_manifest
 
     return {
         "path": os.fspath(name),

@@ -63,7 +63,7 @@ from omegaconf.errors import OmegaConfBaseException
 from flowpin.atomic import atomic_write_bytes
 from flowpin.canonical import canonical_json
 from flowpin.display import safe
-from flowpin.errors import FlowpinError, PathError, RecipeError
+from flowpin.errors import FlowpinError, PathError, RecipeError, SweepError
 from flowpin.paths import to_name
 from flowpin.recipe import StagePaths, check_hydra_outputs
 
@@ -74,10 +74,6 @@ JOB_FILE = "flowpin-job.json"
 DEFAULT_METRICS = ("steps", "loss.last", "probe_loss.before", "probe_loss.after")
 """Report keys ``flowpin sweep`` shows by default (those present in some job's report)."""
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
-
-
-class SweepError(FlowpinError):
-    """A directory is not a Hydra sweep, or a sweep's files cannot be read."""
 
 
 # --- resolvers (params/common/hydra.yaml) -------------------------------------------------------------

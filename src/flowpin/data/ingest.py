@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 
 from flowpin.atomic import atomic_write_bytes
 from flowpin.canonical import canonical_json
+from flowpin.constants import INDEX_NAME
 from flowpin.data.shards import ShardConfig, ShardInfo, write_shards
 from flowpin.errors import (
     CorpusTooLargeError,
@@ -55,8 +56,6 @@ POLICIES = ("error", "skip")
 """What to do with a document that breaks a limit."""
 TOPICS_PATH = "pydoc_data/topics.py"
 """Stdlib-relative path of the pydoc topics file."""
-INDEX_NAME = "index.json"
-"""File name of the index written next to the shards."""
 INDEX_VERSION = 1
 """Version of the ``index.json`` layout."""
 

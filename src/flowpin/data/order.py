@@ -43,7 +43,7 @@ from flowpin.errors import DataOrderError, FlowpinError
 
 if TYPE_CHECKING:
     from flowpin.data.tokenize import TokenizedDataset
-    from flowpin.manifest.model import Manifest
+    from flowpin.manifest.statement import Manifest
 
 ORDER_SCHEME = "flowpin.order/v1"
 """Names the seed-derivation and permutation rule; part of every epoch's seed."""

@@ -25,6 +25,7 @@ import zstandard
 
 from flowpin.atomic import atomic_open, atomic_write_bytes
 from flowpin.canonical import canonical_json
+from flowpin.constants import INDEX_NAME
 from flowpin.errors import ShardError, StrictJSONError
 from flowpin.failpoints import failpoint
 from flowpin.jsonio import loads_strict
@@ -238,8 +239,6 @@ def read_shard(
         yield obj
 
 
-INDEX_NAME = "index.json"
-"""The file next to a dataset's shards that lists them (with their uncompressed sha256) and its stats."""
 INDEX_FORMAT = {"version": 1, "records": "jsonl", "compression": "zstd"}
 
 

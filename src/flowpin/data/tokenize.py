@@ -62,6 +62,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from flowpin.atomic import atomic_open, atomic_write_bytes
 from flowpin.canonical import canonical_json
+from flowpin.constants import INDEX_NAME
 from flowpin.data.order import keyed_permutation
 from flowpin.data.shards import read_dataset, read_shard, read_shard_bytes
 from flowpin.errors import (
@@ -82,8 +83,6 @@ TOKENIZER_NAME = "tokenizer.json"
 """File name of the trained tokenizer in the output directory."""
 DOCUMENTS_NAME = "documents.jsonl.zst"
 """File name of the document table."""
-INDEX_NAME = "index.json"
-"""File name of the index."""
 FORMAT = {"compression": "zstd", "layout": "packed-sequences", "tensors": "safetensors", "version": 1}
 """``index.json`` ``format``; readers refuse any other."""
 TENSORS = ("doc_index", "input_ids")

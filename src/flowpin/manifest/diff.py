@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from flowpin.display import safe
 from flowpin.environment import numerics_differences
 from flowpin.errors import FlowpinError, ManifestError, UnverifiedManifestError
-from flowpin.manifest.model import EntryPoint, Manifest, entry_files, entry_kind, load_manifest
+from flowpin.manifest.statement import EntryPoint, Manifest, entry_files, entry_kind, load_manifest
 from flowpin.manifest.trust import check_signature, identity_digests, pinned
 
 

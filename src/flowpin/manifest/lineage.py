@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from flowpin.display import safe
 from flowpin.errors import FlowpinError, LineageError, ManifestError, UnverifiedManifestError
-from flowpin.manifest.model import Manifest, entry_kind, load_manifest
+from flowpin.manifest.statement import Manifest, entry_kind, load_manifest
 from flowpin.manifest.trust import check_signature, pinned
 from flowpin.paths import resolve_inside
 from flowpin.signing import load_trust_store

@@ -34,15 +34,15 @@ import yaml
 
 from flowpin import __version__
 from flowpin.canonical import canonical_json
+from flowpin.constants import MANIFEST_DIR
 from flowpin.environment import fingerprint, run_context
 from flowpin.errors import DuplicateSubjectError, FlowpinError, ManifestError, RecipeError, UnverifiedManifestError
 from flowpin.failpoints import failpoint
 from flowpin.hashing import DEFAULT_ALGORITHM, ArtifactDigest, Hasher, default_cache, hash_bytes
 from flowpin.manifest.digests import digest_set, identity_value, subjects_key
-from flowpin.manifest.model import (
+from flowpin.manifest.statement import (
     BUILD_TYPE,
     BUILDER_ID,
-    MANIFEST_DIR,
     MANIFEST_VERSION,
     PREDICATE_TYPE,
     STATEMENT_TYPE,
@@ -53,6 +53,7 @@ from flowpin.manifest.model import (
 from flowpin.manifest.trust import FIX_DIGESTS, load_verified, require_digests
 from flowpin.paths import check_output_path, find_root, resolve_inside, to_name
 from flowpin.recipe import to_plain
+from flowpin.settings import Settings
 from flowpin.signing import Signer, load_signer
 
 CODE_SUFFIXES = (".py", ".json", ".yaml", ".yml", ".toml")
@@ -316,7 +317,7 @@ def record(
         os.fspath(manifest) if manifest is not None else f"{MANIFEST_DIR}/{stage}.json", root, what="paths.manifest"
     )
     signer = signer or load_signer(root)  # fail before any work when no key is available
-    algorithm = algorithm or os.environ.get("FLOWPIN_DIGEST_ALGORITHM", DEFAULT_ALGORITHM)
+    algorithm = algorithm or Settings.from_env().digest_algorithm or DEFAULT_ALGORITHM
     manifest_path = root / manifest_name
     manifest_path.unlink(missing_ok=True)
     started, t0 = _now(), time.monotonic()

@@ -5,7 +5,7 @@ that produces or judges something from a manifest (fork, rebuild, lineage, batch
 parent, eval reading the decontamination record, release export) calls :func:`load_verified`, which runs
 ``flowpin verify``'s checks in its order:
 
-1. schema (:func:`~flowpin.manifest.model.load_manifest`; its named parse/schema errors propagate);
+1. schema (:func:`~flowpin.manifest.statement.load_manifest`; its named parse/schema errors propagate);
 2. signature and trusted key (:func:`~flowpin.signing.verify_envelope` against ``keys/*.pub``), never skipped;
 3. digests (:func:`~flowpin.manifest.verify.check_subjects`): ``check="all"`` re-hashes every subject and
    dependency (what ``flowpin verify`` does); a collection of names re-hashes only those entries -- the ones
@@ -32,7 +32,7 @@ from flowpin.display import safe
 from flowpin.errors import FlowpinError, UnverifiedManifestError
 from flowpin.hashing import Hasher
 from flowpin.manifest import digests
-from flowpin.manifest.model import Manifest, load_manifest
+from flowpin.manifest.statement import Manifest, load_manifest
 from flowpin.manifest.verify import Finding, check_subjects
 from flowpin.signing import TRUST_DIR, load_trust_store, verify_envelope
 

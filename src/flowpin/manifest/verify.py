@@ -13,6 +13,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from flowpin.canonical import canonical_json
+from flowpin.constants import MANIFEST_DIR
 from flowpin.errors import (
     ArtifactMissingError,
     DigestMismatchError,
@@ -23,8 +24,8 @@ from flowpin.errors import (
 )
 from flowpin.hashing import ArtifactDigest, Hasher, hash_bytes
 from flowpin.manifest.digests import BYTES_KEYS, DIRHASH, IDENTITY_KEYS, SUBJECTS_KEYS
-from flowpin.manifest.model import MANIFEST_DIR, Manifest, entry_files, entry_type, load_manifest
 from flowpin.manifest.resolve import fileset_base
+from flowpin.manifest.statement import Manifest, entry_files, entry_type, load_manifest
 from flowpin.paths import resolve_inside
 from flowpin.signing import decode_b64, verify_envelope
 

@@ -48,7 +48,8 @@ from flowpin.errors import (
     ArtifactMissingError,
     CheckpointMissingError,
     DataError,
-    IntegrityError,
+    DecontaminationReportError,
+    HeldoutOverlapError,
     RecipeError,
     TokenizerError,
 )
@@ -74,14 +75,6 @@ GRADER = "flowpin.post.verifiers.verify"
 """The grader: the verifier registered for each task's kind (``KIND_VERIFIERS``) must give it full reward."""
 
 _STAGE_NAME = re.compile(r"[a-z][a-z0-9_]*")
-
-
-class HeldoutOverlapError(DataError):
-    """A held-out text file is among the documents the corpus ingested (the models may have trained on it)."""
-
-
-class DecontaminationReportError(IntegrityError):
-    """The decontamination report is not the one its manifest vouches for, or does not cover the held-out set."""
 
 
 # --- configs --------------------------------------------------------------------------------------

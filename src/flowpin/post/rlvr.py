@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 from flowpin.canonical import canonical_json
+from flowpin.constants import METRICS_FILE
 from flowpin.data.order import DataOrder
 from flowpin.data.synth import OPERATORS, Task, extract_answer
 from flowpin.errors import DataError, RecipeError
@@ -438,7 +439,7 @@ def run_rlvr(
     result = train_loop(model, cfg.loop, batches=batches, loss_fn=loss_fn, run_dir=run_dir, dist=dist, tracker=tracker)
     after = heldout_eval(model, heldout, vocab, cfg.eval, max_len=max_len)
     shared = run_report(opened, result, run_dir, ("reward", "kl", "signal", "top_answer_share", "response_tokens"))
-    rows = [m for m in read_metrics(run_dir / "metrics.jsonl") if m["step"] <= cfg.loop.steps]
+    rows = [m for m in read_metrics(run_dir / METRICS_FILE) if m["step"] <= cfg.loop.steps]
     curve = [[m["step"], m["metrics"]["reward"]] for m in rows if "reward" in m["metrics"]]
     report: dict[str, Any] = {
         **shared,

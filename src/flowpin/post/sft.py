@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from flowpin.canonical import canonical_json
+from flowpin.constants import METRICS_FILE
 from flowpin.data.order import DataOrder
 from flowpin.data.synth import Task, extract_answer, load_tasks, verify_answer
 from flowpin.data.tokenize import TokenizedDataset
@@ -45,8 +46,8 @@ from flowpin.tracking import Tracker
 from flowpin.train.checkpoint import CheckpointRef, latest_checkpoint
 from flowpin.train.distributed import DistInfo
 from flowpin.train.loop import TrainConfig, TrainResult
-from flowpin.train.model import ModelConfig
 from flowpin.train.run import OpenRun, RunClaim, open_run, read_metrics, read_model_config, train_loop
+from flowpin.train.transformer import ModelConfig
 
 TASK_KINDS = ("arithmetic", "word_problem")
 """The synth generators whose tasks post-training uses (:data:`flowpin.data.synth.GENERATORS`)."""
@@ -364,7 +365,7 @@ def run_sft(
 
 def run_report(opened: OpenRun, result: TrainResult, run_dir: Path, curves: Sequence[str]) -> dict[str, Any]:
     """The part of a post-training report every stage shares (init, resume, steps, metric curves)."""
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows = read_metrics(run_dir / METRICS_FILE)
     report: dict[str, Any] = {
         "init": None if opened.init is None else {"checkpoint": opened.init.path.name, "step": opened.init.step},
         "determinism": opened.determinism,

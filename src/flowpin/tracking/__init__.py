@@ -5,11 +5,11 @@ Aim tracker every stage run opens (:func:`open_stage_tracker`; ``aim`` itself is
 fan-out over several trackers, and the Aim UI / remote tracking server on loopback.
 """
 
+from flowpin.errors import TrackingError
 from flowpin.tracking.aim import (
     AimTracker,
     FanoutTracker,
     StageTracker,
-    TrackingError,
     TrackingWarning,
     open_stage_tracker,
 )

@@ -43,14 +43,16 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from flowpin.errors import FlowpinError
+from flowpin import settings
+from flowpin.errors import TrackingError
+from flowpin.settings import Settings
 from flowpin.tracking.base import Tracker
 
 _log = logging.getLogger(__name__)
 
-TRACKING_ENV = "FLOWPIN_TRACKING"
+TRACKING_ENV = settings.TRACKING
 """``aim`` (default): every stage run logs to Aim; ``off``: no tracker (``metrics.jsonl`` only)."""
-AIM_REPO_ENV = "FLOWPIN_AIM_REPO"
+AIM_REPO_ENV = settings.AIM_REPO
 """Another Aim repository: a directory (relative to the project root) or ``aim://HOST:PORT``."""
 MODES = ("aim", "off")
 AIM_DIR = ".aim"
@@ -60,10 +62,6 @@ MAX_REPORT_METRICS = 512
 """At most this many numeric leaves of a stage report are logged (:func:`numeric_leaves`)."""
 _INIT_LOCK = "flowpin-init.lock"
 _INT64 = 2**63
-
-
-class TrackingError(FlowpinError):
-    """The experiment tracker cannot be opened or served (aim missing, repository unwritable, server down)."""
 
 
 class TrackingWarning(UserWarning):
@@ -94,11 +92,11 @@ def is_remote(repo: str) -> bool:
 
 def tracking_settings(root: Path, environ: Mapping[str, str] | None = None) -> TrackingSettings:
     """The tracking settings for the project at ``root`` from ``FLOWPIN_TRACKING`` and ``FLOWPIN_AIM_REPO``."""
-    env = os.environ if environ is None else environ
-    mode = env.get(TRACKING_ENV, "").strip().lower() or "aim"
+    chosen = Settings.from_env(environ)
+    mode = (chosen.tracking or "").strip().lower() or "aim"
     if mode not in MODES:
-        raise TrackingError(f"{TRACKING_ENV}={env.get(TRACKING_ENV)!r}: unknown; set it to 'aim' or 'off'")
-    repo = env.get(AIM_REPO_ENV, "").strip()
+        raise TrackingError(f"{TRACKING_ENV}={chosen.tracking!r}: unknown; set it to 'aim' or 'off'")
+    repo = (chosen.aim_repo or "").strip()
     if not repo:
         repo = str(root)
     elif not is_remote(repo):

@@ -1,6 +1,6 @@
 """Training engine: the model and the process around it (stages 6-8: pretrain, midtrain, long context).
 
-* :mod:`flowpin.train.model` -- :class:`~flowpin.train.model.ModelConfig` (recipe group ``model``), the
+* :mod:`flowpin.train.transformer` -- :class:`~flowpin.train.transformer.ModelConfig` (recipe group ``model``), the
   mapping onto megatron-core's ``TransformerConfig``, building the ``GPTModel`` (local spec on CPU,
   Transformer Engine spec on GPU), parameter counts, and the precision rules (FP8 is refused where it
   could not really be used; the effective precision is read back from the built model).

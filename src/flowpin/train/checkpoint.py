@@ -68,6 +68,7 @@ from safetensors.torch import save_file as st_save_file
 import flowpin
 from flowpin.atomic import atomic_directory, atomic_open, fsync_file, write_error
 from flowpin.canonical import canonical_json
+from flowpin.constants import CHECKPOINT_NAME
 from flowpin.errors import (
     ArtifactUnreadableError,
     CanonicalError,
@@ -101,7 +102,7 @@ DIR_MODE = 0o755
 """A published checkpoint directory's mode (the temporary it starts as is 0700)."""
 FILE_MODE = 0o644
 """Mode of every file in a checkpoint."""
-CHECKPOINT_DIR = re.compile(r"step-(\d{6,})")
+CHECKPOINT_DIR = CHECKPOINT_NAME
 """Names of checkpoint directories inside a run's ``checkpoints/`` folder."""
 
 _MAX_SAFE_INT = 2**53 - 1

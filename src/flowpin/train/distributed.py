@@ -151,7 +151,7 @@ def set_deterministic(seed: int, *, cpu_threads: int | None = None) -> dict[str,
     ``torch.use_deterministic_algorithms(True)``. On CUDA also cuDNN deterministic/no benchmark and the
     :data:`GPU_DETERMINISM_ENV` variables; ``CUBLAS_WORKSPACE_CONFIG`` and ``NCCL_ALGO`` only take effect
     before cuBLAS / the first NCCL communicator start, so on a GPU call this *before*
-    :func:`init_distributed` (megatron's streams are then seeded by :func:`flowpin.train.model.build_model`,
+    :func:`init_distributed` (megatron's streams are then seeded by :func:`flowpin.train.transformer.build_model`,
     or by calling this again). On CPU, ``cpu_threads`` (if given) fixes torch's intra-op threads, and the
     thread counts in force are recorded either way: kernels may split reductions by thread, so bitwise
     reproducibility is only promised at the same count.
@@ -197,10 +197,6 @@ GRAD_BUCKET_ELEMENTS = 1 << 25
 """Most gradient elements one all-reduce carries (128 MiB of fp32). Bucket boundaries are a function of
 the parameter shapes alone, so they are the same every run; with more than two ranks they are part of what
 fixes the summation order of each element."""
-
-
-class ReplicaDivergenceError(FlowpinError):
-    """Data-parallel ranks that must hold identical replicas (weights, generators, step) do not."""
 
 
 def _collective_device(tensors: Sequence[torch.Tensor]) -> torch.device:

@@ -33,7 +33,7 @@ steps identically; the logged loss is the mean of the ranks' losses (= the globa
 sees the same number of tokens). Rank 0 (``is_main``) alone writes checkpoints and talks to the tracker and
 ``on_checkpoint``; the others wait at a barrier after each save. Before the first step and before every
 save the ranks compare digests of their step, weights and generator states and raise
-:class:`flowpin.train.distributed.ReplicaDivergenceError` if any differs -- a checkpoint holds rank 0's state
+:class:`flowpin.errors.ReplicaDivergenceError` if any differs -- a checkpoint holds rank 0's state
 only, so it is a checkpoint of every rank or none. Generators are the same on every rank (the same seed,
 as megatron's default, and the same draws), so dropout masks repeat across ranks. Resume and fork work as
 above; ``run_dir`` must be a directory every rank sees. A world of one is exactly the single-process loop.
@@ -64,11 +64,13 @@ import numpy as np
 import torch
 
 from flowpin.canonical import canonical_json
+from flowpin.constants import CHECKPOINTS_DIR
 from flowpin.data.order import DataOrder, load_batch
 from flowpin.errors import (
     DataError,
     DataOrderError,
     RecipeError,
+    ReplicaDivergenceError,
     TrainingDivergedError,
 )
 from flowpin.recipe import check_choice, check_float, check_int, to_plain
@@ -95,7 +97,6 @@ if TYPE_CHECKING:
 
 OPTIMIZER_IMPLEMENTATIONS = ("for_loop", "foreach", "fused")
 """AdamW code paths (see the module docstring for which agree bitwise)."""
-CHECKPOINTS_DIR = "checkpoints"
 """Sub-directory of ``run_dir`` that holds a run's checkpoints."""
 MAX_STEPS = 2**53 - 1
 
@@ -320,7 +321,7 @@ class _Replicas:
             if blob[i * size : (i + 1) * size] != gathered[0][i * size : (i + 1) * size]
         ]
         if bad:
-            raise collectives.ReplicaDivergenceError(
+            raise ReplicaDivergenceError(
                 f"{where}: data-parallel ranks are not replicas of rank 0 ({'; '.join(bad)}); a checkpoint holds "
                 "rank 0's state alone. Build the model with the same seed on every rank, restore every rank from "
                 "the same checkpoint, and draw random numbers the same way on every rank"

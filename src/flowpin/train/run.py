@@ -46,8 +46,10 @@ from typing import Any
 
 import torch
 
+from flowpin import settings
 from flowpin.atomic import atomic_write_bytes
 from flowpin.canonical import canonical_json
+from flowpin.constants import METRICS_FILE, MODEL_CONFIG, RUN_KEY_FILE
 from flowpin.data.order import order_for
 from flowpin.data.tokenize import TokenizedDataset
 from flowpin.errors import (
@@ -61,6 +63,7 @@ from flowpin.hashing import hash_bytes
 from flowpin.jsonio import loads_strict
 from flowpin.recipe import check_choice, check_int, to_config, to_plain
 from flowpin.safeio import read_regular
+from flowpin.settings import Settings
 from flowpin.tracking import FanoutTracker, JsonlTracker, NullTracker, Tracker
 from flowpin.train.checkpoint import (
     MAX_STATE_BYTES,
@@ -83,7 +86,7 @@ from flowpin.train.loop import (
     train,
 )
 from flowpin.train.megatron_ddp import DataParallelConfig, MegatronGradSync
-from flowpin.train.model import ModelConfig, build_model, check_precision, effective_precision
+from flowpin.train.transformer import ModelConfig, build_model, check_precision, effective_precision
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -165,11 +168,10 @@ def run_key(parts: Mapping[str, Any]) -> str:
     return hash_bytes(canonical_json(dict(parts)))
 
 
-RUN_KEY_FILE = "run-key.json"
 """``<run_dir>/run-key.json``: the run key (digest and parts) the run's checkpoints were trained under."""
 STALE_DIR = "stale"
 """``<run_dir>/stale/<old key>/``: where ``FLOWPIN_STALE_CHECKPOINTS=archive`` moves checkpoints of another key."""
-STALE_CHECKPOINTS_ENV = "FLOWPIN_STALE_CHECKPOINTS"
+STALE_CHECKPOINTS_ENV = settings.STALE_CHECKPOINTS
 """The user's choice for checkpoints of another run key: unset (refuse), ``archive`` or ``discard``."""
 STALE_CHOICES = ("refuse", "archive", "discard")
 
@@ -195,8 +197,7 @@ class RunClaim:
         """A claim of ``code`` whose choice is ``FLOWPIN_STALE_CHECKPOINTS`` in ``environ`` (default
         ``os.environ``; unset or empty: refuse). Raises :class:`~flowpin.errors.StaleCheckpointsError` for
         another value, before anything is trained."""
-        env = os.environ if environ is None else environ
-        raw = env.get(STALE_CHECKPOINTS_ENV, "")
+        raw = Settings.from_env(environ).stale_checkpoints or ""
         choice = raw.strip().lower() or "refuse"
         if choice not in STALE_CHOICES:
             raise StaleCheckpointsError(
@@ -240,7 +241,6 @@ class OpenRun:
     """What became of those checkpoints and why (``None``: none were taken out)."""
 
 
-MODEL_CONFIG = "model.json"
 """``<run_dir>/checkpoints/model.json``: the architecture the checkpoints load into (:func:`load_weights`)."""
 
 
@@ -375,7 +375,7 @@ def run_training(
         tracker=tracker,
     )
     probe_after = probe_loss(model, loss_fn, batches)
-    losses = [m for m in read_metrics(run_dir / "metrics.jsonl") if "loss" in m["metrics"]]
+    losses = [m for m in read_metrics(run_dir / METRICS_FILE) if "loss" in m["metrics"]]
     report = {
         "model": {"parameters": sum(p.numel() for p in model.parameters()), "vocab_size": model_cfg.vocab_size},
         "precision": effective_precision(model),
@@ -444,7 +444,7 @@ def train_loop(
     main = dist is None or dist.is_main
     # rank 0 alone logs (the loop hands other ranks no tracker): another rank opening the shared log would
     # race rank 0's appends when it trims a torn tail
-    jsonl: Tracker = JsonlTracker(run_dir / "metrics.jsonl") if main else NullTracker()
+    jsonl: Tracker = JsonlTracker(run_dir / METRICS_FILE) if main else NullTracker()
     try:
         # a bar over the steps on a terminal (main rank only); it only draws, nothing it sees is hashed
         with step_progress(run_dir.name, force=None if main else False) as progress:
@@ -534,7 +534,7 @@ def _set_aside(
 ) -> StaleCheckpoints:
     """Archive (move to ``stale/<prefix>/``) or discard the checkpoints directory, with the log and key file
     of the run that wrote it."""
-    pieces = [run_dir / CHECKPOINTS_DIR, run_dir / "metrics.jsonl", run_dir / RUN_KEY_FILE]
+    pieces = [run_dir / CHECKPOINTS_DIR, run_dir / METRICS_FILE, run_dir / RUN_KEY_FILE]
     archive: str | None = None
     if choice == "archive":
         target = run_dir / STALE_DIR / prefix
@@ -635,7 +635,7 @@ def fork_training(
     data, model_cfg = _prepare(model_cfg, data_dir)
     check_precision(model_cfg, dist.device)
     determinism = set_deterministic(cfg.loop.seed, cpu_threads=cfg.threads)
-    if (run_dir / "checkpoints").exists() and list_checkpoints(run_dir / "checkpoints"):
+    if (run_dir / CHECKPOINTS_DIR).exists() and list_checkpoints(run_dir / CHECKPOINTS_DIR):
         raise RecipeError(f"fork target {run_dir} already holds checkpoints; fork into a new directory")
     model = build_model(model_cfg, device=dist.device, seed=cfg.loop.seed)
     optimizer = build_optimizer(model, cfg.loop.optim)

@@ -32,13 +32,14 @@ import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flowpin.constants import MANIFEST_DIR, RUN_MANIFEST
 from flowpin.data.order import BatchTarget, batch_target, dataset_dir_target, manifest_dataset, order_digest
 from flowpin.display import safe
 from flowpin.errors import DataOrderError, FlowpinError
-from flowpin.manifest.model import entry_files
+from flowpin.manifest.statement import entry_files
 
 if TYPE_CHECKING:
-    from flowpin.manifest.model import Manifest
+    from flowpin.manifest.statement import Manifest
     from flowpin.train.checkpoint import TrainState
 
 POST_TRAINING_STAGES = ("sft", "dpo", "rlvr")
@@ -430,7 +431,7 @@ def _read_state(path: Path) -> tuple[TrainState, bytes]:
 
 def _pinning_manifest(path: Path, root: Path) -> tuple[Manifest, str, dict[str, Any]] | str:
     """The signed manifest that pins checkpoint ``path`` (with its keyid and subject), or why there is none."""
-    from flowpin.manifest.model import load_manifest
+    from flowpin.manifest.statement import load_manifest
     from flowpin.manifest.trust import check_signature
     from flowpin.paths import to_name
     from flowpin.signing import load_trust_store
@@ -439,7 +440,7 @@ def _pinning_manifest(path: Path, root: Path) -> tuple[Manifest, str, dict[str, 
         name = to_name(path.absolute(), root)
     except FlowpinError:
         return "it lies outside the repository, where no manifest pins it"
-    candidates = [path.parent.parent / "manifest.json", *sorted((root / "manifests").glob("*.json"))]
+    candidates = [path.parent.parent / RUN_MANIFEST, *sorted((root / MANIFEST_DIR).glob("*.json"))]
     unsigned: list[str] = []
     trusted = None
     for candidate in candidates:

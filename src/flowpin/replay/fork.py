@@ -21,6 +21,7 @@ from hydra.core.utils import env_override
 from omegaconf import open_dict
 
 from flowpin.canonical import canonical_json
+from flowpin.constants import CHECKPOINTS_DIR, MODEL_CONFIG, RUN_MANIFEST
 from flowpin.data.order import dataset_digest
 from flowpin.display import safe
 from flowpin.errors import RecipeError
@@ -31,8 +32,8 @@ from flowpin.paths import check_output_path, resolve_inside, to_name
 from flowpin.recipe import StagePaths, to_config, to_plain
 from flowpin.train.checkpoint import checkpoint_name
 from flowpin.train.distributed import destroy, init_distributed
-from flowpin.train.model import ModelConfig
-from flowpin.train.run import MODEL_CONFIG, TrainingStageConfig, fork_training
+from flowpin.train.run import TrainingStageConfig, fork_training
+from flowpin.train.transformer import ModelConfig
 
 
 def fork(parent_manifest: Path, *, step: int, overrides: list[str], root: Path, out: str | None = None) -> Path:
@@ -70,7 +71,7 @@ def fork(parent_manifest: Path, *, step: int, overrides: list[str], root: Path, 
     checkpoint = resolve_inside(subject["name"], root)
     data = paths.inputs["data"]
     run_dir = root / run_dir_name
-    manifest = run_dir / "manifest.json"
+    manifest = run_dir / RUN_MANIFEST
     with env_override(env_set):  # before init_distributed: no computation may precede the pins
         dist = init_distributed()
         try:
@@ -95,7 +96,7 @@ def fork(parent_manifest: Path, *, step: int, overrides: list[str], root: Path, 
                     run_dir=run_dir,
                     dist=dist,
                 )
-                rec.output(run_dir / "checkpoints" / MODEL_CONFIG)
+                rec.output(run_dir / CHECKPOINTS_DIR / MODEL_CONFIG)
                 for ref in result.checkpoints:
                     if ref.step > step:  # the fork's own checkpoints
                         rec.output(ref.path)

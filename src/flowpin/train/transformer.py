@@ -337,7 +337,7 @@ def effective_precision(model: torch.nn.Module) -> dict[str, Any]:
     if fp8 is not None and not te_modules:
         raise PrecisionError(
             f"the model's config asks for fp8={fp8!r} but it holds no Transformer Engine module, so megatron "
-            "computes without FP8; refusing to record FP8 (build it with flowpin.train.model.build_model)"
+            "computes without FP8; refusing to record FP8 (build it with flowpin.train.transformer.build_model)"
         )
     fp8_record = None
     if fp8 is not None:

@@ -66,13 +66,14 @@ from typing import Any
 import yaml
 
 from flowpin.canonical import canonical_json
+from flowpin.constants import MANIFEST_DIR
 from flowpin.display import safe, safe_lines
 from flowpin.environment import numerics_env_vars as tracked_env_vars
-from flowpin.errors import FlowpinError, IntegrityError, ManifestError
+from flowpin.errors import CodeDriftError, FlowpinError, ManifestError, PinnedInputError, RebuildError
 from flowpin.hashing import ArtifactDigest, Hasher, hash_bytes, hash_file
 from flowpin.manifest.diff import diff_manifests
-from flowpin.manifest.model import (
-    MANIFEST_DIR,
+from flowpin.manifest.resolve import fileset_base
+from flowpin.manifest.statement import (
     Manifest,
     entry_files,
     entry_kind,
@@ -80,24 +81,10 @@ from flowpin.manifest.model import (
     load_manifest,
     parse_manifest_bytes,
 )
-from flowpin.manifest.resolve import fileset_base
 from flowpin.manifest.trust import identity_digests, load_verified
 from flowpin.manifest.trust import pinned as pinned_digest
 from flowpin.paths import check_name, resolve_inside
 from flowpin.signing import TRUST_DIR, init_key
-
-
-class RebuildError(FlowpinError):
-    """A stage cannot be rebuilt: a fork record, a recipe outside params/, unusable workspace, or the stage failed."""
-
-
-class CodeDriftError(RebuildError):
-    """Pinned code or config is neither in the checkout nor in git history at its pinned digest."""
-
-
-class PinnedInputError(IntegrityError):
-    """A pinned input (dataset, checkpoint, parent manifest, file set) is missing or has other bytes."""
-
 
 WORKSPACE_MARKER = ".flowpin-rebuild"
 """File that marks a directory as a rebuild workspace (a kept one may be reused, i.e. wiped)."""

@@ -55,7 +55,6 @@ PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
 BUILD_TYPE = "https://flowpin.dev/buildtypes/stage/v1"
 BUILDER_ID = "https://flowpin.dev/builder/local/v1"
 MANIFEST_VERSION = 1
-MANIFEST_DIR = "manifests"
 MAX_MANIFEST_BYTES = 256 << 20
 
 

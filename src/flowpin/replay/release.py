@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from flowpin import __version__
 from flowpin.atomic import atomic_directory, atomic_write_bytes
 from flowpin.canonical import canonical_json
+from flowpin.constants import MANIFEST_DIR
 from flowpin.errors import (
     FlowpinError,
     NotAReleaseError,
@@ -58,14 +59,14 @@ from flowpin.errors import (
 )
 from flowpin.hashing import DEFAULT_ALGORITHM, Hasher
 from flowpin.jsonio import loads_strict
-from flowpin.manifest.model import MANIFEST_DIR, entry_type
+from flowpin.manifest.statement import entry_type
 from flowpin.manifest.trust import load_verified
 from flowpin.manifest.verify import verify_manifest
 from flowpin.paths import check_name
 from flowpin.safeio import open_regular, read_regular
 from flowpin.signing import TRUST_DIR, load_signer, load_trust_store, verify_envelope
 
-RELEASE_PAYLOAD_TYPE = "application/vnd.flowpin.release+json"
+RELEASE_PAYLOAD_TYPE = "application/vnd.flowpin.replay.release+json"
 RELEASE_TYPE = "https://flowpin.dev/release/v1"
 RELEASE_VERSION = 1
 RELEASE_FILE = "release.json"
