@@ -35,7 +35,7 @@ from flowpin.recipe import to_config
 from flowpin.train.checkpoint import load_checkpoint, save_checkpoint
 from flowpin.train.distributed import destroy, init_distributed, set_deterministic
 from flowpin.train.loop import OptimConfig, TrainConfig, build_optimizer, train
-from flowpin.train.run import lm_loss
+from flowpin.train.pretrain import lm_loss
 from flowpin.train.schedule import ScheduleConfig
 from flowpin.train.transformer import ModelConfig, build_model
 

@@ -65,7 +65,7 @@ def worker(steps: int) -> None:
     from flowpin.recipe import to_config
     from flowpin.train.distributed import destroy, init_distributed, set_deterministic
     from flowpin.train.loop import OptimConfig, build_optimizer
-    from flowpin.train.run import lm_loss
+    from flowpin.train.pretrain import lm_loss
     from flowpin.train.schedule import ScheduleConfig
     from flowpin.train.transformer import ModelConfig, build_model
 
@@ -81,7 +81,7 @@ def worker(steps: int) -> None:
     for step in range(steps):
         batch = torch.randint(2, 8192, (8, 256), generator=torch.Generator().manual_seed(step))
         optimizer.zero_grad(set_to_none=True)
-        loss_fn(model, batch).backward()
+        torch.autograd.backward(loss_fn(model, batch))
         optimizer.step()
     seconds = time.perf_counter() - start
     digest = hashlib.sha256()

@@ -24,9 +24,12 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from figures import Figure, write_figures
+from flowpin.constants import MANIFEST_DIR
 from flowpin.data.dedup import DedupConfig, dedup_records
+from flowpin.data.packing import pack_texts
 from flowpin.data.shards import read_dataset
-from flowpin.data.tokenize import TokenizeConfig, TokenizedDataset, pack_texts
+from flowpin.data.tokenize import TokenizeConfig
+from flowpin.data.tokenized import TokenizedDataset
 from flowpin.manifest.statement import load_manifest
 from flowpin.recipe import to_config
 
@@ -44,7 +47,7 @@ def best(fn: Callable[[], Any], repeat: int = 3) -> float:
 
 
 def ensure_full_variant() -> None:
-    if all((ROOT / "manifests" / "full" / f"{s}.json").exists() for s in STAGES):
+    if all((ROOT / MANIFEST_DIR / "full" / f"{s}.json").exists() for s in STAGES):
         return
     print("building the full variant (make data-full) ...", flush=True)
     subprocess.run(["make", "data-full"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
@@ -112,7 +115,7 @@ def main() -> int:
     print("\nhashing cost share per full-variant stage (from each manifest's run context)")
     print(f"  {'stage':<15} {'duration':>9} {'hashing':>9} {'share':>7} {'files':>7} {'MiB':>8} {'fingerprint':>12}")
     for stage in STAGES:
-        m = load_manifest(ROOT / "manifests" / "full" / f"{stage}.json")
+        m = load_manifest(ROOT / MANIFEST_DIR / "full" / f"{stage}.json")
         ctx = next(b["annotations"] for b in m.run_details["byproducts"] if b["name"] == "run-context")
         share = ctx["hashingSeconds"] / ctx["durationSeconds"]
         print(

@@ -26,7 +26,7 @@ from pathlib import Path
 from dvc_data.hashfile.hash import file_md5
 
 from figures import Figure, write_figures
-from flowpin.hashing import Hasher, StatCache
+from flowpin.hashing import Hasher, StatCache, parallel_workers
 from flowpin.manifest.record import record
 from flowpin.manifest.verify import verify_manifest
 from flowpin.signing import init_key, load_trust_store
@@ -143,9 +143,9 @@ def main() -> int:
         print(row("sha256sum (xargs, one process)", t_sum, total, base))
         t_one = best(lambda: Hasher(root, workers=1).digest("many"), args.repeat)
         print(row("flowpin sha256, 1 worker", t_one, total, base))
-        t_all = best(lambda: Hasher(root).digest("many"), args.repeat)
+        t_all = best(lambda: Hasher(root, workers=parallel_workers()).digest("many"), args.repeat)
         print(row(f"flowpin sha256, {cores} workers", t_all, total, base))
-        t_b3 = best(lambda: Hasher(root, "blake3").digest("many"), args.repeat)
+        t_b3 = best(lambda: Hasher(root, "blake3", workers=parallel_workers()).digest("many"), args.repeat)
         print(row("flowpin blake3, all workers", t_b3, total, base))
         t_md5 = best(lambda: [file_md5(p) for p in paths], args.repeat)
         print(row("DVC file_md5 loop", t_md5, total, base))
@@ -184,14 +184,15 @@ def main() -> int:
         # cache. Files younger than the racy window (2 s) are never cached, as with any fresh artifact.
         time.sleep(2.1)
         signer = init_key(root, key_path=root / "bench.key")
-        with record("bench", recipe={}, code=[], root=root, signer=signer) as rec:
+        with record("bench", recipe={}, code=[], root=root, signer=signer, hash_workers=parallel_workers()) as rec:
             rec.output("many")
         cache = StatCache(root / "cache.sqlite")
         manifest = root / "manifests" / "bench.json"
         trusted = load_trust_store(root)
 
         def verify(c: StatCache | None) -> None:
-            report = verify_manifest(manifest, root=root, trusted=trusted, hasher=Hasher(root, cache=c))
+            hasher = Hasher(root, cache=c, workers=parallel_workers())  # as `flowpin verify` hashes
+            report = verify_manifest(manifest, root=root, trusted=trusted, hasher=hasher)
             assert report.ok, report.findings
 
         cold = best(lambda: verify(None), args.repeat)

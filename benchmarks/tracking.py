@@ -45,7 +45,8 @@ from flowpin.tracking.aim import AimTracker
 from flowpin.train import megatron_cpu
 from flowpin.train.distributed import destroy, init_distributed, set_deterministic
 from flowpin.train.loop import ExtraRng, OptimConfig, TrainConfig, train
-from flowpin.train.run import lm_loss, train_loop
+from flowpin.train.pretrain import lm_loss
+from flowpin.train.run import train_loop
 from flowpin.train.schedule import ScheduleConfig
 from flowpin.train.transformer import ModelConfig, build_model
 

@@ -14,10 +14,13 @@ import hydra
 from omegaconf import DictConfig
 
 from flowpin.manifest.resolve import python_stdlib_root, python_stdlib_uri
-from flowpin.post.eval import DATA_ROLES, EvalConfig, preflight, resolve_inputs, run_eval
+from flowpin.post.eval import run_eval
+from flowpin.post.eval_config import DATA_ROLES, EvalConfig
+from flowpin.post.eval_inputs import preflight, resolve_inputs
+from flowpin.post.eval_report import MARKDOWN_NAME
 from flowpin.stage import stage_run
 from flowpin.tracking.aim import numeric_leaves
-from flowpin.train.distributed import destroy, init_distributed
+from flowpin.train.distributed import destroy, init_distributed, set_deterministic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,14 +42,15 @@ def main(cfg: DictConfig) -> None:
                 stdlib_uri=uri,
                 synth_digest={synth.algorithm: synth.digest},
             )
-            result = run_eval(run.recipe, inputs, run.out_dir, progress=print)
+            determinism = set_deterministic(run.recipe.seed, cpu_threads=run.recipe.threads)  # seeds, threads, kernels
+            result = run_eval(run.recipe, inputs, run.out_dir, determinism=determinism, progress=print)
             for row in result.table["rows"]:  # each checkpoint's scores to the run's tracker (Aim)
                 scores = numeric_leaves({k: row[k] for k in ("bits_per_byte", "nats_per_token", "pass_at_1")})
                 run.tracker.log_metrics(row["checkpoint"]["step"], scores, {"subset": "heldout", "model": row["stage"]})
             run.report = result.report
     finally:
         destroy()
-    print((ROOT / run.paths.out / "eval.md").read_text("utf-8"), end="")
+    print((ROOT / run.paths.out / MARKDOWN_NAME).read_text("utf-8"), end="")
 
 
 if __name__ == "__main__":

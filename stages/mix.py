@@ -13,7 +13,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from flowpin.data.mix import MixConfig, run_mix
+from flowpin.data.mix import run_mix
+from flowpin.data.mix_config import MixConfig
 from flowpin.stage import stage_run
 
 ROOT = Path(__file__).resolve().parents[1]

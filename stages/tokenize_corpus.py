@@ -7,6 +7,8 @@ python stages/tokenize_corpus.py tokenize.packing.seq_len=128       # any Hydra 
 
 A recipe with ``tokenize.tokenizer.source: input`` reuses the tokenizer of ``paths.inputs.tokenizer``
 (pinned like any input, its manifest a parent); the file itself is also declared with kind ``tokenizer``.
+HF tokenizers runs without its thread pool for the whole library call (``TOKENIZERS_PARALLELISM=false``,
+set and restored here, so the recorded environment is the one the stage was started with).
 
 (Not ``stages/tokenize.py``: run as a script, a file of that name in stages/ would shadow the standard
 library's ``tokenize`` module for *every* stage script, since their directory is ``sys.path[0]``.)
@@ -19,7 +21,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from flowpin.data.tokenize import TOKENIZER_NAME, TOKENIZER_ROLE, TokenizeConfig, check_tokenizer_source, run_tokenize
+from flowpin.data.tokenize import TokenizeConfig, check_tokenizer_source, run_tokenize
+from flowpin.data.tokenized import TOKENIZER_NAME
+from flowpin.data.tokenizer import TOKENIZER_ROLE, tokenizers_single_threaded
 from flowpin.recipe import StagePaths
 from flowpin.stage import stage_run
 
@@ -36,7 +40,8 @@ def main(cfg: DictConfig) -> None:
         reuse = run.input_dir(TOKENIZER_ROLE) if TOKENIZER_ROLE in run.paths.inputs else None
         if reuse is not None:
             run.rec.input(reuse / TOKENIZER_NAME, kind="tokenizer")
-        result = run_tokenize(run.recipe, run.input_dir("corpus"), run.out_dir, tokenizer_dir=reuse)
+        with tokenizers_single_threaded():  # set here, not in the library; restored before the manifest's fingerprint
+            result = run_tokenize(run.recipe, run.input_dir("corpus"), run.out_dir, tokenizer_dir=reuse)
         run.report = result.report
         run.rec.note("timing", **result.timing)  # run metadata: not in the report, which dvc.lock pins
     print(

@@ -21,9 +21,11 @@ import torch
 from torch import nn
 
 from flowpin.cli import main as flowpin_main
+from flowpin.constants import CHECKPOINTS_DIR
 from flowpin.data.order import DataOrder, order_for
 from flowpin.data.shards import write_dataset
-from flowpin.data.tokenize import TokenizeConfig, TokenizedDataset, run_tokenize
+from flowpin.data.tokenize import TokenizeConfig, run_tokenize
+from flowpin.data.tokenized import TokenizedDataset
 from flowpin.manifest.record import record
 from flowpin.recipe import to_config
 from flowpin.signing import Signer, init_key
@@ -138,7 +140,7 @@ def build_flow(root: Path) -> Flow:
             rec.output(ref.path)
 
     # A fork from step 4 under another order: the loop starts that order at its position 0.
-    parent = root / "runs" / "pretrain" / "checkpoints" / f"step-{FORK_AT:06d}"
+    parent = root / "runs" / "pretrain" / CHECKPOINTS_DIR / f"step-{FORK_AT:06d}"
     model = Toy()
     optimizer = build_optimizer(model, loop_config(FORK_STEPS).optim)
     state = load_checkpoint(parent, model=model, optimizer=optimizer)
@@ -339,7 +341,7 @@ def test_an_unverified_training_manifest_is_refused_before_anything_is_read(
 
 
 def test_a_changed_checkpoint_or_dataset_is_refused(copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    state = copy / "runs" / "pretrain" / "checkpoints" / "step-000004" / "state.json"
+    state = copy / "runs" / "pretrain" / CHECKPOINTS_DIR / "step-000004" / "state.json"
     document = json.loads(state.read_bytes())
     document["data"]["next_step"] = 9  # shifts every answer: a forged position
     state.write_text(json.dumps(document, sort_keys=True, separators=(",", ":")))
@@ -354,7 +356,7 @@ def test_a_changed_checkpoint_or_dataset_is_refused(copy: Path, capsys: pytest.C
 
 
 def test_a_checkpoint_state_is_read_with_the_strict_reader(copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    state = copy / "runs" / "pretrain" / "checkpoints" / "step-000002" / "state.json"
+    state = copy / "runs" / "pretrain" / CHECKPOINTS_DIR / "step-000002" / "state.json"
     state.write_text(state.read_text().rstrip()[:-1] + ',"step":2}')  # a second "step": which one would count?
     for target in ("runs/pretrain/checkpoints/step-000002", PRETRAIN):
         err = refused(capsys, target, "--step", "1")

@@ -16,11 +16,13 @@ from typing import Any
 import pytest
 
 from conftest import Project, flowpin_commands
-from flowpin import hashing
 from flowpin.canonical import canonical_json
-from flowpin.cli import main
+from flowpin.cli import COMMANDS, main
+from flowpin.errors import EXIT_INPUT, EXIT_INTERNAL, IntegrityError, InternalError, RecipeError, exit_code
+from flowpin.hashing import hasher as hasher_module
 from flowpin.manifest.record import record
 from flowpin.manifest.statement import load_manifest, write_manifest
+from flowpin.settings import VARIABLES
 from flowpin.signing import init_key
 
 
@@ -87,7 +89,7 @@ def test_verify_second_run_is_answered_by_the_stat_cache(
     # files younger than the racy window are never cached: verify as if 10 s had passed since writing
     real = time.time_ns
     monkeypatch.setattr(
-        hashing, "time", types.SimpleNamespace(time_ns=lambda: real() + 10**10, perf_counter=time.perf_counter)
+        hasher_module, "time", types.SimpleNamespace(time_ns=lambda: real() + 10**10, perf_counter=time.perf_counter)
     )
     code, out, _ = run(capsys, "verify", "--all")
     assert code == 0
@@ -299,9 +301,9 @@ def test_lineage_reports_a_changed_parent(cli: Project, capsys: pytest.CaptureFi
 
 def test_lineage_reports_a_cycle_and_terminates(cli: Project, capsys: pytest.CaptureFixture[str]) -> None:
     _, train = record_prep_and_train(cli)
-    template = load_manifest(train).statement
-    deps = template["predicate"]["buildDefinition"]["resolvedDependencies"]
-    parent_dep = next(d for d in deps if d["annotations"]["kind"] == "manifest")
+    loaded = load_manifest(train)
+    template = loaded.statement  # forged below, field by field: the raw statement
+    (parent_dep,) = loaded.parents
 
     def crafted(stage: str, parent: str) -> dict[str, Any]:
         statement = copy.deepcopy(template)
@@ -394,3 +396,62 @@ def test_every_positional_argument_of_every_command_has_a_help_line() -> None:
     assert ("flowpin diff", "a") in positionals  # the walk sees them
     missing = sorted(where for where, text in positionals.items() if not text or text == argparse.SUPPRESS)
     assert missing == []
+
+
+def test_help_lists_every_command_with_its_exit_status_and_every_flowpin_variable(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`flowpin --help` names every command (key init … ui), each with its exit status, and the FLOWPIN_*
+    variables; each command's own --help says its exit status; one naming style (noun, then verb)."""
+    leaves = {" ".join(path) for path, parser in flowpin_commands().items() if path and not parser._subparsers}
+    assert leaves == {c.name for c in COMMANDS}  # nothing missing, nothing stale
+    assert {"model-sign key init", "exp"} <= leaves and "model-sign key-init" not in leaves
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # unwrapped
+    for c in COMMANDS:
+        assert f"{c.name} {' '.join(c.summary.split())}" in out, c.name
+        assert " ".join(f"exit {c.exits}; 2 {c.refused}".split()) in out, c.name
+    assert "70 a flowpin bug" in out and "141 stdout closed early" in out
+    assert all(name in out for name in VARIABLES)
+    for path, parser in flowpin_commands().items():
+        if " ".join(path) in leaves:
+            assert "Exit status: " in (parser.description or ""), path
+
+
+# --- the exit-status policy (flowpin.errors.exit_code) ------------------------------------------------
+
+
+def test_exit_codes_follow_the_error_tree() -> None:
+    assert exit_code(RecipeError("x")) == exit_code(IntegrityError("x")) == EXIT_INPUT == 2
+    assert exit_code(InternalError("x")) == exit_code(ValueError("x")) == EXIT_INTERNAL == 70
+    assert exit_code(KeyboardInterrupt()) == 130 and exit_code(BrokenPipeError()) == 141
+
+
+@pytest.mark.parametrize(
+    ("raised", "status", "traceback"),
+    [
+        (RecipeError("train.lr: must be > 0; fix it in the recipe"), 2, False),
+        (InternalError("a helper was handed a negative step"), 70, True),
+        (KeyError("statement"), 70, True),
+        (KeyboardInterrupt(), 130, False),
+    ],
+)
+def test_every_command_ends_by_the_policy(
+    cli: Project,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    raised: BaseException,
+    status: int,
+    traceback: bool,
+) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise raised
+
+    monkeypatch.setattr("flowpin.manifest.verify.verify_manifest", fail)
+    record_prep_and_train(cli)
+    code, _, err = run(capsys, "verify", "--all")
+    assert code == status, err
+    assert ("Traceback (most recent call last)" in err) is traceback, err
+    assert err.splitlines()[-1].startswith("flowpin: ")

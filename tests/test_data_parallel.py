@@ -63,9 +63,9 @@ WORKER = textwrap.dedent(
     from flowpin.data.order import DataOrder
     from flowpin.tracking import JsonlTracker
     from flowpin.train import megatron_cpu
-    from flowpin.train.distributed import (
-        ReplicaDivergenceError, average, average_gradients, destroy, init_distributed, set_deterministic,
-    )
+    from flowpin.errors import ReplicaDivergenceError
+    from flowpin.runtime import prepare_environment
+    from flowpin.train.distributed import average, average_gradients
     from flowpin.train.loop import ExtraRng, OptimConfig, TrainConfig, train
     from flowpin.train.megatron_ddp import DataParallelConfig, MegatronGradSync
     from flowpin.train.transformer import ModelConfig, build_model
@@ -150,43 +150,42 @@ WORKER = textwrap.dedent(
 
     def main(out: Path, jobs: list[str]) -> None:
         torch.set_num_threads(1)
-        info = init_distributed()
-        set_deterministic(0, cpu_threads=1)
-        results = {}
-        for mode, run_dir in zip(jobs[::2], jobs[1::2]):
-            run_dir = Path(run_dir)
-            if mode == "fresh":
-                model, result = run(info, run_dir)
-            elif mode == "megatron":  # megatron-core's DistributedDataParallel reduces the gradients
-                model, result = run(info, run_dir, engine="megatron")
-            elif mode == "halves":
-                model, result = run(info, run_dir, loss=halves_loss_fn)
-            elif mode == "crash-resume":
-                try:
-                    run(info, run_dir, crash_at=4)
-                    raise SystemExit("the run did not crash")
-                except Crash:
-                    pass
-                torch.manual_seed(999)  # a new process would start with other generator states
-                model, result = run(info, run_dir)
-                assert result.resumed_from is not None and result.resumed_from.name == "step-000003"
-            elif mode == "collectives":
-                results[mode] = collectives(info)
-                continue
-            elif mode == "diverge":
-                try:
-                    run(info, run_dir, model_seed=info.rank)
-                    results[mode] = {"error": None}
-                except ReplicaDivergenceError as exc:
-                    results[mode] = {"error": str(exc)}
-                continue
-            else:
-                raise SystemExit(f"unknown mode {mode}")
-            results[mode] = {"weights": weights(model), "loss": result.metrics["loss"],
-                             "determinism": result.state.determinism}
-        (out / f"rank-{info.rank}.json").write_text(json.dumps({"rank": info.rank, "world": info.world_size,
-                                                                 "launcher": info.launcher, "results": results}))
-        destroy()
+        with prepare_environment(seed=0, threads=1) as runtime:  # as a stage's entry point prepares it
+            info = runtime.dist
+            results = {}
+            for mode, run_dir in zip(jobs[::2], jobs[1::2]):
+                run_dir = Path(run_dir)
+                if mode == "fresh":
+                    model, result = run(info, run_dir)
+                elif mode == "megatron":  # megatron-core's DistributedDataParallel reduces the gradients
+                    model, result = run(info, run_dir, engine="megatron")
+                elif mode == "halves":
+                    model, result = run(info, run_dir, loss=halves_loss_fn)
+                elif mode == "crash-resume":
+                    try:
+                        run(info, run_dir, crash_at=4)
+                        raise SystemExit("the run did not crash")
+                    except Crash:
+                        pass
+                    torch.manual_seed(999)  # a new process would start with other generator states
+                    model, result = run(info, run_dir)
+                    assert result.resumed_from is not None and result.resumed_from.name == "step-000003"
+                elif mode == "collectives":
+                    results[mode] = collectives(info)
+                    continue
+                elif mode == "diverge":
+                    try:
+                        run(info, run_dir, model_seed=info.rank)
+                        results[mode] = {"error": None}
+                    except ReplicaDivergenceError as exc:
+                        results[mode] = {"error": str(exc)}
+                    continue
+                else:
+                    raise SystemExit(f"unknown mode {mode}")
+                results[mode] = {"weights": weights(model), "loss": result.metrics["loss"],
+                                 "determinism": result.state.determinism}
+            (out / f"rank-{info.rank}.json").write_text(json.dumps({"rank": info.rank, "world": info.world_size,
+                                                                     "launcher": info.launcher, "results": results}))
 
     if __name__ == "__main__":
         main(Path(sys.argv[1]), sys.argv[2:])

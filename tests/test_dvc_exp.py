@@ -1,4 +1,5 @@
-"""`dvc exp run -S` on the flow: overrides planned and checked by flowpin.dvcexp, signed manifests out.
+"""`flowpin exp` (`dvc exp run -S` on the flow): overrides planned and checked by flowpin.experiment, signed
+manifests out.
 
 The planning tests read the repository's own params/ (fast). The end-to-end tests run real experiments
 on the `synth` stage of a scratch project (seconds each): in the workspace and in a temporary copy.
@@ -10,15 +11,15 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import BIN, REPO, checked, make_project, run_in
-from flowpin.dvcexp import plan_experiment
+from flowpin.cli import main
 from flowpin.errors import RecipeError
+from flowpin.experiment import plan_experiment
 from flowpin.manifest.statement import load_manifest
 
 DVC = str(BIN / "dvc")
@@ -90,6 +91,44 @@ def test_an_isolated_run_brings_the_signing_key(monkeypatch: pytest.MonkeyPatch)
     assert "--copy-paths" not in plan.argv(temp=True)
 
 
+# --- flowpin exp: the command line (in process; nothing run but a planned dvc command) ----------------------
+
+
+def test_flowpin_exp_dry_run_prints_the_dvc_command(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("FLOWPIN_SIGNING_KEY", raising=False)
+    # overrides may follow the options (argparse leaves them over; flowpin hands them to exp)
+    assert main(["exp", "synth", "--dry-run", "--name", "seven", "synth.seed=7"]) == 0
+    out = capsys.readouterr().out
+    assert out == "dvc exp run --name seven --set-param params/synth.yaml:synth.seed=7 synth\n"
+
+
+def test_flowpin_exp_refusals_are_input_errors_and_a_failed_dvc_run_is_a_no(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(REPO)
+    assert main(["exp", "pretrain", "train.loop.stepz=3", "--dry-run"]) == 2
+    assert "flowpin: RecipeError: " in capsys.readouterr().err
+    ran: list[list[str]] = []
+
+    def failing(argv: list[str], *, root: Path) -> int:
+        ran.append(argv)
+        return 255
+
+    monkeypatch.setattr("flowpin.experiment.run_experiment", failing)
+    assert main(["exp", "synth", "synth.seed=7"]) == 1
+    assert ran == [["dvc", "exp", "run", "--set-param", "params/synth.yaml:synth.seed=7", "synth"]]
+    assert "dvc exp run failed (exit 255)" in capsys.readouterr().err
+
+
+def test_a_project_without_dvc_yaml_is_refused_by_name(tmp_path: Path) -> None:
+    (tmp_path / "params").mkdir()
+    with pytest.raises(RecipeError, match=r"dvc\.yaml: no such file"):
+        plan_experiment("synth", ["synth.seed=7"], root=tmp_path)
+
+
 def _copy_flow(dest: Path) -> Path:
     dest.mkdir()
     shutil.copytree(REPO / "params", dest / "params")
@@ -138,8 +177,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _exp(root: Path, *args: str) -> str:
     t0 = time.monotonic()
-    out = checked(root, sys.executable, "-m", "flowpin.dvcexp", *args)
-    print(f"python -m flowpin.dvcexp {' '.join(args)}: {time.monotonic() - t0:.1f} s")
+    out = checked(root, FLOWPIN, "exp", *args)
+    print(f"flowpin exp {' '.join(args)}: {time.monotonic() - t0:.1f} s")
     return out
 
 
@@ -151,8 +190,8 @@ def _exp_ref(root: Path, name: str) -> str:
 def _recipe(manifest_bytes: bytes, tmp: Path) -> dict[str, object]:
     path = tmp / "m.json"
     path.write_bytes(manifest_bytes)
-    external: dict[str, object] = load_manifest(path).statement["predicate"]["buildDefinition"]["externalParameters"]
-    return external
+    m = load_manifest(path)
+    return {"recipe": m.recipe, "overrides": m.overrides}
 
 
 @pytest.mark.slow

@@ -111,7 +111,7 @@ def test_the_multinode_recipe_composes_into_typed_configs() -> None:
 
     from flowpin.train.distributed import GPU_DETERMINISM_ENV
     from flowpin.train.loop import rank_rows
-    from flowpin.train.run import TrainingStageConfig
+    from flowpin.train.pretrain import TrainingStageConfig
     from flowpin.train.transformer import ModelConfig, check_precision, estimate_params
 
     with initialize_config_dir(config_dir=str(REPO / "params"), version_base="1.3"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib.abc
@@ -261,15 +262,44 @@ class _FakeTE(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             raise self.error
 
 
+@contextlib.contextmanager
+def te_modules_restored() -> Iterator[None]:
+    """``sys.modules``' ``transformer_engine`` entries as they were before, whatever was imported meanwhile:
+    megatron-core, imported later in this process, would take a stand-in left there for an installed
+    Transformer Engine (and then fail to find its version)."""
+    saved = {name: module for name, module in sys.modules.items() if name.split(".")[0] == "transformer_engine"}
+    try:
+        yield
+    finally:
+        for name in [n for n in sys.modules if n.split(".")[0] == "transformer_engine"]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+
+
 @pytest.fixture
-def te_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+def te_installed(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     real_version = metadata.version
 
     def version(name: str) -> str:
         return "2.8.0" if name == "transformer-engine" else real_version(name)
 
     monkeypatch.setattr(metadata, "version", version)
-    monkeypatch.delitem(sys.modules, "transformer_engine", raising=False)
+    with te_modules_restored():
+        monkeypatch.delitem(sys.modules, "transformer_engine", raising=False)
+        yield
+
+
+def test_a_stand_in_transformer_engine_does_not_outlive_its_test(
+    te_installed: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "meta_path", [_FakeTE(None), *sys.meta_path])
+    before = sys.modules.get("transformer_engine")
+    with te_modules_restored():
+        monkeypatch.delitem(sys.modules, "transformer_engine", raising=False)
+        assert probe_transformer_engine()["importable"] is True
+        stand_in = sys.modules["transformer_engine"]
+        assert isinstance(stand_in.__spec__.loader, _FakeTE)  # type: ignore[union-attr]
+    assert sys.modules.get("transformer_engine") is before
 
 
 def test_te_probe_reports_runtime_error_without_gpu(te_installed: None, monkeypatch: pytest.MonkeyPatch) -> None:

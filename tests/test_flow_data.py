@@ -23,7 +23,8 @@ import yaml
 
 from conftest import BIN, REPO, checked, make_project
 from flowpin.cli import main as flowpin_main
-from flowpin.data.tokenize import TokenizedDataset
+from flowpin.constants import INDEX_NAME, MANIFEST_DIR
+from flowpin.data.tokenized import TokenizedDataset
 from flowpin.manifest.digests import identity_view
 from flowpin.manifest.statement import load_manifest
 
@@ -45,7 +46,7 @@ RECORDING = (
     "src/flowpin/manifest/",
     "src/flowpin/environment.py",
     "src/flowpin/signing.py",
-    "src/flowpin/hashing.py",
+    "src/flowpin/hashing/",
     "src/flowpin/paths.py",
     "src/flowpin/__init__.py",
     "src/flowpin/tracking/",  # write-only: metrics to metrics.jsonl / Aim, never into an artifact
@@ -54,6 +55,8 @@ RECORDING = (
     "src/flowpin/failpoints.py",  # armed only by the fault-injection suite: kills, never changes a byte
     "src/flowpin/display.py",  # escapes text for a terminal: human output only
     "src/flowpin/train/cpu_warnings.py",  # which third-party warnings a terminal shows: human output only
+    "src/flowpin/settings.py",  # reads FLOWPIN_* (where and how a stage runs, never what it computes)
+    "src/flowpin/dvcfile.py",  # reads dvc.yaml to know which code deps to pin
 )
 """Modules that record a run but cannot change what a stage computes (not DVC deps of stages)."""
 
@@ -74,7 +77,7 @@ def subject_digests(root: Path) -> dict[str, dict[str, str]]:
     return {
         stage: {
             s["name"]: s["digest"]["flowpinSha256"]
-            for s in load_manifest(root / "manifests" / f"{stage}.json").subjects
+            for s in load_manifest(root / MANIFEST_DIR / f"{stage}.json").subjects
         }
         for stage in DATA_STAGES
     }
@@ -144,7 +147,7 @@ def test_every_manifest_pins_its_own_dvc_entry(flow: Path) -> None:
     for stage, entry in dvc_stages().items():
         if stage not in DATA_STAGES:  # the training stages are not replayed here (minutes, not seconds)
             continue
-        m = load_manifest(flow / "manifests" / f"{stage}.json")
+        m = load_manifest(flow / MANIFEST_DIR / f"{stage}.json")
         assert m.stage == stage
         deps = [d if isinstance(d, str) else next(iter(d)) for d in entry["deps"]]  # type: ignore[attr-defined]
         code = [d["name"] for d in m.dependencies if d["annotations"]["kind"] == "code"]
@@ -153,13 +156,13 @@ def test_every_manifest_pins_its_own_dvc_entry(flow: Path) -> None:
 
 @pytest.mark.slow
 def test_later_stages_share_the_pretraining_tokenizer(flow: Path) -> None:
-    indexes = {n: json.loads((flow / "data" / n / "index.json").read_bytes()) for n in TOKENIZED}
+    indexes = {n: json.loads((flow / "data" / n / INDEX_NAME).read_bytes()) for n in TOKENIZED}
     assert len({i["tokenizer"]["sha256"] for i in indexes.values()}) == 1
     assert [i["tokenizer"].get("source") for i in indexes.values()] == [None, "input", "input"]
     assert [i["seq_len"] for i in indexes.values()] == [256, 256, 1024]
     assert len({i["vocab_size"] for i in indexes.values()}) == 1
     for leaf in ("tokenize_midtrain", "tokenize_longctx"):
-        deps = {d["name"]: d for d in load_manifest(flow / "manifests" / f"{leaf}.json").dependencies}
+        deps = {d["name"]: d for d in load_manifest(flow / MANIFEST_DIR / f"{leaf}.json").dependencies}
         assert deps["data/tokenize/tokenizer.json"]["annotations"]["kind"] == "tokenizer"
         assert deps["data/tokenize/tokenizer.json"]["digest"]["sha256"] == indexes["tokenize"]["tokenizer"]["sha256"]
         assert "manifests/tokenize.json" in deps
@@ -190,10 +193,10 @@ def test_mid_training_and_long_context_mixes_hit_their_shares_in_real_tokens(flo
 
 @pytest.mark.slow
 def test_second_repro_is_a_no_op(flow: Path) -> None:
-    before = {s: (flow / "manifests" / f"{s}.json").read_bytes() for s in DATA_STAGES}
+    before = {s: (flow / MANIFEST_DIR / f"{s}.json").read_bytes() for s in DATA_STAGES}
     out = checked(flow, str(BIN / "dvc"), "repro", *DATA_STAGES)
     assert "Running stage" not in out
-    assert {s: (flow / "manifests" / f"{s}.json").read_bytes() for s in DATA_STAGES} == before
+    assert {s: (flow / MANIFEST_DIR / f"{s}.json").read_bytes() for s in DATA_STAGES} == before
 
 
 def _set_ngram(root: Path, n: int) -> None:
@@ -242,7 +245,7 @@ def test_two_clean_runs_give_identical_digests_for_every_data_artifact(flow: Pat
     checked(other, str(BIN / "dvc"), "repro", *DATA_STAGES)
     assert subject_digests(other) == subject_digests(flow)
     for stage in DATA_STAGES:
-        a, b = flow / "manifests" / f"{stage}.json", other / "manifests" / f"{stage}.json"
+        a, b = flow / MANIFEST_DIR / f"{stage}.json", other / MANIFEST_DIR / f"{stage}.json"
         assert flowpin_main(["diff", str(a), str(b)]) == 0, f"{stage}: identity differs between two clean runs"
     assert os.environ.get("FLOWPIN_SIGNING_KEY") is None
 
@@ -257,8 +260,8 @@ def test_the_replayed_data_stages_reproduce_the_committed_release_record(flow: P
     """Issue #14: CI checks the committed record. A clean replay of every data stage pins the same subjects
     (flowpin's content identity) as the committed manifests/<stage>.json, and DVC records the same output
     hashes as the committed dvc.lock (so `make release-check`'s `git diff --exit-code dvc.lock` holds)."""
-    committed = load_manifest(REPO / "manifests" / f"{stage}.json")
-    replayed = load_manifest(flow / "manifests" / f"{stage}.json")
+    committed = load_manifest(REPO / MANIFEST_DIR / f"{stage}.json")
+    replayed = load_manifest(flow / MANIFEST_DIR / f"{stage}.json")
     assert {s["name"]: identity_view(s) for s in replayed.subjects} == {
         s["name"]: identity_view(s) for s in committed.subjects
     }
@@ -271,7 +274,7 @@ def test_an_outside_verifier_rederives_every_digest_of_the_replayed_flow(flow: P
     flowpin verify)."""
     from test_interop_digests import rederive, statement_of
 
-    statements = {f"manifests/{s}.json": statement_of(flow / "manifests" / f"{s}.json") for s in DATA_STAGES}
+    statements = {f"manifests/{s}.json": statement_of(flow / MANIFEST_DIR / f"{s}.json") for s in DATA_STAGES}
     checked_digests = 0
     for statement in statements.values():
         entries = [*statement["subject"], *statement["predicate"]["buildDefinition"]["resolvedDependencies"]]

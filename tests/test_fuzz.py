@@ -6,10 +6,12 @@ the code under test returns a result or raises a :class:`FlowpinError` -- any ot
 *crash* -- plus, where there is one, a soundness property (a mutated payload never verifies; canonical
 output round-trips and agrees with RFC 8785).
 
-Every call into flowpin goes through :func:`_guard`, which counts the cases actually executed (shrinking
-included) and the crashes. ``test_zz_fuzz_summary`` runs last, prints ``fuzz: N cases, M crashes`` and,
-under the ``fuzz`` profile (``make fuzz``), checks that at least 10,000 cases ran. The profiles are
-registered in ``tests/conftest.py``: ``ci`` (the default: derandomized, few examples) and ``fuzz``.
+Every call into flowpin goes through :meth:`Tally.guard`, which counts the cases actually executed (shrinking
+included) and the crashes. The tally belongs to the module-scoped ``fuzz_tally`` fixture: when the module's
+last test is done, whatever the order or selection, it prints ``fuzz: N cases, M crashes`` and, under the
+``fuzz`` profile (``make fuzz``) when every property of the module ran in this process, checks that at least
+10,000 cases ran. The profiles are registered in ``tests/conftest.py``: ``ci`` (the default: derandomized, few
+examples) and ``fuzz``.
 """
 
 from __future__ import annotations
@@ -20,16 +22,18 @@ import copy
 import dataclasses
 import hashlib
 import json
+import os
+import sys
 import tempfile
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 import zstandard
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from hypothesis import given, settings
+from hypothesis import given, is_hypothesis_test, settings
 from hypothesis import strategies as st
 
 from conftest import REPO, Project
@@ -59,21 +63,87 @@ FUZZ_MIN_CASES = 10_000
 
 # --- counting cases and crashes -------------------------------------------------------------------
 
-_CASES: collections.Counter[str] = collections.Counter()
-_CRASHES: set[str] = set()
+UNCOUNTED = ("setup", "regression")
+"""Labels of cases that are no fuzz property's (the seed manifest's check, the regression tests)."""
 
 
-def _guard(test: str, call: Callable[[], T]) -> T | FlowpinError:
-    """Run one case: its result, or the FlowpinError it raised; any other exception is a crash (re-raised)."""
-    _CASES[test] += 1
-    try:
-        return call()
-    except FlowpinError as exc:
-        return exc
-    except Exception as exc:
-        frame = traceback.extract_tb(exc.__traceback__)[-1]
-        _CRASHES.add(f"{test}: {type(exc).__name__} at {Path(frame.filename).name}:{frame.lineno}")
-        raise
+def _current_test() -> str:
+    """The running test function's name, from pytest's ``PYTEST_CURRENT_TEST`` (``path::name[params] (call)``)."""
+    current = os.environ.get("PYTEST_CURRENT_TEST", "")
+    return current.rpartition("::")[2].partition(" ")[0].partition("[")[0]
+
+
+@dataclasses.dataclass
+class Tally:
+    """The cases and crashes of one run of this module's properties (see the module docstring)."""
+
+    cases: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    """Cases executed, by label."""
+    crashes: set[str] = dataclasses.field(default_factory=set)
+    ran: set[str] = dataclasses.field(default_factory=set)
+    """The test functions that executed a case."""
+
+    def guard(self, label: str, call: Callable[[], T]) -> T | FlowpinError:
+        """Run one case: its result, or the FlowpinError it raised; any other exception is a crash (re-raised)."""
+        self.cases[label] += 1
+        self.ran.add(_current_test())
+        try:
+            return call()
+        except FlowpinError as exc:
+            return exc
+        except Exception as exc:
+            frame = traceback.extract_tb(exc.__traceback__)[-1]
+            self.crashes.add(f"{label}: {type(exc).__name__} at {Path(frame.filename).name}:{frame.lineno}")
+            raise
+
+    def total(self) -> int:
+        return sum(n for label, n in self.cases.items() if label not in UNCOUNTED)
+
+    def summary(self, profile: str) -> str:
+        per_label = ", ".join(f"{label} {n}" for label, n in sorted(self.cases.items()) if label not in UNCOUNTED)
+        lines = [
+            f"fuzz: {self.total()} cases, {len(self.crashes)} crashes (hypothesis profile {profile!r}; {per_label})"
+        ]
+        return "\n".join([*lines, *(f"fuzz crash: {crash}" for crash in sorted(self.crashes))])
+
+
+def _properties(module: object) -> set[str]:
+    """The hypothesis tests of ``module``."""
+    return {name for name, f in vars(module).items() if name.startswith("test_") and is_hypothesis_test(f)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fuzz_tally(request: pytest.FixtureRequest) -> Iterator[Tally]:
+    """This module's tally; after its last test, the summary line and the checks (see the module docstring)."""
+    tally = Tally()
+    yield tally
+    if not tally.total():
+        return  # no property ran here (the regressions alone were selected)
+    profile = settings.get_current_profile_name()
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        print(f"\n{tally.summary(profile)}")
+    assert not tally.crashes, sorted(tally.crashes)
+    if profile == "fuzz" and _properties(request.module) <= tally.ran:
+        assert tally.total() >= FUZZ_MIN_CASES, (
+            f"only {tally.total()} cases ran; the fuzz profile promises {FUZZ_MIN_CASES}"
+        )
+
+
+def test_the_tally_counts_cases_names_crashes_and_knows_the_running_test() -> None:
+    tally = Tally()
+    assert tally.guard("p", lambda: 1) == 1
+    refused = tally.guard("p", lambda: canonical_json(float("nan")))
+    assert isinstance(refused, CanonicalError)
+    with pytest.raises(ZeroDivisionError):
+        tally.guard("p", lambda: 1 // 0)
+    assert tally.cases == {"p": 3} and tally.total() == 3
+    (crash,) = tally.crashes
+    assert crash.startswith("p: ZeroDivisionError at test_fuzz.py:")
+    assert tally.ran == {"test_the_tally_counts_cases_names_crashes_and_knows_the_running_test"}
+    tally.guard("setup", lambda: None)
+    assert tally.total() == 3 and "setup" not in tally.summary("ci")
+    assert "test_canonical_json_agrees_with_rfc8785" in _properties(sys.modules[__name__])
 
 
 # --- strategies: JSON-like values -----------------------------------------------------------------
@@ -168,8 +238,8 @@ def _has_unsafe_int(value: Any) -> bool:
 
 
 @given(_any_values)
-def test_canonical_json_returns_bytes_or_refuses_by_name(value: Any) -> None:
-    out = _guard("canonical", lambda: canonical_json(value))
+def test_canonical_json_returns_bytes_or_refuses_by_name(fuzz_tally: Tally, value: Any) -> None:
+    out = fuzz_tally.guard("canonical", lambda: canonical_json(value))
     if isinstance(out, FlowpinError):
         assert isinstance(out, CanonicalError), repr(out)
         return
@@ -180,25 +250,25 @@ def test_canonical_json_returns_bytes_or_refuses_by_name(value: Any) -> None:
 
 
 @given(st.dictionaries(_text, _json_values, min_size=2, max_size=8), st.randoms(use_true_random=False))
-def test_canonical_json_ignores_key_order(value: dict[str, Any], rnd: Any) -> None:
+def test_canonical_json_ignores_key_order(fuzz_tally: Tally, value: dict[str, Any], rnd: Any) -> None:
     items = list(value.items())
     rnd.shuffle(items)
-    a = _guard("canonical_order", lambda: canonical_json(value))
-    b = _guard("canonical_order", lambda: canonical_json(dict(items)))
+    a = fuzz_tally.guard("canonical_order", lambda: canonical_json(value))
+    b = fuzz_tally.guard("canonical_order", lambda: canonical_json(dict(items)))
     assert type(a) is type(b)
     if isinstance(a, bytes):
         assert a == b
 
 
 @given(_json_values)
-def test_canonical_json_agrees_with_rfc8785(value: Any) -> None:
+def test_canonical_json_agrees_with_rfc8785(fuzz_tally: Tally, value: Any) -> None:
     """The module claims RFC 8785 (JCS); the ``rfc8785`` package is the oracle.
 
     One documented extension: an integer above 2**53-1 that is exactly the canonical form of a double
     (``1e17`` read back from flowpin's own output) is accepted, where the oracle refuses every such int.
     """
     rfc8785 = pytest.importorskip("rfc8785")
-    ours = _guard("canonical_rfc8785", lambda: canonical_json(value))
+    ours = fuzz_tally.guard("canonical_rfc8785", lambda: canonical_json(value))
     try:
         theirs: bytes | None = rfc8785.dumps(value)
     # CanonicalizationError is a ValueError; the oracle's own crashes on a surrogate key (UnicodeEncodeError)
@@ -213,11 +283,11 @@ def test_canonical_json_agrees_with_rfc8785(value: Any) -> None:
 
 
 @given(st.integers(1, 200_000), st.sampled_from(["[", "{"]))
-def test_canonical_json_refuses_deep_nesting_by_name(depth: int, kind: str) -> None:
+def test_canonical_json_refuses_deep_nesting_by_name(fuzz_tally: Tally, depth: int, kind: str) -> None:
     value: Any = []
     for _ in range(depth):
         value = [value] if kind == "[" else {"k": value}
-    out = _guard("canonical_deep", lambda: canonical_json(value))
+    out = fuzz_tally.guard("canonical_deep", lambda: canonical_json(value))
     if isinstance(out, bytes):
         assert json.loads(out) == value
         assert depth <= MAX_DEPTH
@@ -391,17 +461,18 @@ class Signed:
     body: bytes
     target: Path
     """Where each case writes the manifest it verifies."""
+    tally: Tally
 
     def verify(self, test: str, data: bytes) -> Any:
         self.target.write_bytes(data)
         hasher = Hasher(self.project.root, workers=1)
-        return _guard(
+        return self.tally.guard(
             test, lambda: verify_manifest(self.target, root=self.project.root, trusted=self.trusted, hasher=hasher)
         )
 
 
 @pytest.fixture(scope="module")
-def signed(tmp_path_factory: pytest.TempPathFactory) -> Signed:
+def signed(tmp_path_factory: pytest.TempPathFactory, fuzz_tally: Tally) -> Signed:
     root = (tmp_path_factory.mktemp("fuzz") / "proj").resolve()
     (root / ".dvc").mkdir(parents=True)
     signer = init_key(root, key_path=root / ".flowpin" / "keys" / "signing.key")
@@ -431,7 +502,7 @@ def signed(tmp_path_factory: pytest.TempPathFactory) -> Signed:
     envelope = json.loads(data)
     body = base64.b64decode(envelope["payload"])
     target = root / "manifests" / "fuzzed.json"
-    signed = Signed(project, project.trusted(), path, data, envelope, json.loads(body), body, target)
+    signed = Signed(project, project.trusted(), path, data, envelope, json.loads(body), body, target, fuzz_tally)
     assert signed.verify("setup", data).ok  # the seed itself verifies: mutations start from a valid manifest
     return signed
 
@@ -463,13 +534,13 @@ def _assert_sound(report: Any, signed: Signed) -> None:
 @given(
     st.one_of(st.binary(max_size=256), _text.map(_to_bytes), _json_values.map(lambda v: _to_bytes(_render(v, False))))
 )
-def test_parse_manifest_arbitrary_input(data: bytes) -> None:
-    result = _guard("parse_arbitrary", lambda: parse_manifest_bytes(data, "fuzzed.json"))
+def test_parse_manifest_arbitrary_input(fuzz_tally: Tally, data: bytes) -> None:
+    result = fuzz_tally.guard("parse_arbitrary", lambda: parse_manifest_bytes(data, "fuzzed.json"))
     assert isinstance(result, FlowpinError | tuple)
 
 
 @given(_json_values, st.one_of(st.none(), _json_values))
-def test_parse_manifest_envelope_shaped(payload: Any, signatures: Any) -> None:
+def test_parse_manifest_envelope_shaped(fuzz_tally: Tally, payload: Any, signatures: Any) -> None:
     """Schema-valid envelopes around arbitrary payload JSON reach the statement parser and validator."""
     envelope = {
         "payloadType": PAYLOAD_TYPE,
@@ -477,7 +548,7 @@ def test_parse_manifest_envelope_shaped(payload: Any, signatures: Any) -> None:
         "signatures": signatures if isinstance(signatures, list) else [{"keyid": "k", "sig": "AA=="}],
     }
     data = _to_bytes(_render(envelope, True))
-    result = _guard("parse_envelope_shaped", lambda: parse_manifest_bytes(data, "fuzzed.json"))
+    result = fuzz_tally.guard("parse_envelope_shaped", lambda: parse_manifest_bytes(data, "fuzzed.json"))
     assert isinstance(result, FlowpinError | tuple)
 
 
@@ -577,7 +648,7 @@ def _check_resigned(signed: Signed, test: str, body: bytes) -> None:
 
 @given(st.data())
 def test_parse_and_check_signature_of_release_manifests(
-    release: list[tuple[bytes, bytes]], data: st.DataObject
+    fuzz_tally: Tally, release: list[tuple[bytes, bytes]], data: st.DataObject
 ) -> None:
     """Byte mutations of the committed release record: parse, then signature against the repository keys."""
     if not release:
@@ -591,7 +662,7 @@ def test_parse_and_check_signature_of_release_manifests(
         verify_envelope(envelope, trusted, "fuzzed.json")
         return decode_b64(envelope["payload"], "fuzzed")
 
-    verified = _guard("release_bytes", check)
+    verified = fuzz_tally.guard("release_bytes", check)
     if isinstance(verified, bytes):
         assert verified == body  # a verified envelope carries the signed payload, whatever else changed
 
@@ -637,7 +708,7 @@ def test_verify_envelope_arbitrary_shapes(signed: Signed, data: st.DataObject) -
             },
         )
     )
-    keyid = _guard("envelope", lambda: verify_envelope(envelope, trusted, "fuzzed"))
+    keyid = signed.tally.guard("envelope", lambda: verify_envelope(envelope, trusted, "fuzzed"))
     if isinstance(keyid, FlowpinError):
         return
     assert keyid in trusted
@@ -668,7 +739,7 @@ _STATE_SEED: dict[str, Any] = {
 
 
 @given(st.data())
-def test_checkpoint_state_parser(data: st.DataObject) -> None:
+def test_checkpoint_state_parser(fuzz_tally: Tally, data: st.DataObject) -> None:
     from flowpin.train.checkpoint import _parse_state
 
     raw: bytes
@@ -676,7 +747,7 @@ def test_checkpoint_state_parser(data: st.DataObject) -> None:
         raw = _to_bytes(_render(data.draw(_mutated(_STATE_SEED)), data.draw(st.booleans())))
     else:
         raw = data.draw(st.binary(max_size=128))
-    result = _guard("checkpoint_state", lambda: _parse_state(raw, Path("ckpt")))
+    result = fuzz_tally.guard("checkpoint_state", lambda: _parse_state(raw, Path("ckpt")))
     assert isinstance(result, FlowpinError | dict)
 
 
@@ -714,7 +785,7 @@ def _shard_files(draw: st.DrawFn) -> bytes:
 
 
 @given(_shard_files(), st.sampled_from([0, 16, 1 << 20]), st.booleans())
-def test_shard_reader(shard_dir: Path, shard: bytes, cap: int, pin: bool) -> None:
+def test_shard_reader(fuzz_tally: Tally, shard_dir: Path, shard: bytes, cap: int, pin: bool) -> None:
     from flowpin.data.shards import read_shard, read_shard_bytes
 
     path = shard_dir / "shard-00000.jsonl.zst"
@@ -725,12 +796,14 @@ def test_shard_reader(shard_dir: Path, shard: bytes, cap: int, pin: bool) -> Non
             expected = hashlib.sha256(zstandard.ZstdDecompressor().decompress(shard)).hexdigest()
         except zstandard.ZstdError:
             expected = "0" * 64
-    data = _guard("shard_bytes", lambda: read_shard_bytes(path, max_content_size=cap, expected_sha256=expected))
+    data = fuzz_tally.guard(
+        "shard_bytes", lambda: read_shard_bytes(path, max_content_size=cap, expected_sha256=expected)
+    )
     if isinstance(data, bytes):
         assert len(data) <= cap
         if expected is not None:
             assert hashlib.sha256(data).hexdigest() == expected
-    records = _guard("shard_records", lambda: list(read_shard(path, max_content_size=cap)))
+    records = fuzz_tally.guard("shard_records", lambda: list(read_shard(path, max_content_size=cap)))
     if isinstance(records, FlowpinError):
         assert isinstance(records, ShardError)
     else:
@@ -855,22 +928,3 @@ def test_fuzz_regressions_signed(signed: Signed, where: tuple[Any, ...], value: 
     report = signed.verify("regression", json.dumps(envelope).encode())
     assert not isinstance(report, FlowpinError)
     assert any(isinstance(f.error, error) for f in report.findings), [str(f) for f in report.findings]
-
-
-# --- the total (runs last: pytest keeps definition order within a module) -------------------------
-
-
-def test_zz_fuzz_summary(capsys: pytest.CaptureFixture[str]) -> None:
-    properties = {test: n for test, n in _CASES.items() if test not in ("setup", "regression")}
-    total = sum(properties.values())
-    if not total:
-        pytest.skip("no fuzz property ran in this session (selected alone)")
-    profile = settings.get_current_profile_name()
-    per_test = ", ".join(f"{test} {n}" for test, n in sorted(properties.items()))
-    with capsys.disabled():
-        print(f"\nfuzz: {total} cases, {len(_CRASHES)} crashes (hypothesis profile {profile!r}; {per_test})")
-        for crash in sorted(_CRASHES):
-            print(f"fuzz crash: {crash}")
-    assert not _CRASHES, sorted(_CRASHES)
-    if profile == "fuzz":
-        assert total >= FUZZ_MIN_CASES, f"only {total} cases ran; the fuzz profile promises {FUZZ_MIN_CASES}"

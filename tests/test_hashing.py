@@ -1,5 +1,6 @@
-"""Tests for flowpin.hashing: file/directory digest rules, .zst content digests, the stat cache,
-parallel hashing, and the named errors for unsafe, missing and unreadable artifacts.
+"""Tests for flowpin.hashing: file/directory digest rules (hashing/digest.py), .zst content digests, the
+stat cache (cache.py), hashing workers chosen by the caller (pool.py), and the Hasher's named errors for
+unsafe, missing and unreadable artifacts (hasher.py).
 
 Expected digests are computed here with hashlib/blake3 directly, never by calling flowpin.
 """
@@ -9,6 +10,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import subprocess
+import sys
+import textwrap
 import time
 import types
 from collections.abc import Callable
@@ -20,14 +24,16 @@ import pytest
 import zstandard
 
 from conftest import make_unreadable
-from flowpin import hashing
 from flowpin.errors import (
     ArtifactMissingError,
     ArtifactUnreadableError,
+    InternalError,
     PathError,
     UnsupportedAlgorithmError,
 )
-from flowpin.hashing import Hasher, StatCache
+from flowpin.hashing import Hasher, StatCache, parallel_workers, pool
+from flowpin.hashing import digest as rules
+from flowpin.hashing import hasher as hasher_module
 
 HELLO = b"hello\n"
 HELLO_SHA256 = "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03"
@@ -76,7 +82,7 @@ def test_file_digest_blake3_golden(root: Path) -> None:
 
 
 def test_large_file_streams_across_chunks(root: Path) -> None:
-    data = os.urandom(hashing.CHUNK * 2 + 12345)
+    data = os.urandom(rules.CHUNK * 2 + 12345)
     (root / "big.bin").write_bytes(data)
     assert Hasher(root, workers=1).digest("big.bin").digest == hashlib.sha256(data).hexdigest()
     assert Hasher(root, "blake3", workers=1).digest("big.bin").digest == blake3.blake3(data).hexdigest()
@@ -172,7 +178,7 @@ def _hash_as_if_later(monkeypatch: pytest.MonkeyPatch, seconds: float = 10.0) ->
     """
     real = time.time_ns
     monkeypatch.setattr(
-        hashing,
+        hasher_module,
         "time",
         types.SimpleNamespace(time_ns=lambda: real() + int(seconds * 1e9), perf_counter=time.perf_counter),
     )
@@ -182,7 +188,7 @@ def _no_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> str:
         raise AssertionError(f"file was read although the stat cache should have answered: {args}")
 
-    monkeypatch.setattr(hashing, "hash_file_digests", refuse)
+    monkeypatch.setattr(pool, "hash_file_digests", refuse)
 
 
 def test_cache_answers_unchanged_files_without_reading(
@@ -258,10 +264,10 @@ def test_parallel_matches_serial(root: Path, tmp_path: Path, monkeypatch: pytest
     write_tree(root / "d", files)
     (root / "d" / "z.zst").write_bytes(zstandard.ZstdCompressor().compress(b"zipped\n"))
     files["z.zst"] = b"zipped\n"
-    assert len(files) > hashing._PARALLEL_MIN_FILES
+    assert len(files) > pool.PARALLEL_MIN_FILES
 
     pid_log = tmp_path / "pids"
-    real_hash_file = hashing.hash_file_digests
+    real_hash_file = rules.hash_file_digests
 
     def logging_hash_file(path: Any, *args: Any, **kwargs: Any) -> tuple[str, str]:
         fd = os.open(pid_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
@@ -269,9 +275,7 @@ def test_parallel_matches_serial(root: Path, tmp_path: Path, monkeypatch: pytest
         os.close(fd)
         return real_hash_file(path, *args, **kwargs)
 
-    monkeypatch.setattr(hashing, "hash_file_digests", logging_hash_file)
-    # parallel hashing may be skipped when forking is expensive (torch imported by another test)
-    monkeypatch.setattr(hashing, "_fork_is_cheap", lambda: True, raising=False)
+    monkeypatch.setattr(pool, "hash_file_digests", logging_hash_file)
     serial = Hasher(root, workers=1).digest("d")
     assert set(pid_log.read_text().split()) == {str(os.getpid())}
     pid_log.unlink()
@@ -283,14 +287,93 @@ def test_parallel_matches_serial(root: Path, tmp_path: Path, monkeypatch: pytest
     assert serial.digest == dir_rule(files)
 
 
-def test_parallel_reports_errors_per_file(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hashing, "_fork_is_cheap", lambda: True, raising=False)
+def test_parallel_reports_errors_per_file(root: Path) -> None:
     files = {f"f{i:03d}.txt": b"x" * i for i in range(70)}
     write_tree(root / "d", files)
     (root / "d" / "bad.zst").write_bytes(b"garbage")
     result = Hasher(root, workers=2).digest_all(["d"])["d"]
     assert isinstance(result, ArtifactUnreadableError)
     assert "d/bad.zst" in str(result)
+
+
+def _many_files(root: Path) -> None:
+    write_tree(root / "d", {f"f{i:03d}.txt": f"file {i}\n".encode() for i in range(pool.PARALLEL_MIN_FILES + 6)})
+
+
+def _pids_hashing(monkeypatch: pytest.MonkeyPatch, log: Path) -> None:
+    """Log the pid of every process that reads a file (forked workers inherit the patch)."""
+    real = rules.hash_file_digests
+
+    def logging(path: Any, *args: Any, **kwargs: Any) -> tuple[str, str]:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.close(fd)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(pool, "hash_file_digests", logging)
+
+
+def test_workers_are_the_callers_choice_not_what_the_process_loaded(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No sniffing: with "torch" loaded, workers=2 still forks, and the default still hashes in-process."""
+    _many_files(root)
+    monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))
+    log = tmp_path / "pids"
+    _pids_hashing(monkeypatch, log)
+    parallel = Hasher(root, workers=2).digest("d")
+    assert set(log.read_text().split()) - {str(os.getpid())}, "workers=2 hashed nothing in another process"
+    log.unlink()
+    monkeypatch.delitem(sys.modules, "torch")
+    default = Hasher(root).digest("d")  # the library default: this process, whatever the caller loaded
+    assert set(log.read_text().split()) == {str(os.getpid())}
+    assert default == parallel
+
+
+def test_fewer_files_than_the_minimum_stay_in_process(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_tree(root / "d", {f"f{i}.txt": b"x" * i for i in range(pool.PARALLEL_MIN_FILES - 1)})
+    log = tmp_path / "pids"
+    _pids_hashing(monkeypatch, log)
+    Hasher(root, workers=4).digest("d")
+    assert set(log.read_text().split()) == {str(os.getpid())}
+
+
+@pytest.mark.parametrize("workers", [0, -1, True, 1.5, None])
+def test_workers_must_be_a_positive_count(root: Path, workers: Any) -> None:
+    with pytest.raises(InternalError, match="workers"):
+        Hasher(root, workers=workers)
+
+
+def test_parallel_workers_is_every_core() -> None:
+    assert parallel_workers() == (os.cpu_count() or 1)
+
+
+def test_forked_workers_do_not_wait_for_the_parents_blake3_threads(tmp_path: Path) -> None:
+    """blake3 hashes a large file on a thread pool; after the parent started it, a forked worker that asked
+    the same pool would wait forever for threads fork did not copy. Workers hash blake3 on one thread."""
+    script = textwrap.dedent(
+        f"""
+        import os
+        from pathlib import Path
+        from flowpin.hashing import Hasher, digest
+        digest.BLAKE3_THREADED_MIN = 1 << 20  # large enough for blake3's thread pool, small for a test
+        root = Path({str(tmp_path)!r})
+        (root / "big.bin").write_bytes(os.urandom(2 << 20))
+        for i in range({pool.PARALLEL_MIN_FILES + 6}):
+            (root / "d").mkdir(exist_ok=True)
+            (root / "d" / f"f{{i:03d}}").write_bytes(b"x" * i)
+        (root / "d" / "zbig.bin").write_bytes(os.urandom(2 << 20))  # in the forked worker's share
+        Hasher(root, "blake3").digest("big.bin")  # the parent's thread pool is running now
+        print(Hasher(root, "blake3", workers=2).digest("d").digest == Hasher(root, "blake3").digest("d").digest)
+        """
+    )
+    try:
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a forked hashing worker hung on blake3's thread pool")
+    assert proc.stdout.split() == ["True"], proc.stderr
 
 
 # --- unsafe names and symlinks ------------------------------------------------------------------------
@@ -428,7 +511,7 @@ def test_a_fifo_swapped_in_after_the_stat_is_refused_not_read(root: Path) -> Non
     fifo = root / "pipe"
     os.mkfifo(fifo)
     with pytest.raises(ArtifactUnreadableError, match="not a regular file"):
-        hashing.hash_file_digests(fifo)
+        rules.hash_file_digests(fifo)
 
 
 def test_raw_and_content_digests_differ_only_for_zst(root: Path) -> None:

@@ -194,7 +194,7 @@ def test_batch_refuses_a_tokenize_manifest_signed_by_an_unknown_key(project: Pro
 
 
 def test_eval_refuses_a_decontamination_manifest_signed_by_an_unknown_key(project: Project, tmp_path: Path) -> None:
-    from flowpin.post.eval import load_decontamination
+    from flowpin.post.eval_inputs import load_decontamination
 
     path = project.record_stage("decontaminate")
     resign(path, stranger(tmp_path))

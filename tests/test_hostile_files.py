@@ -28,7 +28,7 @@ from torch import nn
 
 from conftest import Project, one_step_state
 from flowpin.canonical import canonical_json
-from flowpin.constants import INDEX_NAME
+from flowpin.constants import CHECKPOINTS_DIR, INDEX_NAME, MANIFEST_DIR
 from flowpin.data.shards import write_dataset
 from flowpin.data.tokenize import TokenizeConfig, run_tokenize
 from flowpin.errors import (
@@ -143,7 +143,7 @@ def hostile_manifest(project: Project, kind: str) -> tuple[Path, str]:
     """A recorded project whose ``manifests/evil.json`` is ``kind``; returns it and the word that names it."""
     project.record_stage("train")
     words, make = MANIFEST_KINDS[kind]
-    path = project.root / "manifests" / "evil.json"
+    path = project.root / MANIFEST_DIR / "evil.json"
     make(path)
     return path, words
 
@@ -213,7 +213,7 @@ TENSOR_KINDS: dict[str, tuple[str, Callable[[Path], object]]] = {
 
 @pytest.mark.parametrize("kind", list(TENSOR_KINDS))
 def test_resume_refuses_a_tensor_file_that_is_not_a_regular_file(tmp_path: Path, kind: str) -> None:
-    ck = saved_checkpoint(tmp_path / "run" / "checkpoints" / "step-000001")
+    ck = saved_checkpoint(tmp_path / "run" / CHECKPOINTS_DIR / "step-000001")
     target = ck / "model.safetensors"
     target.unlink()
     words, make = TENSOR_KINDS[kind]
@@ -229,7 +229,7 @@ def test_model_sign_refuses_a_tensor_file_that_is_not_a_regular_file(tmp_path: P
     root = tmp_path / "proj"
     (root / ".dvc").mkdir(parents=True)
     init_model_key(root)
-    ck = saved_checkpoint(root / "runs" / "tiny" / "checkpoints" / "step-000001")
+    ck = saved_checkpoint(root / "runs" / "tiny" / CHECKPOINTS_DIR / "step-000001")
     target = ck / "optimizer.safetensors"
     target.unlink()
     words, make = TENSOR_KINDS[kind]
@@ -464,6 +464,29 @@ def test_loads_strict_refuses(data: bytes, error: type[Exception], phrase: str) 
     with pytest.raises(error, match=phrase.replace("?", r"\?").replace("[", r"\[")) as info:
         loads_strict(data, where="here.json", max_bytes=1024 if error is JSONTooLargeError else 1 << 20)
     assert str(info.value).startswith("here.json: ")
+
+
+def test_loads_strict_counts_depth_outside_strings_only() -> None:
+    """Brackets inside strings (source code in a record) never count; escaped quotes do not end a string."""
+    shallow = {"code": "def f(x): return [[x]] + {1: [2]}[1] " * 40, "q": 'say \\"[[[\\" ' * 30}
+    assert loads_strict(canonical_json(shallow), where="x", max_bytes=1 << 20) == shallow
+    hidden = b'["\\"]]]]", ' * 70 + b"[" * 65 + b"]" * 65 + b"]" * 70  # 70 + 65 deep behind strings of brackets
+    with pytest.raises(JSONTooDeepError, match="nested more than 64"):
+        loads_strict(hidden, where="x", max_bytes=1 << 20)
+
+
+def test_the_string_skipping_pattern_matches_the_plain_one() -> None:
+    """jsonio's unrolled string pattern removes exactly what the plain ``"(?:[^"\\]|\\.)*+"`` does."""
+    import random
+    import re
+
+    from flowpin.jsonio import _STRINGS
+
+    plain = re.compile(rb'"(?:[^"\\]|\\.)*+"', re.DOTALL)
+    rng = random.Random(15)
+    for _ in range(20_000):
+        data = bytes(rng.choice(b'"\\{}[]a\n') for _ in range(rng.randrange(30)))
+        assert _STRINGS.sub(b"", data) == plain.sub(b"", data), data
 
 
 def test_loads_strict_accepts_what_flowpin_writes() -> None:

@@ -46,7 +46,8 @@ from flowpin.canonical import canonical_json
 from flowpin.constants import INDEX_NAME
 from flowpin.data.dedup import DedupConfig
 from flowpin.data.shards import read_dataset, read_shard_bytes, write_dataset
-from flowpin.data.tokenize import TokenizeConfig, TokenizedDataset, run_tokenize
+from flowpin.data.tokenize import TokenizeConfig, run_tokenize
+from flowpin.data.tokenized import TokenizedDataset
 from flowpin.errors import (
     ArtifactMissingError,
     ArtifactUnreadableError,

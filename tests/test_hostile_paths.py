@@ -93,7 +93,7 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> Scene:
     return Scene(tmp_path_factory.mktemp("hostile-paths"))
 
 
-def assert_refused(proc: subprocess.CompletedProcess[str], key: str, *, status: int = 1) -> None:
+def assert_refused(proc: subprocess.CompletedProcess[str], key: str, *, status: int = 2) -> None:
     """Refused with a named error whose message names ``key`` and the fix; no traceback."""
     assert proc.returncode == status, proc.stdout + proc.stderr
     assert f"flowpin: PathError: {key}=" in proc.stderr, proc.stderr

@@ -168,7 +168,7 @@ def test_concurrent_key_init_if_missing_creates_and_trusts_exactly_one_key(tmp_p
 def test_concurrent_model_sign_key_init_if_missing_creates_and_trusts_exactly_one_key(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Two ``model-sign key-init --if-missing`` held at key generation until both got there: the race, every time."""
+    """Two ``model-sign key init --if-missing`` held at key generation until both got there: the race, every time."""
     from cryptography.hazmat.primitives.asymmetric import ec
 
     from flowpin.modelsign import KEY_ENV, TRUST_DIR, load_private_key
@@ -188,7 +188,7 @@ def test_concurrent_model_sign_key_init_if_missing_creates_and_trusts_exactly_on
     monkeypatch.setattr(ec, "generate_private_key", held)
     codes: list[int] = []
     threads = [
-        threading.Thread(target=lambda: codes.append(main(["model-sign", "key-init", "--if-missing"])))
+        threading.Thread(target=lambda: codes.append(main(["model-sign", "key", "init", "--if-missing"])))
         for _ in range(2)
     ]
     for thread in threads:

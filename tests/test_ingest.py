@@ -13,6 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from flowpin.canonical import canonical_json
+from flowpin.constants import INDEX_NAME
 from flowpin.data.ingest import (
     IngestConfig,
     IngestResult,
@@ -96,7 +97,7 @@ def ingest(cfg: IngestConfig, root: Path, out: Path) -> IngestResult:
 
 
 def read_all(out: Path) -> list[dict[str, Any]]:
-    index = json.loads((out / "index.json").read_bytes())
+    index = json.loads((out / INDEX_NAME).read_bytes())
     records: list[dict[str, Any]] = []
     for shard in index["shards"]:
         records.extend(read_shard(out / shard["name"], expected_sha256=shard["sha256"]))
@@ -154,15 +155,15 @@ def test_records_order_and_provenance(tmp_path: Path) -> None:
     assert stats["stdlib"]["documents"] == 5
     assert stats["stdlib"]["empty_documents"] == 1
     assert result.report["totals"] == {"documents": 8, "bytes": result.total_bytes, "skipped": 0, "shards": 3}
-    index = json.loads((tmp_path / "out" / "index.json").read_bytes())
+    index = json.loads((tmp_path / "out" / INDEX_NAME).read_bytes())
     assert index["sources"] == result.report["sources"]
-    assert (tmp_path / "out" / "index.json").read_bytes() == canonical_json(index)
+    assert (tmp_path / "out" / INDEX_NAME).read_bytes() == canonical_json(index)
 
 
 def test_nothing_absolute_or_host_dependent_in_outputs(tmp_path: Path) -> None:
     root = make_stdlib(tmp_path / "lib")
     ingest(make_cfg(), root, tmp_path / "out")
-    blob = (tmp_path / "out" / "index.json").read_bytes() + b"".join(
+    blob = (tmp_path / "out" / INDEX_NAME).read_bytes() + b"".join(
         canonical_json(r) for r in read_all(tmp_path / "out")
     )
     assert str(tmp_path).encode() not in blob
@@ -184,12 +185,12 @@ def test_two_runs_are_byte_identical(tmp_path: Path) -> None:
 def test_index_golden_digest(tmp_path: Path) -> None:
     root = make_stdlib(tmp_path / "lib")
     ingest(make_cfg(), root, tmp_path / "a")
-    digest = hashlib.sha256((tmp_path / "a" / "index.json").read_bytes()).hexdigest()
+    digest = hashlib.sha256((tmp_path / "a" / INDEX_NAME).read_bytes()).hexdigest()
     assert digest == GOLDEN_INDEX_SHA256
     # One field changed -> different identity.
     changed = make_cfg([code_source(license="MIT"), topics_source()])
     ingest(changed, root, tmp_path / "b")
-    assert hashlib.sha256((tmp_path / "b" / "index.json").read_bytes()).hexdigest() != digest
+    assert hashlib.sha256((tmp_path / "b" / INDEX_NAME).read_bytes()).hexdigest() != digest
 
 
 GOLDEN_INDEX_SHA256 = "6f753da22b2bf28762aaabd0ba5d38a1e9ecd960ba131f91c8edfbb071bbb37a"

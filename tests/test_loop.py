@@ -23,8 +23,9 @@ from torch import nn
 import flowpin.train.loop as loop
 from flowpin.data.order import DataOrder, order_for
 from flowpin.data.shards import write_dataset
-from flowpin.data.tokenize import TokenizeConfig, TokenizedDataset, run_tokenize
-from flowpin.errors import DataError, DataOrderError, FlowpinError, RecipeError
+from flowpin.data.tokenize import TokenizeConfig, run_tokenize
+from flowpin.data.tokenized import TokenizedDataset
+from flowpin.errors import DataError, DataOrderError, FlowpinError, InternalError, RecipeError
 from flowpin.hashing import Hasher
 from flowpin.recipe import to_config
 from flowpin.tracking import JsonlTracker, NullTracker, Tracker, read_jsonl
@@ -344,7 +345,7 @@ def test_loss_fn_metrics_and_batches_with_a_middle_dimension(lm: dict[str, Any],
     def clashing(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         return lm["loss_fn"](model, batch), {"lr": 1.0}
 
-    with pytest.raises(ValueError, match="must not reuse the loop's names"):
+    with pytest.raises(InternalError, match="must not reuse the loop's names"):
         train(model=lm["model"](), loss_fn=clashing, data=counting, cfg=lm["config"](), run_dir=tmp_path / "x")
 
 

@@ -26,10 +26,14 @@ NAMES = [p.name for p in megatron_cpu.PATCHES]
 
 @pytest.fixture(autouse=True)
 def patched() -> Iterator[None]:
-    """Every test starts and ends with the patches on (other test modules in this process rely on them)."""
+    """Every test here starts with the patches on, and leaves the process as it found it: applying them is an
+    entry point's job (``flowpin.runtime.prepare_environment``), so no other test may count on them."""
+    before = megatron_cpu.applied()
     megatron_cpu.apply(enabled=True)
     yield
-    megatron_cpu.apply(enabled=True)
+    megatron_cpu.restore()
+    if before:
+        megatron_cpu.apply(enabled=True)
 
 
 @pytest.fixture
@@ -38,6 +42,13 @@ def unpatched() -> Iterator[None]:
     megatron_cpu.restore()
     yield
     megatron_cpu.apply(enabled=True)
+
+
+def test_restore_puts_back_only_the_named_patches() -> None:
+    assert megatron_cpu.restore(only=NAMES[:2]) == NAMES[:2]
+    assert megatron_cpu.applied() == NAMES[2:]
+    assert megatron_cpu.restore(only=NAMES[:2]) == []  # already restored
+    assert megatron_cpu.apply(enabled=True) == NAMES
 
 
 @pytest.fixture

@@ -11,10 +11,10 @@ import torch
 
 from flowpin.errors import RecipeError
 from flowpin.recipe import to_config
+from flowpin.runtime import prepare_environment
 from flowpin.train import megatron_cpu
-from flowpin.train.distributed import destroy, init_distributed
 from flowpin.train.megatron_ddp import DataParallelConfig, MegatronGradSync, ddp_config
-from flowpin.train.run import TrainingStageConfig
+from flowpin.train.pretrain import TrainingStageConfig
 from flowpin.train.transformer import ModelConfig, build_model
 
 
@@ -59,8 +59,7 @@ def test_megatron_config_mapping() -> None:
 
 
 def test_megatron_ddp_keeps_its_grad_buffers_on_cpu_and_hands_back_reduced_grads() -> None:
-    init_distributed()
-    try:
+    with prepare_environment(seed=0, threads=None):  # as a stage's entry point: CPU patches for its duration
         assert any("_ParamAndGradBuffer" in name for name in megatron_cpu.applied())
         model = build_model(
             ModelConfig(
@@ -92,5 +91,3 @@ def test_megatron_ddp_keeps_its_grad_buffers_on_cpu_and_hands_back_reduced_grads
         assert all(torch.equal(a, b) for a, b in zip(grads, expected, strict=True))
         with pytest.raises(RecipeError, match="megatron model"):
             MegatronGradSync(torch.nn.Linear(2, 2), DataParallelConfig(engine="megatron"))
-    finally:
-        destroy()

@@ -1,4 +1,4 @@
-"""Tests for flowpin.data.mix: classifier, scorer, factor planning, copies, order, recipes, named errors.
+"""flowpin.data.mix and its recipe (mix_config): classifier, scorer, planning, copies, order, recipes, errors.
 
 Most tests use a recipe whose score is the length band alone (``length_bytes``: 0 at 0 bytes, 1 from
 1000) and ``bytes_per_token: 1``, so a document of ``"a" * n`` has score ``n / 1000`` and ``n`` tokens:
@@ -26,16 +26,10 @@ from omegaconf import OmegaConf
 from conftest import Project
 from flowpin.canonical import canonical_json
 from flowpin.cli import main as flowpin_main
+from flowpin.constants import MANIFEST_DIR
 from flowpin.data.ingest import IngestConfig, run_ingest
-from flowpin.data.mix import (
-    FEATURES,
-    MixConfig,
-    band_score,
-    measure,
-    mix_records,
-    plan_factors,
-    run_mix,
-)
+from flowpin.data.mix import band_score, measure, mix_records, plan_factors, run_mix
+from flowpin.data.mix_config import FEATURES, MixConfig
 from flowpin.data.shards import read_dataset, read_index, write_dataset
 from flowpin.errors import DataError, EmptyCorpusError, NoSurvivorsError, RecipeError, UnknownTopicError
 from flowpin.manifest import record
@@ -587,7 +581,7 @@ def test_stage_runs_and_its_manifest_verifies(project: Project, monkeypatch: pyt
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "mix: " in proc.stdout and "estimated tokens" in proc.stdout
-    m = load_manifest(root / "manifests" / "mix.json")
+    m = load_manifest(root / MANIFEST_DIR / "mix.json")
     assert [s["name"] for s in m.subjects] == ["data/mix"]
     kinds = {d["name"]: d["annotations"]["kind"] for d in m.dependencies}
     assert kinds["data/corpus"] == "dataset" and kinds["manifests/corpus.json"] == "manifest"

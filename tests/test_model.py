@@ -90,9 +90,12 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 @pytest.fixture(scope="module")
 def dist_info() -> Iterator[DistInfo]:
+    """init_distributed itself (what flowpin.runtime.prepare_environment calls); the process is left as found."""
+    before = megatron_cpu.applied()
     info = init_distributed()
     yield info
     destroy()
+    megatron_cpu.restore(only=[name for name in info.cpu_patches if name not in before])
 
 
 # --- recipes and validation ---------------------------------------------------------------------------

@@ -452,25 +452,25 @@ def test_trusted_key_file_must_be_named_by_its_keyid(root: Path, key: KeyInfo) -
 
 
 def test_cli_key_init_if_missing_repairs_an_untrusted_key(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A key-init killed between the private and the public key leaves an untrusted key: --if-missing trusts it."""
-    assert main(["model-sign", "key-init"]) == 0
+    """A key init killed between the private and the public key leaves an untrusted key: --if-missing trusts it."""
+    assert main(["model-sign", "key", "init"]) == 0
     public = next((root / TRUST_DIR).glob("*.pem"))
     pem = public.read_bytes()
     public.unlink()
     capsys.readouterr()
-    assert main(["model-sign", "key-init", "--if-missing"]) == 0
+    assert main(["model-sign", "key", "init", "--if-missing"]) == 0
     assert "was missing from the trust store: added" in capsys.readouterr().out
     assert public.read_bytes() == pem
-    assert main(["model-sign", "key-init", "--if-missing"]) == 0
+    assert main(["model-sign", "key", "init", "--if-missing"]) == 0
     assert "added" not in capsys.readouterr().out
 
 
 def test_cli_sign_prints_an_openssf_command_that_works_and_verify_exit_codes(
     root: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["model-sign", "key-init"]) == 0
-    assert main(["model-sign", "key-init", "--if-missing"]) == 0
-    assert main(["model-sign", "key-init"]) == 2
+    assert main(["model-sign", "key", "init"]) == 0
+    assert main(["model-sign", "key", "init", "--if-missing"]) == 0
+    assert main(["model-sign", "key", "init"]) == 2
     capsys.readouterr()
     assert main(["model-sign", "sign", str(checkpoint.relative_to(root))]) == 0
     out = capsys.readouterr().out

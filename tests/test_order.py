@@ -16,7 +16,6 @@ from flowpin.data.order import (
     DataOrder,
     batch_indices,
     batch_target,
-    dataset_digest,
     describe_batch,
     epoch_permutation,
     keyed_permutation,
@@ -24,7 +23,8 @@ from flowpin.data.order import (
     order_for,
 )
 from flowpin.data.shards import write_dataset
-from flowpin.data.tokenize import TokenizeConfig, TokenizedDataset, run_tokenize
+from flowpin.data.tokenize import TokenizeConfig, run_tokenize
+from flowpin.data.tokenized import TokenizedDataset, dataset_digest
 from flowpin.errors import DataOrderError, RecipeError
 from flowpin.manifest.record import record
 from flowpin.recipe import to_config

@@ -37,7 +37,7 @@ from flowpin.post.dpo import (
     dpo_objective,
     pair_examples,
     pair_rewards,
-    select_tasks,
+    sample_tasks,
 )
 from flowpin.post.lm import SamplingConfig
 from flowpin.post.prompts import Vocab
@@ -146,12 +146,12 @@ def test_dpo_loss_counts_only_response_tokens_and_leaves_the_reference_alone(voc
 # --- pairs ----------------------------------------------------------------------------------------
 
 
-def test_select_tasks_is_seeded_and_keeps_dataset_order(tasks: list[Task]) -> None:
-    a = select_tasks(tasks, 3, seed=1)
-    assert a == select_tasks(tasks, 3, seed=1) and len(a) == 3
+def test_sample_tasks_is_seeded_and_keeps_dataset_order(tasks: list[Task]) -> None:
+    a = sample_tasks(tasks, 3, seed=1)
+    assert a == sample_tasks(tasks, 3, seed=1) and len(a) == 3
     assert [tasks.index(x) for x in a] == sorted(tasks.index(x) for x in a)
-    assert any(select_tasks(tasks, 3, seed=s) != a for s in range(2, 6))
-    assert select_tasks(tasks, 100, seed=1) == tasks
+    assert any(sample_tasks(tasks, 3, seed=s) != a for s in range(2, 6))
+    assert sample_tasks(tasks, 100, seed=1) == tasks
 
 
 def test_build_pairs_keeps_only_incorrect_samples(
@@ -183,11 +183,11 @@ def test_build_pairs_keeps_only_incorrect_samples(
 
 @pytest.fixture(scope="module")
 def megatron() -> Iterator[None]:
-    from flowpin.train.distributed import destroy, init_distributed
+    """The process a stage's entry point prepares (process group, megatron's CPU patches), undone afterwards."""
+    from flowpin.runtime import prepare_environment
 
-    init_distributed()
-    yield
-    destroy()
+    with prepare_environment(seed=0, threads=None):
+        yield
 
 
 def test_pairs_from_a_real_model_are_seeded(megatron: None, vocab: Vocab, tasks: list[Task]) -> None:
@@ -416,7 +416,7 @@ def test_sft_under_torchrun_records_once_and_resumes_across_an_unrelated_code_ch
     assert (checkpoint / "model.safetensors").read_bytes() == weights
 
     proc = run([sys.executable, "stages/sft.py", *SFT_DP, "sft.loop.steps=3"])
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "flowpin: StaleCheckpointsError:" in proc.stderr and "loop.steps: 2 -> 3" in proc.stderr
     assert "FLOWPIN_STALE_CHECKPOINTS=discard" in proc.stderr
     assert (checkpoint / "model.safetensors").read_bytes() == weights  # kept, not removed

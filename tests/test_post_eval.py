@@ -1,4 +1,5 @@
-"""Tests for flowpin.post.eval: bits-per-byte, pass@1, the table, and every refusal.
+"""Tests for the eval stage's library: flowpin.post.eval (run_eval) and its parts eval_config, eval_inputs,
+eval_metrics and eval_report: bits-per-byte, pass@1, the table, and every refusal.
 
 Bits-per-byte is checked on stub models whose probabilities are known (uniform: exactly log2(V) bits per
 token; bigram: the NLL does not depend on the window or batch size, since every token is predicted once
@@ -13,6 +14,7 @@ import hashlib
 import itertools
 import json
 import math
+import random
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,41 +29,48 @@ from conftest import Project
 from flowpin.canonical import canonical_json
 from flowpin.data.shards import write_dataset
 from flowpin.data.synth import Task, task_record
-from flowpin.data.tokenize import TokenizerConfig, train_tokenizer
+from flowpin.data.tokenizer import TokenizerConfig, train_tokenizer
 from flowpin.errors import (
     ArtifactMissingError,
     CheckpointMissingError,
     DataError,
     DecontaminationReportError,
     HeldoutOverlapError,
+    InternalError,
     RecipeError,
 )
 from flowpin.manifest.record import record
-from flowpin.post.eval import (
+from flowpin.post.eval import run_eval
+from flowpin.post.eval_config import EvalConfig
+from flowpin.post.eval_inputs import (
+    Decontamination,
+    EvalInputs,
+    check_heldout_disjoint,
+    check_inputs,
+    load_decontamination,
+    read_heldout_text,
+)
+from flowpin.post.eval_metrics import bits_per_byte, greedy_responses, pass_at_1, token_windows
+from flowpin.post.eval_report import (
     DECONTAMINATION_NAME,
     MARKDOWN_NAME,
     RESPONSES_NAME,
     TABLE_NAME,
-    Decontamination,
-    EvalConfig,
-    EvalInputs,
-    bits_per_byte,
-    check_heldout_disjoint,
-    check_inputs,
-    greedy_responses,
-    load_decontamination,
-    pass_at_1,
-    read_heldout_text,
     render_markdown,
-    run_eval,
-    select_tasks,
-    token_windows,
 )
+from flowpin.post.inputs import first_per_kind
 from flowpin.post.prompts import Vocab
 from flowpin.post.verifiers import verify
 from flowpin.recipe import StagePaths, to_config, to_plain
-from flowpin.train.checkpoint import DataPosition, TrainState, capture_rng, latest_checkpoint, save_checkpoint
-from flowpin.train.distributed import destroy, init_distributed
+from flowpin.train.checkpoint import (
+    CheckpointRef,
+    DataPosition,
+    TrainState,
+    capture_rng,
+    latest_checkpoint,
+    save_checkpoint,
+)
+from flowpin.train.distributed import destroy, init_distributed, set_deterministic
 from flowpin.train.transformer import ModelConfig, build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -165,16 +174,18 @@ def task(kind: str, n: int, answer: str = "7") -> Task:
     )
 
 
-def test_select_tasks_takes_the_first_n_of_each_kind_in_order() -> None:
+def test_first_per_kind_takes_the_first_n_of_each_kind_in_order() -> None:
     tasks = [task("arithmetic", i) for i in range(3)] + [task("word_problem", i) for i in range(2)]
-    assert [t.id for t in select_tasks(tasks, 2)] == [
+    assert [t.id for t in first_per_kind(tasks, 2)] == [
         "synth/heldout/arithmetic/0",
         "synth/heldout/arithmetic/1",
         "synth/heldout/word_problem/0",
         "synth/heldout/word_problem/1",
     ]
-    assert select_tasks(tasks, None) == tasks
-    assert select_tasks(tasks, 5) == tasks
+    assert first_per_kind(tasks, None) == tasks
+    assert first_per_kind(tasks, 5) == tasks
+    mixed = [task("word_problem", 0), task("arithmetic", 0), task("word_problem", 1), task("arithmetic", 1)]
+    assert first_per_kind(mixed, 1) == mixed[:2]  # kinds stay interleaved as in the held-out order
 
 
 def test_pass_at_1_per_kind_and_micro_averaged() -> None:
@@ -184,7 +195,7 @@ def test_pass_at_1_per_kind_and_micro_averaged() -> None:
     assert scores["by_kind"]["arithmetic"] == {"n": 3, "passed": 2, "pass_at_1": 2 / 3}
     assert scores["by_kind"]["word_problem"] == {"n": 1, "passed": 0, "pass_at_1": 0.0}
     assert scores["overall"] == {"n": 4, "passed": 2, "pass_at_1": 0.5}
-    with pytest.raises(ValueError, match="grades"):
+    with pytest.raises(InternalError, match="grades"):  # a caller's bug, not the recipe's
         pass_at_1(tasks, [True])
 
 
@@ -221,8 +232,7 @@ def test_greedy_decoding_of_a_right_answer_passes_and_a_runaway_does_not(vocab: 
 # --- the table ----------------------------------------------------------------------------------------
 
 
-DECON_SUMMARY: dict[str, Any] = {
-    "file": DECONTAMINATION_NAME,
+DECON_SUMMARY: dict[str, Any] = {  # what load_decontamination returns; the table adds the name of its copy
     "source": "reports/decontaminate.json",
     "sha256": "ab" * 32,
     "ngram": {"n": 13, "tokenizer": "lower_alnum"},
@@ -254,7 +264,7 @@ def test_markdown_has_one_row_per_checkpoint_and_the_decontamination_summary() -
             "verifier": {"function": "v.verify", "by_kind": {"arithmetic": "exact", "word_problem": "exact"}},
             "per_kind": 2,
         },
-        "decontamination": DECON_SUMMARY,
+        "decontamination": {"file": DECONTAMINATION_NAME, **DECON_SUMMARY},
         "rows": [
             {"stage": "pretrain", "checkpoint": {"step": 150}, "bits_per_byte": 2.28651, "pass_at_1": scores},
             {"stage": "sft", "checkpoint": {"step": 40}, "bits_per_byte": 2.5, "pass_at_1": pass_at_1([], [])},
@@ -574,41 +584,53 @@ def tiny_checkpoint(root: Path, vocab_size: int) -> Path:
     return ckpts
 
 
-def test_run_eval_writes_the_same_table_twice(tmp_path: Path, vocab: Vocab, megatron: None) -> None:
-    lib = write_stdlib(tmp_path)
+def heldout_inputs(root: Path, vocab: Vocab, checkpoints: Mapping[str, CheckpointRef]) -> tuple[EvalInputs, list[Task]]:
+    """EvalInputs over a scratch stdlib, held-out split and ingest dataset; the held-out tasks written."""
+    lib = write_stdlib(root)
     tasks = [task("arithmetic", i, str(i)) for i in range(3)] + [task("word_problem", 0, "4")]
-    write_dataset([task_record(t) for t in tasks], tmp_path / "synth" / "heldout", docs_per_shard=8, level=3)
-    ckpts = tiny_checkpoint(tmp_path, vocab.tokenizer.get_vocab_size())
-    ref = latest_checkpoint(ckpts)
-    assert ref is not None
-    raw = b'{"report": 1}\n'
+    write_dataset([task_record(t) for t in tasks], root / "synth" / "heldout", docs_per_shard=8, level=3)
     inputs = EvalInputs(
-        checkpoints={"tiny": ref},
+        checkpoints=checkpoints,
         vocab=vocab,
-        synth_dir=tmp_path / "synth",
-        ingest_dir=write_ingest(tmp_path, [ingest_record("os.py", b"import sys\n")]),
+        synth_dir=root / "synth",
+        ingest_dir=write_ingest(root, [ingest_record("os.py", b"import sys\n")]),
         stdlib_root=lib,
         stdlib_uri="python-stdlib:test",
-        decontamination=Decontamination(raw=raw, summary=DECON_SUMMARY),
+        decontamination=Decontamination(raw=b'{"report": 1}\n', summary=DECON_SUMMARY),
     )
-    cfg = eval_config(
-        stages=["tiny"],
-        text__files=["pkg/a.py", "pkg/b.py"],
-        text__window=8,
-        tasks__per_kind=2,
-        tasks__max_new_tokens=3,
-        threads=1,
+    return inputs, tasks
+
+
+def tiny_eval_config(**changes: Any) -> EvalConfig:
+    return eval_config(
+        **{
+            "stages": ["tiny"],
+            "text__files": ["pkg/a.py", "pkg/b.py"],
+            "text__window": 8,
+            "tasks__per_kind": 2,
+            "tasks__max_new_tokens": 3,
+            "threads": 1,
+            **changes,
+        }
     )
+
+
+def test_run_eval_writes_the_same_table_twice(tmp_path: Path, vocab: Vocab, megatron: None) -> None:
+    ref = latest_checkpoint(tiny_checkpoint(tmp_path, vocab.tokenizer.get_vocab_size()))
+    assert ref is not None
+    inputs, tasks = heldout_inputs(tmp_path, vocab, {"tiny": ref})
+    cfg = tiny_eval_config()
     outs = [tmp_path / "out1", tmp_path / "out2"]
     results = []
     for out in outs:
         out.mkdir()
-        results.append(run_eval(cfg, inputs, out))
+        determinism = set_deterministic(cfg.seed, cpu_threads=cfg.threads)  # what stages/eval.py does first
+        results.append(run_eval(cfg, inputs, out, determinism=determinism))
     names = sorted(p.name for p in outs[0].iterdir())
     assert names == sorted([TABLE_NAME, MARKDOWN_NAME, RESPONSES_NAME, DECONTAMINATION_NAME])
     for name in names:
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
-    assert (outs[0] / DECONTAMINATION_NAME).read_bytes() == raw
+    assert (outs[0] / DECONTAMINATION_NAME).read_bytes() == inputs.decontamination.raw
     table = json.loads((outs[0] / TABLE_NAME).read_bytes())
     assert table == results[0].table
     (row,) = table["rows"]
@@ -616,9 +638,32 @@ def test_run_eval_writes_the_same_table_twice(tmp_path: Path, vocab: Vocab, mega
     assert 0 < row["bits_per_byte"] < 64
     assert row["pass_at_1"]["overall"]["n"] == 3  # two arithmetic tasks, one word problem
     assert table["tasks"]["ids"] == [t.id for t in (tasks[0], tasks[1], tasks[3])]
+    assert table["tasks"]["verifier"] == {
+        "function": "flowpin.post.verifiers.verify",
+        "by_kind": {"arithmetic": "exact_integer", "word_problem": "exact_integer"},
+    }
     assert table["text"]["bytes"] == 6 + 22 and [f["path"] for f in table["text"]["files"]] == ["pkg/a.py", "pkg/b.py"]
     assert table["text"]["ingest_records_checked"] == 1
+    assert table["decontamination"] == {"file": DECONTAMINATION_NAME, **DECON_SUMMARY}
     responses = json.loads((outs[0] / RESPONSES_NAME).read_bytes())
     assert [r["id"] for r in responses["tiny"]] == table["tasks"]["ids"]
     assert "| tiny | 4 |" in (outs[0] / MARKDOWN_NAME).read_text()
-    assert results[0].report["stages"]["tiny"]["bits_per_byte"] == row["bits_per_byte"]
+    report = results[0].report
+    assert report["determinism"] == determinism and report["determinism"]["numThreads"] == 1
+    assert report["tasks"] == 3 and report["text"] == {"bytes": 28, "tokens": table["text"]["tokens"], "window": 8}
+    assert report["stages"]["tiny"]["bits_per_byte"] == row["bits_per_byte"]
+
+
+def test_run_eval_leaves_seeds_threads_and_kernels_to_the_entry_point(tmp_path: Path, vocab: Vocab) -> None:
+    """The library takes the determinism report as a value; it seeds nothing and sets no thread count."""
+    inputs, _ = heldout_inputs(tmp_path, vocab, {})  # no checkpoint: every input read and checked, no model
+    cfg = tiny_eval_config(threads=2, seed=7)
+    threads, torch_rng, py_rng = torch.get_num_threads(), torch.get_rng_state(), random.getstate()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    determinism = {"seed": 7, "numThreads": 2, "set by": "the entry point"}
+    (tmp_path / "out").mkdir()
+    result = run_eval(cfg, inputs, tmp_path / "out", determinism=determinism)
+    assert result.report["determinism"] == determinism and result.table["rows"] == []
+    assert torch.get_num_threads() == threads == 1
+    assert torch.equal(torch.get_rng_state(), torch_rng) and random.getstate() == py_rng
+    assert torch.are_deterministic_algorithms_enabled() == deterministic

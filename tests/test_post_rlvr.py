@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 from conftest import BIN, REPO, checked, make_project, scratch_env
 from flowpin.data.order import MAX_POSITION
 from flowpin.data.synth import Task
-from flowpin.data.tokenize import TokenizerConfig, train_tokenizer
+from flowpin.data.tokenizer import TokenizerConfig, train_tokenizer
 from flowpin.errors import DataError, RecipeError
 from flowpin.failpoints import ENV as FAILPOINT_ENV
 from flowpin.manifest.statement import load_manifest
@@ -38,6 +38,7 @@ from flowpin.post.rlvr import (
     GRPOLoss,
     RLVRConfig,
     TaskFilter,
+    admitted_tasks,
     group_advantages,
     grpo_objective,
     operations,
@@ -47,7 +48,6 @@ from flowpin.post.rlvr import (
     response_logprobs,
     reward_function,
     sample_seed,
-    select_tasks,
 )
 from flowpin.post.verifiers import exact_integer
 from flowpin.recipe import to_config
@@ -114,10 +114,10 @@ def test_the_filter_selects_by_kind_operations_operators_and_answer(
     f = TaskFilter(**selection)
     assert [i for i, t in enumerate(tasks) if f.admits(t)] == expected
     if expected:
-        assert select_tasks(tasks, f, where="x") == [tasks[i] for i in expected]
+        assert admitted_tasks(tasks, f, where="x") == [tasks[i] for i in expected]
     else:
         with pytest.raises(DataError, match=r"data/synth/train: rlvr\.tasks admits none of its 7 tasks; widen"):
-            select_tasks(tasks, f, where="data/synth/train")
+            admitted_tasks(tasks, f, where="data/synth/train")
 
 
 def test_sample_seeds_are_pure_distinct_and_fit_canonical_json() -> None:
@@ -213,11 +213,11 @@ def test_the_reward_is_the_kind_verifier_or_the_named_one(tasks: list[Task]) -> 
 
 @pytest.fixture(scope="module")
 def megatron() -> Iterator[None]:
-    from flowpin.train.distributed import destroy, init_distributed
+    """The process a stage's entry point prepares (process group, megatron's CPU patches), undone afterwards."""
+    from flowpin.runtime import prepare_environment
 
-    init_distributed()
-    yield
-    destroy()
+    with prepare_environment(seed=0, threads=None):
+        yield
 
 
 def tiny_config(vocab_size: int) -> ModelConfig:

@@ -18,23 +18,16 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 
-import flowpin.post.sft as sft
+import flowpin.post.heldout as heldout
+import flowpin.post.verifiers as verifiers
 from flowpin.data.synth import Task
-from flowpin.data.tokenize import TokenizerConfig, train_tokenizer
+from flowpin.data.tokenizer import TokenizerConfig, train_tokenizer
 from flowpin.errors import CheckpointCorruptError, CheckpointMissingError, DataError, RecipeError
+from flowpin.post.examples import example_batches, response_loss, solution_examples, tensor_digest, used_width
+from flowpin.post.heldout import HeldoutEvalConfig, heldout_eval
+from flowpin.post.inputs import check_fits, weights_digest
 from flowpin.post.prompts import Vocab
-from flowpin.post.sft import (
-    HeldoutEvalConfig,
-    SFTConfig,
-    check_fits,
-    example_batches,
-    heldout_eval,
-    sft_examples,
-    sft_loss,
-    tensor_digest,
-    used_width,
-    weights_digest,
-)
+from flowpin.post.sft import SFTConfig
 from flowpin.recipe import to_config
 from flowpin.train.transformer import ModelConfig
 
@@ -96,10 +89,10 @@ class TableLM(torch.nn.Module):
 # --- the loss -------------------------------------------------------------------------------------
 
 
-def test_sft_loss_is_the_mean_cross_entropy_of_the_response_tokens_only(vocab: Vocab, tasks: list[Task]) -> None:
-    examples = sft_examples(tasks[:2], vocab, seq_len=32)
+def test_response_loss_is_the_mean_cross_entropy_of_the_response_tokens_only(vocab: Vocab, tasks: list[Task]) -> None:
+    examples = solution_examples(tasks[:2], vocab, seq_len=32)
     model = TableLM(vocab.tokenizer.get_vocab_size(), 32)
-    loss, metrics = sft_loss(model, examples)
+    loss, metrics = response_loss(model, examples)
     ids, mask = examples[:, 0], examples[:, 1]
     terms = []
     for row in range(2):
@@ -111,12 +104,12 @@ def test_sft_loss_is_the_mean_cross_entropy_of_the_response_tokens_only(vocab: V
 
 
 def test_prompt_and_padding_logits_do_not_change_the_loss(vocab: Vocab, tasks: list[Task]) -> None:
-    example = sft_examples(tasks[:1], vocab, seq_len=32)
+    example = solution_examples(tasks[:1], vocab, seq_len=32)
     mask = example[0, 1]
     first = int(mask.nonzero().min())  # the first response token, predicted at position first - 1
     last = int(mask.nonzero().max())
     model = TableLM(vocab.tokenizer.get_vocab_size(), 32)
-    loss, _ = sft_loss(model, example)
+    loss, _ = response_loss(model, example)
     torch.autograd.backward(loss)
     grad = model.table.grad
     assert grad is not None
@@ -126,19 +119,19 @@ def test_prompt_and_padding_logits_do_not_change_the_loss(vocab: Vocab, tasks: l
     with torch.no_grad():
         model.table[: first - 1] += 5.0 * torch.randn(first - 1, model.table.shape[1])
         model.table[last:] -= 3.0
-    assert torch.equal(sft_loss(model, example)[0].detach(), loss.detach())
+    assert torch.equal(response_loss(model, example)[0].detach(), loss.detach())
     with torch.no_grad():
         model.table[first - 1, 7] += 1.0
-    assert not torch.equal(sft_loss(model, example)[0].detach(), loss.detach())
+    assert not torch.equal(response_loss(model, example)[0].detach(), loss.detach())
 
 
 @pytest.fixture(scope="module")
 def megatron() -> Iterator[None]:
-    from flowpin.train.distributed import destroy, init_distributed
+    """The process a stage's entry point prepares (process group, megatron's CPU patches), undone afterwards."""
+    from flowpin.runtime import prepare_environment
 
-    init_distributed()
-    yield
-    destroy()
+    with prepare_environment(seed=0, threads=None):
+        yield
 
 
 def tiny_config(vocab_size: int) -> ModelConfig:
@@ -154,13 +147,13 @@ def tiny_config(vocab_size: int) -> ModelConfig:
     )
 
 
-def test_sft_loss_on_the_megatron_gpt_matches_its_logits(megatron: None, vocab: Vocab, tasks: list[Task]) -> None:
+def test_response_loss_on_the_megatron_gpt_matches_its_logits(megatron: None, vocab: Vocab, tasks: list[Task]) -> None:
     from flowpin.post.lm import logits
     from flowpin.train.transformer import build_model
 
     model = build_model(tiny_config(vocab.tokenizer.get_vocab_size()), device="cpu", seed=3)
-    examples = sft_examples(tasks, vocab, seq_len=48)
-    loss, _ = sft_loss(model, examples)
+    examples = solution_examples(tasks, vocab, seq_len=48)
+    loss, _ = response_loss(model, examples)
     ids, mask = examples[:, 0], examples[:, 1]
     logp = F.log_softmax(logits(model, ids[:, :-1]).float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
     expected = -(logp * mask[:, 1:]).sum() / mask[:, 1:].sum()
@@ -171,7 +164,7 @@ def test_sft_loss_on_the_megatron_gpt_matches_its_logits(megatron: None, vocab: 
 
 
 def test_examples_mask_the_solution_and_eos(vocab: Vocab, tasks: list[Task]) -> None:
-    examples = sft_examples(tasks, vocab, seq_len=48)
+    examples = solution_examples(tasks, vocab, seq_len=48)
     assert examples.shape == (len(tasks), 2, 48) and examples.dtype == torch.int64
     for task, (ids, mask) in zip(tasks, examples, strict=True):
         response = ids[mask.bool()].tolist()
@@ -182,7 +175,7 @@ def test_examples_mask_the_solution_and_eos(vocab: Vocab, tasks: list[Task]) -> 
 
 def test_an_example_longer_than_seq_len_is_refused_not_truncated(vocab: Vocab, tasks: list[Task]) -> None:
     with pytest.raises(DataError, match=r"sft\.seq_len \(synth/train/arithmetic/2\).*raise seq_len"):
-        sft_examples(tasks[2:3], vocab, seq_len=8)
+        solution_examples(tasks[2:3], vocab, seq_len=8)
 
 
 def test_a_solution_that_does_not_verify_is_refused(vocab: Vocab, tasks: list[Task]) -> None:
@@ -190,11 +183,11 @@ def test_a_solution_that_does_not_verify_is_refused(vocab: Vocab, tasks: list[Ta
         id="synth/train/arithmetic/9", kind="arithmetic", prompt="What is 1 + 1?", solution="Answer: 3", answer="2"
     )
     with pytest.raises(DataError, match="synth/train/arithmetic/9: its solution does not verify"):
-        sft_examples([bad], vocab, seq_len=48)
+        solution_examples([bad], vocab, seq_len=48)
 
 
 def test_batches_are_a_pure_function_of_the_step_and_cover_each_epoch(vocab: Vocab, tasks: list[Task]) -> None:
-    examples = sft_examples(tasks, vocab, seq_len=48)
+    examples = solution_examples(tasks, vocab, seq_len=48)
     batches = example_batches(examples, order_seed=7, batch_size=2)
     again = example_batches(examples.clone(), order_seed=7, batch_size=2)
     assert torch.equal(batches(5), again(5)) and batches(5).shape == (2, 2, 48)
@@ -235,7 +228,7 @@ def test_heldout_eval_grades_greedy_answers_per_kind(
             out.append([*vocab.tokenizer.encode(text + "\nmore").ids, vocab.eos_id])
         return out
 
-    monkeypatch.setattr(sft, "generate", fake_generate)
+    monkeypatch.setattr(heldout, "generate", fake_generate)
     cfg = HeldoutEvalConfig(kinds=("arithmetic", "word_problem"), tasks=3, batch_size=2, max_new_tokens=9)
     model = TableLM(vocab.tokenizer.get_vocab_size(), 64)
     result = heldout_eval(model, tasks, vocab, cfg, max_len=64)
@@ -245,11 +238,15 @@ def test_heldout_eval_grades_greedy_answers_per_kind(
     assert arithmetic["examples"][0]["output"] == tasks[0].solution  # the first line only
     assert all(k["cfg"].temperature == 0 and k["cfg"].max_new_tokens == 9 for k in seen)  # greedy
     assert all(vocab.eos_id in k["stop_ids"] and set(vocab.newline_ids()) <= set(k["stop_ids"]) for k in seen)
-    expected = sft_loss(model, sft_examples(tasks[:3], vocab, seq_len=64))[0]  # solutions, teacher-forced
+    expected = response_loss(model, solution_examples(tasks[:3], vocab, seq_len=64))[0]  # solutions, teacher-forced
     assert math.isclose(arithmetic["response_loss"], float(expected), rel_tol=1e-5)
     assert model.training  # the eval put the model back as it found it
     with pytest.raises(DataError, match="no 'word_problem' task"):
         heldout_eval(model, tasks[:4], vocab, cfg, max_len=64)
+    # graded by the verifier registry eval uses: another verifier for a kind changes its pass@1
+    monkeypatch.setitem(verifiers._KIND_VERIFIERS, "word_problem", "answer_format")
+    regraded = heldout_eval(model, tasks, vocab, cfg, max_len=64)["word_problem"]
+    assert (regraded["correct"], regraded["formatted"]) == (2, 2)  # "Answer: -1" is well formed, though wrong
 
 
 # --- recipe and inputs ----------------------------------------------------------------------------

@@ -7,12 +7,14 @@ import pytest
 from flowpin.data.synth import GENERATORS, Task
 from flowpin.errors import DataError, RecipeError
 from flowpin.post.verifiers import (
+    GRADER,
     KIND_VERIFIERS,
     VERIFIERS,
     answer_format,
     exact_integer,
     get_verifier,
     verifier_for,
+    verifiers_by_kind,
     verify,
 )
 
@@ -97,6 +99,21 @@ def test_a_task_kind_without_a_verifier_is_a_data_error() -> None:
         DataError, match=r"task kind 'poetry' has no verifier \(kinds with one: arithmetic, word_problem\)"
     ):
         verify(poem, "Roses.")
+
+
+def test_verifiers_by_kind_names_each_kinds_verifier_and_refuses_a_set_it_cannot_grade() -> None:
+    assert verifiers_by_kind({"word_problem": 3, "arithmetic": 1}) == {
+        "word_problem": "exact_integer",
+        "arithmetic": "exact_integer",
+    }
+    assert list(verifiers_by_kind(["word_problem", "arithmetic"])) == ["word_problem", "arithmetic"]  # in order
+    assert verifiers_by_kind([]) == {}
+    with pytest.raises(DataError, match=r"task kind 'poetry' has no verifier"):
+        verifiers_by_kind(["arithmetic", "poetry"])
+
+
+def test_the_grader_name_reports_write_is_verifys_qualified_name() -> None:
+    assert GRADER == f"{verify.__module__}.{verify.__qualname__}" == "flowpin.post.verifiers.verify"
 
 
 def test_the_registry_is_read_only() -> None:

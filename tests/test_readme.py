@@ -77,7 +77,7 @@ RUN: dict[str, Expect] = {
     "flowpin batch manifests/pretrain.json --step 3 --world-size 4 --rank 1": Expect(needs_outputs=True),
     "flowpin batch data/tokenize --step 2 --order-seed 7 --batch-size 4": Expect(needs_outputs=True),
     'flowpin sweep "$(ls -d multirun/*/* | tail -1)"': Expect(prints="2 job(s) of 2 planned: 2 ok"),
-    "python -m flowpin.dvcexp --dry-run pretrain train.loop.steps=20": Expect(
+    "flowpin exp --dry-run pretrain train.loop.steps=20": Expect(
         prints="dvc exp run --set-param params/pretrain.yaml:train.loop.steps=20 pretrain"
     ),
 }

@@ -20,7 +20,7 @@ def test_every_committed_manifest_was_recorded_from_a_clean_commit() -> None:
     manifests = sorted((REPO / "manifests").glob("*.json"))
     assert len(manifests) == 17
     for path in manifests:
-        git = load_manifest(path).build["internalParameters"]["environment"]["git"]
+        git = load_manifest(path).git
         assert git["dirty"] is False, f"{path.name} was recorded from a dirty tree"
         assert len(git["commit"]) == 40
 

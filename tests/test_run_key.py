@@ -1,4 +1,4 @@
-"""The run key of a training run (flowpin.train.run): what a killed run may resume, and what it may not.
+"""The run key of a training run (flowpin.train.run_key): what a killed run may resume, and what it may not.
 
 Fast: checkpoints here are directories with a ``state.json`` (what :func:`list_checkpoints` counts as
 complete); no model is built. The end-to-end checks (a real stage under torchrun, an unrelated code change
@@ -18,7 +18,7 @@ import yaml
 from flowpin.constants import RUN_KEY_FILE
 from flowpin.errors import StaleCheckpointsError
 from flowpin.stage import stage_code_digests
-from flowpin.train.run import RunClaim, claim_run_dir, key_changes, run_key
+from flowpin.train.run_key import RunClaim, claim_run_dir, key_changes, run_key
 
 REPO = Path(__file__).resolve().parents[1]
 LOOP_PY = "src/flowpin/train/loop.py"

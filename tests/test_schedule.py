@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from flowpin.errors import RecipeError
+from flowpin.errors import InternalError, RecipeError
 from flowpin.recipe import to_config
 from flowpin.train.schedule import ScheduleConfig, lr_at
 
@@ -77,7 +77,7 @@ def test_lr_at_is_pure_and_refuses_bad_steps() -> None:
     c = cfg()
     assert [lr_at(c, s) for s in (70, 3, 70)] == [lr_at(c, 70), lr_at(c, 3), lr_at(c, 70)]
     for bad in (-1, 1.0, True):
-        with pytest.raises(ValueError, match="non-negative int"):
+        with pytest.raises(InternalError, match="non-negative int"):
             lr_at(c, bad)  # type: ignore[arg-type]
 
 

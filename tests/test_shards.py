@@ -12,7 +12,7 @@ import zstandard
 
 from flowpin.canonical import canonical_json
 from flowpin.data.shards import read_shard, read_shard_bytes, shard_name, write_shards
-from flowpin.errors import ShardError
+from flowpin.errors import InternalError, ShardError
 
 RECORDS: list[dict[str, Any]] = [
     {"id": "a", "text": "plain ascii\n", "n": 1},
@@ -101,13 +101,13 @@ def test_refuses_directory_with_stale_shards(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("kwargs", [{"docs_per_shard": 0, "level": 3}, {"docs_per_shard": 1, "level": 23}])
 def test_bad_writer_arguments(tmp_path: Path, kwargs: dict[str, int]) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(InternalError, match="write_shards: "):
         write_shards(RECORDS, tmp_path, **kwargs)
 
 
 def test_shard_name_bounds() -> None:
     assert shard_name(12) == "shard-00012.jsonl.zst"
-    with pytest.raises(ValueError):
+    with pytest.raises(InternalError, match=r"outside 0\.\.99999"):
         shard_name(100_000)
 
 
@@ -172,6 +172,9 @@ def test_expected_digest_mismatch(tmp_path: Path) -> None:
         (b'{"a":1}\nnot json\n', "line 2 is not UTF-8 JSON"),
         (b'{"a":"\xff"}\n', "line 1 is not UTF-8 JSON"),
         (b'{"a":NaN}\n', "line 1 is not UTF-8 JSON"),
+        (b'{"a":1}\n{"id":"x","id":"y"}\n', r"line 2 is not UTF-8 JSON \(an object repeats the key 'id'"),
+        (b'{"a":1e999}\n', "line 1 is not UTF-8 JSON .*non-finite number 1e999"),
+        (b'{"a":' + b"[" * 65 + b"]" * 65 + b"}\n", "line 1 is not UTF-8 JSON .*nested more than 64"),
         (b"[1,2]\n", "line 1 is a JSON list"),
         (b'{"a":1}\n{"b":2}', "no trailing newline"),
     ],

@@ -17,6 +17,7 @@ import yaml
 
 from conftest import BIN, checked, make_project, run_in
 from flowpin.cli import main as flowpin_main
+from flowpin.constants import MANIFEST_DIR
 from flowpin.manifest.statement import load_manifest
 
 
@@ -33,7 +34,7 @@ def _subject_digests(manifest: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_repro_writes_a_manifest_that_verifies(project: Path) -> None:
-    manifest = project / "manifests" / "ingest.json"
+    manifest = project / MANIFEST_DIR / "ingest.json"
     m = load_manifest(manifest)
     assert m.stage == "ingest"
     assert [s["name"] for s in m.subjects] == ["data/ingest"]
@@ -51,10 +52,10 @@ def test_repro_writes_a_manifest_that_verifies(project: Path) -> None:
 
 @pytest.mark.slow
 def test_second_repro_is_a_no_op_and_status_clean(project: Path) -> None:
-    before = (project / "manifests" / "ingest.json").read_bytes()
+    before = (project / MANIFEST_DIR / "ingest.json").read_bytes()
     out = checked(project, str(BIN / "dvc"), "repro", "ingest")
     assert "didn't change, skipping" in out
-    assert (project / "manifests" / "ingest.json").read_bytes() == before  # the stage did not run again
+    assert (project / MANIFEST_DIR / "ingest.json").read_bytes() == before  # the stage did not run again
     assert "up to date" in checked(project, str(BIN / "dvc"), "status", "ingest")
 
 
@@ -75,15 +76,14 @@ def test_override_is_recorded_and_changes_identity(project: Path, tmp_path: Path
     root = tmp_path / "p3"
     shutil.copytree(project, root, symlinks=True)
     checked(root, sys.executable, "stages/ingest.py", "ingest.shards.docs_per_shard=100")
-    m = load_manifest(root / "manifests" / "ingest.json")
+    m = load_manifest(root / MANIFEST_DIR / "ingest.json")
     assert m.build["externalParameters"]["overrides"] == ["ingest.shards.docs_per_shard=100"]
     assert m.build["externalParameters"]["recipe"]["ingest"]["shards"]["docs_per_shard"] == 100
     shards = sorted(p.name for p in (root / "data" / "ingest").glob("shard-*.jsonl.zst"))
     assert len(shards) == 4  # 311 documents / 100 per shard
     os.chdir(root)
-    assert (
-        flowpin_main(["diff", str(project / "manifests" / "ingest.json"), str(root / "manifests" / "ingest.json")]) == 1
-    )
+    ours, theirs = project / MANIFEST_DIR / "ingest.json", root / MANIFEST_DIR / "ingest.json"
+    assert flowpin_main(["diff", str(ours), str(theirs)]) == 1
 
 
 @pytest.mark.slow
@@ -105,6 +105,6 @@ def test_stage_failing_mid_run_leaves_no_manifest_and_old_outputs(project: Path,
     proc = run_in(root, sys.executable, "stages/ingest.py", "ingest.sources.0.include=[nomatch/**]")
     assert proc.returncode != 0
     assert "ingest.sources[0].include" in proc.stderr
-    assert not (root / "manifests" / "ingest.json").exists()
+    assert not (root / MANIFEST_DIR / "ingest.json").exists()
     assert sorted(p.name for p in (root / "data" / "ingest").iterdir()) == before  # swapped in whole or not at all
     assert not [p for p in (root / "data").iterdir() if p.name.startswith(".ingest.")]  # no temp dir left

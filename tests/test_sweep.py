@@ -33,6 +33,7 @@ from flowpin.sweep import (
     SweepCallback,
     job_relative,
     read_sweep,
+    register_resolvers,
     relocate,
     render_sweep,
     sweep_progress,
@@ -184,11 +185,10 @@ def test_each_job_writes_its_own_outputs_report_and_signed_manifest(lr_sweep: Pa
         assert json.loads((job / "reports" / "probe.json").read_text())["loss"]["last"] == 1 / float(lr)
         m = manifest_of(job)
         assert [s["name"] for s in m.subjects] == [f"{rel}/{num}/out/probe"]
-        recipe = m.build["externalParameters"]["recipe"]
+        recipe = m.recipe
         declared = {"out": "out/probe", "report": "reports/probe.json", "manifest": "manifests/probe.json"}
         assert recipe["paths"] == declared  # identity: the declared paths
-        (note,) = [b for b in m.run_details["byproducts"] if b["name"] == "sweep-job"]
-        assert note["annotations"] == {
+        assert m.note("sweep-job") == {
             "sweepDir": rel,
             "job": num,
             "jobDir": f"{rel}/{num}",
@@ -208,7 +208,7 @@ def test_a_single_run_keeps_the_declared_paths_and_writes_no_hydra_snapshot(tmp_
     checked(root, sys.executable, "stages/probe.py", "probe.lr=0.5")
     m = load_manifest(root / "manifests" / "probe.json")
     assert [s["name"] for s in m.subjects] == ["out/probe"]
-    assert not [b for b in m.run_details["byproducts"] if b["name"] == "sweep-job"]
+    assert m.byproduct("sweep-job") is None
     assert not list(root.rglob(".hydra")) and not (root / "multirun").exists()
     assert not list(root.rglob(JOB_FILE)) and not list(root.rglob(SWEEP_FILE))
 
@@ -217,7 +217,7 @@ def test_a_sweep_directory_outside_the_project_is_refused(probe_root: Path, tmp_
     """Refused before Hydra creates it (tests/test_hostile_paths.py has the other places Hydra writes)."""
     for outside in (f"{tmp_path}/outside", "../outside"):
         proc = run_in(probe_root, sys.executable, "stages/probe.py", "-m", f"hydra.sweep.dir={outside}")
-        assert proc.returncode == 1
+        assert proc.returncode == 2  # an input error (flowpin.errors.exit_code)
         assert f"flowpin: PathError: hydra.sweep.dir={outside!r}" in proc.stderr
         assert not (tmp_path / "outside").exists() and not (probe_root.parent / "outside").exists()
 
@@ -250,6 +250,29 @@ def test_unique_suffix_names_the_process_and_differs_every_time() -> None:
     assert a != b and a.startswith(f"{os.getpid()}-") and b.startswith(f"{os.getpid()}-")
 
 
+def test_the_callback_registers_the_resolvers_import_does_not() -> None:
+    """Hydra instantiates SweepCallback before it resolves hydra.sweep.dir, and a launcher unpickles it in each
+    worker before the job's directory is resolved: both register the resolvers; importing flowpin.sweep does not."""
+    probe = (
+        "import pickle\n"
+        "from omegaconf import OmegaConf\n"
+        "import flowpin.sweep as sweep\n"
+        "names = ('flowpin.unique', 'flowpin.multirun_only')\n"
+        "assert not any(OmegaConf.has_resolver(n) for n in names), 'registered at import'\n"
+        "callback = sweep.SweepCallback()\n"
+        "assert all(OmegaConf.has_resolver(n) for n in names)\n"
+        "sweep.register_resolvers()  # idempotent\n"
+        "data = pickle.dumps(callback)\n"
+        "for n in names:\n"
+        "    OmegaConf.clear_resolver(n)\n"
+        "assert isinstance(pickle.loads(data), sweep.SweepCallback)\n"
+        "assert all(OmegaConf.has_resolver(n) for n in names)\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0 and proc.stdout == "ok\n", proc.stderr
+
+
 def test_two_sweeps_started_in_the_same_second_never_share_a_directory(probe_root: Path) -> None:
     """The timestamp part is pinned to one second for both, as two sweeps started together would have it."""
     same_second = "hydra.sweep.dir=multirun/2020-01-01/00-00-00-${flowpin.unique:}"
@@ -276,8 +299,8 @@ def test_two_sweeps_started_in_the_same_second_never_share_a_directory(probe_roo
         jobs = [yaml.safe_load((sweep / n / ".hydra" / "overrides.yaml").read_text()) for n in ("0", "1")]
         widths.add(tuple(j[-1] for j in jobs))
         for n in ("0", "1"):
-            note = next(b for b in manifest_of(sweep / n).run_details["byproducts"] if b["name"] == "sweep-job")
-            assert note["annotations"]["sweepDir"] == sweep.relative_to(probe_root).as_posix()
+            note = manifest_of(sweep / n).note("sweep-job")
+            assert note is not None and note["sweepDir"] == sweep.relative_to(probe_root).as_posix()
     assert widths == {("probe.width=11", "probe.width=12"), ("probe.width=21", "probe.width=22")}
 
 
@@ -373,6 +396,7 @@ def compose_hydra(root: Path, *overrides: str) -> Any:
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
+    register_resolvers()  # what SweepCallback does when Hydra's app runs; compose() runs none
     with initialize_config_dir(config_dir=str(root / "params"), version_base="1.3"):
         cfg = compose(config_name="probe", overrides=list(overrides), return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)

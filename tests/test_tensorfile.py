@@ -227,4 +227,4 @@ def test_every_module_that_loads_safetensors_validates_first() -> None:
                 loading.append(path)
                 names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
                 assert "validate_safetensors" in names, f"{path} loads safetensors without validate_safetensors"
-    assert {p.name for p in loading} >= {"checkpoint.py", "tokenize.py"}
+    assert {p.name for p in loading} >= {"checkpoint.py", "tokenized.py"}

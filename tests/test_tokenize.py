@@ -22,23 +22,19 @@ from safetensors.numpy import save as st_save
 from conftest import Project
 from flowpin.canonical import canonical_json
 from flowpin.cli import main as flowpin_main
-from flowpin.constants import INDEX_NAME
-from flowpin.data.order import dataset_digest
+from flowpin.constants import INDEX_NAME, MANIFEST_DIR
+from flowpin.data.packing import encode_documents, pack_texts
 from flowpin.data.shards import read_shard_bytes, write_dataset
-from flowpin.data.tokenize import (
-    DOCUMENTS_NAME,
-    TOKENIZER_NAME,
-    TokenizeConfig,
-    TokenizedDataset,
-    check_tokenizer_source,
-    encode_documents,
+from flowpin.data.tokenize import TokenizeConfig, check_tokenizer_source, run_tokenize
+from flowpin.data.tokenized import DOCUMENTS_NAME, TOKENIZER_NAME, TokenizedDataset, dataset_digest
+from flowpin.data.tokenizer import (
+    PARALLELISM_ENV,
     load_tokenizer,
-    pack_texts,
-    run_tokenize,
     tokenizer_bytes,
+    tokenizers_single_threaded,
     train_tokenizer,
 )
-from flowpin.errors import DataError, EmptyCorpusError, RecipeError, ShardError, TokenizerError
+from flowpin.errors import DataError, EmptyCorpusError, InternalError, RecipeError, ShardError, TokenizerError
 from flowpin.manifest.record import record
 from flowpin.manifest.statement import load_manifest
 from flowpin.recipe import to_config
@@ -139,7 +135,7 @@ def test_tokenizer_training_is_deterministic_and_thread_independent(tmp_path: Pa
     (tmp_path / "texts.json").write_text(json.dumps(texts))
     script = (
         "import json, sys\n"
-        "from flowpin.data.tokenize import TokenizerConfig, tokenizer_bytes, train_tokenizer\n"
+        "from flowpin.data.tokenizer import TokenizerConfig, tokenizer_bytes, train_tokenizer\n"
         "texts = json.load(open(sys.argv[1]))\n"
         "cfg = TokenizerConfig(**json.loads(sys.argv[2]))\n"
         "sys.stdout.write(tokenizer_bytes(train_tokenizer(texts, cfg)).decode())\n"
@@ -155,13 +151,26 @@ def test_tokenizer_training_is_deterministic_and_thread_independent(tmp_path: Pa
     assert out == first
 
 
-def test_training_leaves_the_parallelism_setting_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+def test_training_leaves_the_environment_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Library code takes values: whether HF tokenizers may use its pool is the entry point's to set."""
+    monkeypatch.delenv(PARALLELISM_ENV, raising=False)
+    before = dict(os.environ)
     train_tokenizer(["abc abc abd"], make_cfg().tokenizer)
-    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
-    monkeypatch.delenv("TOKENIZERS_PARALLELISM")
-    train_tokenizer(["abc abc abd"], make_cfg().tokenizer)
-    assert "TOKENIZERS_PARALLELISM" not in os.environ
+    assert dict(os.environ) == before
+
+
+@pytest.mark.parametrize("before", [None, "true", "false"])
+def test_single_threaded_sets_the_parallelism_setting_and_restores_it(
+    monkeypatch: pytest.MonkeyPatch, before: str | None
+) -> None:
+    if before is None:
+        monkeypatch.delenv(PARALLELISM_ENV, raising=False)
+    else:
+        monkeypatch.setenv(PARALLELISM_ENV, before)
+    with pytest.raises(KeyError), tokenizers_single_threaded():
+        assert os.environ[PARALLELISM_ENV] == "false"
+        raise KeyError("restored on the way out of an error too")
+    assert os.environ.get(PARALLELISM_ENV) == before
 
 
 def test_one_recipe_field_changes_the_output(corpus: Path, tokenized: Path, tmp_path: Path) -> None:
@@ -393,7 +402,8 @@ def test_reused_tokenizer_is_checked_against_its_index(corpus: Path, copy: Path,
 
 
 def test_train_tokenizer_refuses_a_reuse_recipe() -> None:
-    with pytest.raises(RecipeError, match=r"tokenize\.tokenizer\.source"):
+    """A caller's mistake (the stage trains only for 'train'), not the recipe's: an internal error."""
+    with pytest.raises(InternalError, match=r"'input' tokenizer recipe; only 'train' trains one"):
         train_tokenizer(["abc"], reuse_cfg().tokenizer)
 
 
@@ -568,18 +578,21 @@ def test_stage_runs_verifies_and_answers_batch(
     ]
     env = {**os.environ, "FLOWPIN_ROOT": str(root)}
     env.pop("FLOWPIN_SIGNING_KEY", None)
+    env.pop(PARALLELISM_ENV, None)  # as under dvc repro: the stage sets it for its library call only
     proc = subprocess.run(
         [sys.executable, "stages/tokenize_corpus.py", *overrides], cwd=root, env=env, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "sequences of 16" in proc.stdout
-    m = load_manifest(root / "manifests" / "tokenize.json")
+    m = load_manifest(root / MANIFEST_DIR / "tokenize.json")
     assert [s["name"] for s in m.subjects] == ["data/tokenize"]
     assert m.subjects[0]["digest"]["flowpinSha256"] == dataset_digest(root / "data" / "tokenize")
     kinds = {d["name"]: d["annotations"]["kind"] for d in m.dependencies}
     assert kinds["data/corpus"] == "dataset" and kinds["manifests/mix.json"] == "manifest"
     assert kinds["stages/tokenize_corpus.py"] == "code" and kinds["params/tokenize.yaml"] == "config"
     assert m.build["externalParameters"]["overrides"] == overrides
+    # The stage runs tokenizers single-threaded, but records the environment it was started with.
+    assert PARALLELISM_ENV not in m.environment["envVars"]
     monkeypatch.chdir(root)
     monkeypatch.setenv("FLOWPIN_ROOT", str(root))
     assert flowpin_main(["verify", "manifests/tokenize.json"]) == 0
@@ -621,7 +634,7 @@ def test_stage_reuses_a_pinned_tokenizer_and_refuses_train_plus_input(
     ]
     proc = stage(*reuse)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    m = load_manifest(root / "manifests" / "tokenize_midtrain.json")
+    m = load_manifest(root / MANIFEST_DIR / "tokenize_midtrain.json")
     kinds = {d["name"]: d["annotations"]["kind"] for d in m.dependencies}
     assert kinds["data/tokenize"] == "dataset" and kinds["manifests/tokenize.json"] == "manifest"
     assert kinds["data/tokenize/tokenizer.json"] == "tokenizer" and kinds["params/tokenize_midtrain.yaml"] == "config"
@@ -631,14 +644,14 @@ def test_stage_reuses_a_pinned_tokenizer_and_refuses_train_plus_input(
     monkeypatch.chdir(root)
     monkeypatch.setenv("FLOWPIN_ROOT", str(root))
     assert flowpin_main(["verify", "manifests/tokenize_midtrain.json"]) == 0
-    before = (root / "manifests" / "tokenize_midtrain.json").read_bytes()
+    before = (root / MANIFEST_DIR / "tokenize_midtrain.json").read_bytes()
     # Train and a tokenizer input: refused before anything is recorded (the manifest stays as it was).
     train = ["tokenize.tokenizer.source=train", "+tokenize.tokenizer.min_frequency=2", "+tokenize.tokenizer.seed=1"]
     bad = stage(*reuse, *train)
     assert bad.returncode != 0
     assert "tokenize.tokenizer.source: 'train' trains a new tokenizer" in bad.stderr
-    assert (root / "manifests" / "tokenize_midtrain.json").read_bytes() == before
+    assert (root / MANIFEST_DIR / "tokenize_midtrain.json").read_bytes() == before
     # Reuse without a tokenizer input: refused, naming the missing input.
     bad = stage(*reuse, "~paths.inputs.tokenizer")
     assert bad.returncode != 0 and "paths.inputs.tokenizer: missing" in bad.stderr
-    assert (root / "manifests" / "tokenize_midtrain.json").read_bytes() == before
+    assert (root / MANIFEST_DIR / "tokenize_midtrain.json").read_bytes() == before

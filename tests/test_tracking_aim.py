@@ -1,4 +1,5 @@
-"""flowpin.tracking.aim: the Aim tracker of every stage run, its failure policy, the UI and the remote server.
+"""flowpin.tracking.aim and .aim_server: the Aim tracker of every stage run (params are configuration,
+metrics are measurements), its failure policy, the UI and the remote server.
 
 Aim queries see new runs only after a reindex, and a run closed in this process is not readable here
 again, so the logged runs are read back by a fresh process (:func:`read_runs`).
@@ -10,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -28,25 +30,23 @@ from torch import nn
 from conftest import Project
 from flowpin.cli import main as flowpin_main
 from flowpin.data.order import DataOrder
+from flowpin.errors import InternalError
 from flowpin.hashing import Hasher
 from flowpin.manifest.statement import load_manifest
 from flowpin.tracking import FanoutTracker, Tracker, read_jsonl
 from flowpin.tracking.aim import (
-    AimProcess,
+    REPORT_PARAM,
     AimTracker,
     StageTracker,
     TrackingError,
     TrackingWarning,
     describe_note,
-    free_port,
-    group_members,
     numeric_leaves,
     open_stage_tracker,
-    reindex,
-    start_server,
-    start_ui,
     tracking_settings,
 )
+from flowpin.tracking.aim_server import AimProcess, free_port, group_members, reindex, start_server, start_ui
+from flowpin.train import megatron_cpu
 from flowpin.train.loop import OptimConfig, TrainConfig, seed_all
 from flowpin.train.run import train_loop
 from flowpin.train.schedule import ScheduleConfig
@@ -143,7 +143,7 @@ def test_fanout_forwards_everything_in_order_and_closes_nothing() -> None:
     fan.close()
     assert a.events == b.events == [("params", {"x": 1}), ("metrics", 3, {"loss": 0.5}, {"subset": "train"})]
     assert not a.closed and not b.closed
-    with pytest.raises(ValueError, match="at least one"):
+    with pytest.raises(InternalError, match="at least one"):  # a programming error, not the user's input
         FanoutTracker()
 
 
@@ -228,7 +228,7 @@ def test_tracking_off_records_nothing_and_imports_no_aim(tmp_path: Path) -> None
     probe = (
         "import sys; from pathlib import Path; from flowpin.tracking.aim import open_stage_tracker\n"
         f"t = open_stage_tracker(Path({str(tmp_path)!r}), stage='x', environ={{'FLOWPIN_TRACKING': 'off'}})\n"
-        "t.log_params({'a': 1}); t.log_metrics(1, {'loss': 1.0}); t.close()\n"
+        "t.log_params({'a': 1}); t.log_metrics(1, {'loss': 1.0}); t.log_report({'b': 2}); t.close()\n"
         "print(t.run_id, t.active, t.note(), 'aim' in sys.modules)\n"
     )
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
@@ -278,8 +278,19 @@ def train_tiny(run_dir: Path, tracker: Tracker | None) -> Path:
     return result.checkpoints[-1].path
 
 
+@pytest.fixture
+def megatron_on_cpu() -> Iterator[None]:
+    """megatron's CPU patches (a stage's entry point applies them; ``train_loop`` saves megatron's RNG streams),
+    taken off again afterwards unless they were on before: the test does not depend on which file ran first."""
+    before = megatron_cpu.applied()
+    megatron_cpu.apply()
+    yield
+    if not before:
+        megatron_cpu.restore()
+
+
 def test_train_loop_fans_out_to_the_stage_tracker_and_tracking_changes_no_byte(
-    tmp_path: Path, one_torch_thread: None
+    tmp_path: Path, one_torch_thread: None, megatron_on_cpu: None
 ) -> None:
     rec = Recording()
     plain = train_tiny(tmp_path / "plain", None)
@@ -304,6 +315,44 @@ def test_train_loop_fans_out_to_the_stage_tracker_and_tracking_changes_no_byte(
     assert losses == {x["step"]: x["metrics"]["loss"] for x in read_jsonl(tmp_path / "tracked" / "metrics.jsonl")[1:]}
     assert set(metric(run, "reward", subset="train")) == set(losses)
     assert run["params"]["config"]["steps"] == 6 and run["params"]["start_step"] == 0
+
+
+TRAINING_METRICS = {"loss", "grad_norm", "lr", "tokens_per_s", "tokens_seen", "reward"}
+"""What the loop logs per step for :func:`tiny_loss` (``reward``: the extra a loss function returns)."""
+
+
+def test_a_training_runs_metrics_are_its_curves_and_its_configuration_is_params(
+    tmp_path: Path, one_torch_thread: None, megatron_on_cpu: None
+) -> None:
+    """A run page opens on loss, lr and grad norm: configuration -- the loop's config, its determinism settings,
+    the report's seeds and thread counts -- is stored as params, never as one-point metric sequences."""
+    tracker = open_stage_tracker(tmp_path, stage="tiny", environ={})
+    train_tiny(tmp_path / "run", tracker)
+    logged = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]["params"]
+    report = {
+        "steps": 6,
+        "loss": {"first": 2.75, "last": 2.5},
+        "determinism": {"numInteropThreads": 2, "numThreads": 1, "seed": 1234},
+        "order": {"seed": 0, "batch_size": B},
+        "curve": [2.75, 2.5],
+    }
+    tracker.log_report(report)  # what stage_run does after the body
+    tracker.close()
+    assert tracker.note()["status"] == "ok"
+    run = read_runs(tmp_path)[tracker.run_id]  # through Aim's SDK, in a fresh process
+
+    names = {m["name"] for m in run["metrics"]}
+    assert names == TRAINING_METRICS and {"loss", "lr", "grad_norm"} <= names
+    assert all(m["context"] == {"stage": "tiny", "subset": "train"} for m in run["metrics"])
+    assert all(m["steps"] == [1, 2, 3, 4, 5, 6] for m in run["metrics"])  # curves, not one-point charts
+    params = run["params"]
+    assert params[REPORT_PARAM] == report
+    assert params["config"] == logged["config"] and params["config"]["steps"] == 6
+    assert params["determinism"] == logged["determinism"] and params["determinism"]
+    configuration = numeric_leaves({k: params[k] for k in ("config", "determinism", REPORT_PARAM)}, limit=10**6)
+    assert {"report.determinism.numThreads", "report.order.seed", "config.steps"} <= set(configuration)
+    leaf_names = {path.rsplit(".", 1)[-1] for path in configuration} | set(configuration)
+    assert not names & (leaf_names - TRAINING_METRICS)  # no configuration scalar is charted
 
 
 # --- stage_run: the manifest records the run, the run records the manifest ------------------------
@@ -417,8 +466,9 @@ def test_a_stage_run_logs_to_aim_and_its_manifest_records_the_run(
     assert params["manifest"]["path"] == "manifests/toy.json"
     assert len(params["manifest"]["sha256"]) == len(params["manifest"]["identity"]) == 64
     assert metric(run, "value", stage="toy", subset="train") == {1: 0.5, 2: 1.0, 3: 1.5, 4: 2.0}
-    assert metric(run, "size", subset="report") == {0: 4.0}
-    assert metric(run, "nested.half", subset="report") == {0: 2.0}
+    # the report is a param, as written (lists too); none of its numbers is a one-point metric
+    assert params[REPORT_PARAM] == {"size": 4, "nested": {"half": 2.0}, "curve": [1, 2]}
+    assert [(m["name"], m["context"]) for m in run["metrics"]] == [("value", {"stage": "toy", "subset": "train"})]
     (other,) = (r for h, r in runs.items() if h != note["runHash"])
     assert other["params"]["failed"] == "RuntimeError: the toy stage failed on purpose"
     assert "manifest" not in other["params"]
@@ -508,11 +558,14 @@ def stopped(server: AimProcess) -> None:
     assert server.process.poll() is not None and group_members(pgid) == []  # the uvicorn child too
 
 
-def test_the_ui_lists_the_logged_run_in_headless_chromium(tmp_path: Path) -> None:
+def test_the_ui_lists_the_logged_run_and_its_page_opens_on_the_training_curves(tmp_path: Path) -> None:
     chromium()  # skip (outside CI) before starting anything
-    with AimTracker(tmp_path, experiment="pretrain", name="ui-probe-run", context={"stage": "pretrain"}) as t:
-        t.log_params({"stage": "pretrain"})
-        t.log_metrics(1, {"loss": 2.5}, {"subset": "train"})
+    t = open_stage_tracker(tmp_path, stage="pretrain", name="ui-probe-run", environ={})
+    t.log_params({"stage": "pretrain", "determinism": {"numInteropThreads": 2, "numThreads": 2, "seed": 1234}})
+    for step in (1, 2):
+        t.log_metrics(step, {"loss": 2.5 / step, "lr": 1e-3, "grad_norm": 1.0 / step}, {"subset": "train"})
+    t.log_report({"determinism": {"numInteropThreads": 2, "numThreads": 2, "seed": 1234}, "loss": {"last": 1.25}})
+    t.close()
     server = start_ui(tmp_path, log=tmp_path / "aim-up.log")
     try:
         assert server.url.startswith("http://127.0.0.1:")
@@ -521,6 +574,12 @@ def test_the_ui_lists_the_logged_run_in_headless_chromium(tmp_path: Path) -> Non
         assert t.run_id.encode() in get(f"{server.url}/api/runs/search/run/")  # and lists it
         dom = dump_dom(f"{server.url}/runs")  # the SPA renders the runs table from those calls
         assert f'href="/runs/{t.run_id}"' in dom and "ui-probe-run" in dom
+        # The run page's charts, in page order: the training curves, no one-point configuration chart
+        charts = re.findall(
+            r'RunDetailMetricsTab__container__chartContainer" data-name="([^"]*)"',
+            dump_dom(f"{server.url}/runs/{t.run_id}/metrics"),
+        )
+        assert charts == ["grad_norm", "loss", "lr"]
     finally:
         stopped(server)
 

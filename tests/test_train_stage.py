@@ -2,7 +2,8 @@
 
 pretrain via `stages/train.py` (short overrides), then: fresh runs agree bit for bit; a run killed with
 SIGKILL resumes to the same final checkpoint; `flowpin fork` with no overrides reproduces the parent's
-later checkpoint tensors, and with an override it branches while recording its parent.
+later checkpoint tensors, and with an override it branches while recording its parent (and, as every
+training stage, a report, a tracker and a run key).
 """
 
 from __future__ import annotations
@@ -141,6 +142,17 @@ def test_fork_with_an_override_branches_and_records_it(project: Path) -> None:
     parent = project / "runs" / "a" / "checkpoints" / "step-000006" / "model.safetensors"
     child = project / "runs" / "fork-lr" / "checkpoints" / "step-000006" / "model.safetensors"
     assert child.read_bytes() != parent.read_bytes()
+    # recorded as every training stage is: a report beside the manifest, a tracker, a run key
+    report = json.loads((project / "runs" / "fork-lr" / "report.json").read_text())
+    assert report["forked_from"] == {"checkpoint": "step-000003", "step": 3} and report["steps"] == 6
+    assert report["checkpoints"] == ["step-000006"] and report["probe_loss"]["after"] is not None
+    assert m.byproduct("runs/fork-lr/report.json") is not None and m.note("tracking") is not None
+    assert json.loads((project / "runs" / "fork-lr" / "run-key.json").read_text())["parts"]["fork"] == {
+        "checkpoint": "step-000003",
+        "state": hashlib.sha256(
+            (project / "runs" / "a" / "checkpoints" / "step-000003" / "state.json").read_bytes()
+        ).hexdigest(),
+    }
 
 
 @pytest.mark.slow

@@ -2,11 +2,13 @@
 
 A reader sees either the old artifact or the complete new one, never a prefix: content goes to a
 temporary sibling, is fsynced, renamed over the target, and the parent directory is fsynced so the
-rename itself survives a crash. A failure removes the temporary and raises :class:`WriteError`; a full
-disk or a file size limit (``ENOSPC``, ``EDQUOT``, ``EFBIG``) says so and how to fix it. A directory is
-swapped in with one ``renameat2(RENAME_EXCHANGE)`` where the kernel and filesystem offer it, so even a
-SIGKILL during the swap leaves the old or the new tree under its name. The write points carry named
-failpoints (:mod:`flowpin.failpoints`) that the fault-injection suite arms.
+rename itself survives a crash (:func:`atomic_open`, :func:`atomic_write_bytes`). Creating a file only
+where none exists (:func:`atomic_create_exclusive`: keys) takes the same write path and hard-links the
+temporary instead of renaming it, so it never replaces anything. A failure removes the temporary and
+raises :class:`WriteError`; a full disk or a file size limit (``ENOSPC``, ``EDQUOT``, ``EFBIG``) says so
+and how to fix it. A directory is swapped in with one ``renameat2(RENAME_EXCHANGE)`` where the kernel
+and filesystem offer it, so even a SIGKILL during the swap leaves the old or the new tree under its name.
+The write points carry named failpoints (:mod:`flowpin.failpoints`) that the fault-injection suite arms.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import functools
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -46,25 +48,39 @@ def atomic_open(path: str | os.PathLike[str], *, mode: int = 0o644) -> Iterator[
     left untouched.
     """
     target = Path(path)
+    with _written_aside(target, mode, _replace) as fh:
+        yield fh
+        failpoint("atomic.before-fsync", str(target), prepare=fh.flush)
+
+
+@contextlib.contextmanager
+def _written_aside(target: Path, mode: int, publish: Callable[[Path, Path], None]) -> Iterator[IO[bytes]]:
+    """The one write path: a temporary sibling of ``target`` to write; after the block it is flushed,
+    fsynced, given ``mode`` and handed to ``publish(tmp, target)``, which puts it in place (and fsyncs the
+    parent directory). Any failure removes the temporary; an ``OSError`` becomes a :class:`WriteError`."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as fh:
             yield fh
-            failpoint("atomic.before-fsync", str(target), prepare=fh.flush)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)
-        failpoint("atomic.before-rename", str(target))
-        os.replace(tmp, target)
-        failpoint("atomic.after-rename", str(target))
-        fsync_dir(target.parent)
+        publish(tmp, target)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise write_error(target, exc) from exc
         raise
+
+
+def _replace(tmp: Path, target: Path) -> None:
+    """Publish by ``rename(2)`` over whatever ``target`` was."""
+    failpoint("atomic.before-rename", str(target))
+    os.replace(tmp, target)
+    failpoint("atomic.after-rename", str(target))
+    fsync_dir(target.parent)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644) -> None:
@@ -83,36 +99,38 @@ _NO_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EM
 def atomic_create_exclusive(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o600) -> bool:
     """Publish ``data`` as ``path`` only if nothing is there yet; True if this call created it.
 
-    ``O_EXCL`` semantics without a partial file: the content goes to a temporary sibling, is fsynced,
-    then hard-linked to ``path`` (``link(2)`` fails with ``EEXIST`` when another process got there first,
-    and never replaces anything), and the temporary is removed. Of concurrent callers exactly one returns
-    True; the others return False and leave the winner's file untouched. A filesystem without hard links
-    gets ``open(O_CREAT | O_EXCL)`` and a write in place instead (a crash then may leave a partial file).
+    ``O_EXCL`` semantics without a partial file: the content goes to a temporary sibling, is fsynced
+    (the write path of :func:`atomic_open`), then hard-linked to ``path`` (``link(2)`` fails with ``EEXIST``
+    when another process got there first, and never replaces anything), and the temporary is removed. Of
+    concurrent callers exactly one returns True; the others return False and leave the winner's file
+    untouched. A filesystem without hard links gets ``open(O_CREAT | O_EXCL)`` and a write in place instead
+    (a crash then may leave a partial file).
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
+    created = False
+
+    def link(tmp: Path, target: Path) -> None:
+        nonlocal created
         try:
-            os.link(tmp, target)
-        except FileExistsError:
-            return False
-        except OSError as exc:
-            if exc.errno not in _NO_LINKS:
-                raise
-            return _create_in_place(target, data, mode)
-        fsync_dir(target.parent)
-        return True
+            created = _link_exclusive(tmp, target, data, mode)
+        finally:
+            tmp.unlink(missing_ok=True)  # the link (or the in-place copy) holds the content now
+
+    with _written_aside(Path(path), mode, link) as fh:
+        fh.write(data)
+    return created
+
+
+def _link_exclusive(tmp: Path, target: Path, data: bytes, mode: int) -> bool:
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        return False
     except OSError as exc:
-        raise write_error(target, exc) from exc
-    finally:
-        tmp.unlink(missing_ok=True)
+        if exc.errno not in _NO_LINKS:
+            raise
+        return _create_in_place(target, data, mode)
+    fsync_dir(target.parent)
+    return True
 
 
 def _create_in_place(target: Path, data: bytes, mode: int) -> bool:

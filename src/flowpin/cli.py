@@ -1,10 +1,17 @@
-"""The ``flowpin`` command line: key, verify, diff, lineage, show, batch, fork, rebuild, model-sign.
+"""The ``flowpin`` command line: parse the arguments, call the library, print what it returns.
 
-Exit status: 0 success; 1 a verification failed / outputs differ (``diff``, ``rebuild``) / ``show`` of a
-manifest that is not signed by a trusted key (UNVERIFIED); 2 usage or input error (a :class:`FlowpinError`
-that prevents the command from giving an answer); 3 ``diff`` only: every output identical, but the identity
-differs (recipe, entry point, inputs, code, environment); 141 (128 + SIGPIPE) when whoever reads stdout closed it early
-(``flowpin show M | head``): the command stops quietly, without a traceback, whatever it was doing.
+Every command is listed in ``flowpin --help`` with its exit status (:data:`COMMANDS`, also each command's own
+``--help``), followed by the ``FLOWPIN_*`` environment variables (:data:`flowpin.settings.VARIABLES`). Handlers do
+no work of their own: the library answers (:mod:`flowpin.manifest`, :mod:`flowpin.replay`, :mod:`flowpin.signing`,
+:mod:`flowpin.modelsign`, :mod:`flowpin.experiment`, :mod:`flowpin.batch_query`, :mod:`flowpin.sweep`...) and
+renders its answer as text or JSON; a handler prints it and returns the exit status.
+
+Exit status follows the one policy of :mod:`flowpin.errors` (:func:`~flowpin.errors.exit_code`): 0 success; 1 the
+command answered "no" (a verification failed, outputs differ; each failure named); 2 a
+:class:`~flowpin.errors.FlowpinError` stopped it before it could answer (``flowpin: <Error>: <message>`` on stderr,
+no traceback); 3 ``diff`` only: every output identical, but the identity differs; 70 a flowpin bug (its
+traceback on stderr); 130 interrupted; 141 (128 + SIGPIPE) whoever read stdout closed it early
+(``flowpin show M | head``): the command stops quietly, whatever it was doing.
 
 Human output escapes control and bidi characters in every string that comes from a manifest
 (:func:`flowpin.display.safe`); ``--json`` output is JSON (which escapes them itself).
@@ -13,23 +20,182 @@ Human output escapes control and bidi characters in every string that comes from
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
 import sys
+import textwrap
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flowpin import __version__
+from flowpin import __version__, settings
 from flowpin.display import safe, safe_lines
-from flowpin.errors import FlowpinError
-from flowpin.hashing import DEFAULT_ALGORITHM, Hasher, default_cache
+from flowpin.errors import EXIT_BROKEN_PIPE, EXIT_FAILED, EXIT_OK, FlowpinError, InternalError, exit_code
 from flowpin.paths import find_root
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Command:
+    """One command as ``flowpin --help`` lists it."""
+
+    name: str
+    """The words after ``flowpin`` (``key init``)."""
+    summary: str
+    """What it does, one line."""
+    exits: str
+    """Its exit status but 2 (and the statuses every command shares: 70 bug, 130 interrupted, 141 stdout closed)."""
+    refused: str = "an input error"
+    """What exits 2 (always an input error: a :class:`~flowpin.errors.FlowpinError`)."""
+
+    @property
+    def description(self) -> str:
+        return f"{self.summary[0].upper()}{self.summary[1:]}. Exit status: {self.exits}; 2 {self.refused}."
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command(name="key init", summary="create the Ed25519 key that signs manifests (0600) and trust it", exits="0 done"),
+    Command(name="key list", summary="list the trusted keyids (keys/*.pub)", exits="0 listed"),
+    Command(
+        name="verify",
+        summary="check schema, signature, trusted key and every digest of manifests",
+        exits="0 every manifest verified, 1 some failed (each failing artifact named with the reason)",
+    ),
+    Command(
+        name="diff",
+        summary="semantic diff of two manifests or two manifest directories, verdict first",
+        exits="0 every pair identical in identity, 1 some outputs differ (or a manifest is on one side only), "
+        "3 every output identical but the identity differs (recipe, entry point, inputs, code or environment)",
+    ),
+    Command(
+        name="lineage",
+        summary="walk parent manifests back to raw inputs",
+        exits="0 every parent found unchanged, 1 a parent is missing, changed or cyclic",
+    ),
+    Command(
+        name="show",
+        summary="human summary of a manifest (or its decoded statement)",
+        exits="0 VERIFIED (signed by a trusted key), 1 UNVERIFIED (shown all the same, marked)",
+        refused="the manifest cannot be read, or an input error",
+    ),
+    Command(
+        name="batch",
+        summary="which sequences, documents and text training step N saw, and on which data-parallel rank",
+        exits="0 described",
+    ),
+    Command(
+        name="fork",
+        summary="continue a training stage from its checkpoint at a step, under overrides",
+        exits="0 the fork trained and its manifest is recorded",
+    ),
+    Command(
+        name="rebuild",
+        summary="re-run stages in a scratch workspace from what their manifests pin and compare every output digest",
+        exits="0 every stage reproduced bit for bit, 1 some output differs (the verdict names the files and the "
+        "recorded differences that could explain it)",
+        refused="a stage could not be rebuilt (missing or changed input, code drift, failing stage) or an input error",
+    ),
+    Command(
+        name="sweep",
+        summary="table of a Hydra sweep's jobs: the overrides that differ, status, final metrics",
+        exits="0 every planned job ran and its manifest verifies, 1 some job failed, is missing, still running or "
+        "does not verify",
+        refused="not a sweep directory, or an input error",
+    ),
+    Command(
+        name="exp",
+        summary="run one stage as a DVC experiment under Hydra overrides (checked, then `dvc exp run -S`)",
+        exits="0 the experiment ran (or, with --dry-run, was planned), 1 `dvc exp run` failed",
+        refused="an override DVC could not apply as the command line means it, or an input error",
+    ),
+    Command(
+        name="release export",
+        summary="write the signed release directory another lab replays (docs/release.md)",
+        exits="0 written",
+        refused="the release is incoherent (uncommitted changes, `dvc status` not clean, a manifest that does not "
+        "verify, an output missing from the DVC cache) or an input error",
+    ),
+    Command(
+        name="release import",
+        summary="in a clone of a release: check it against keys/ and every file, make its store the DVC remote",
+        exits="0 imported (and pulled/verified when asked), 1 dvc pull or verify failed",
+        refused="the release was refused (not a release, tampered, untrusted signature, wrong commit, missing "
+        "object) or an input error",
+    ),
+    Command(
+        name="model-sign key init",
+        summary="create the EC P-256 model-signing key (0600) and trust it in keys/model-signing/",
+        exits="0 done",
+    ),
+    Command(
+        name="model-sign sign",
+        summary="sign a checkpoint directory in the OpenSSF model-signing format (docs/model-signing.md)",
+        exits="0 signed",
+    ),
+    Command(
+        name="model-sign verify",
+        summary="verify a checkpoint directory's OpenSSF model signature",
+        exits="0 verified, 1 verification failed (the reason named)",
+    ),
+    Command(
+        name="ui",
+        summary="open the Aim UI of the project's runs (.aim) on 127.0.0.1 until Ctrl-C",
+        exits="0 stopped by Ctrl-C or SIGTERM, 1 the UI server failed",
+        refused="the UI cannot start (aim missing, repository unwritable), or an input error",
+    ),
+)
+"""Every command, in ``flowpin --help``'s order."""
+
+_BY_NAME = {c.name: c for c in COMMANDS}
+
+COMMON_EXITS = (
+    "Exit status, every command: 0 success; 1 the answer is no (a check failed, outputs differ: each named); "
+    "2 input error (flowpin: <Error>: what, where and how to fix it); 3 diff only: outputs identical, identity "
+    "differs; 70 a flowpin bug (its traceback shown); 130 interrupted; 141 stdout closed early."
+)
+
+
+def _top_help(width: int = 100) -> tuple[str, str]:
+    """``flowpin --help``'s description (every command with its exit status) and epilog (the common exit
+    statuses, the ``FLOWPIN_*`` variables), wrapped at ``width``."""
+    column = max(len(c.name) for c in COMMANDS) + 4
+
+    def wrap(text: str, first: str, indent: int) -> list[str]:
+        return textwrap.wrap(text, width, initial_indent=first, subsequent_indent=" " * indent, break_on_hyphens=False)
+
+    def entry(head: str, text: str) -> list[str]:
+        return wrap(text, f"  {head:<{column - 2}}", column)
+
+    lines = ["Sign, verify, compare and replay the manifests of a DVC + Hydra flow.", "", "commands:"]
+    for c in COMMANDS:
+        lines += entry(c.name, c.summary)
+        lines += wrap(f"exit {c.exits}; 2 {c.refused}", " " * (column + 2), column + 2)
+    lines += ["", "`flowpin COMMAND --help` explains each argument of a command."]
+    epilog = [*textwrap.wrap(COMMON_EXITS, width), "", "environment:"]
+    column = max(len(name) for name in settings.VARIABLES) + 4
+    for name, text in settings.VARIABLES.items():
+        epilog += entry(name, text)
+    return "\n".join(lines), "\n".join(epilog)
+
+
+def _add(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str) -> argparse.ArgumentParser:
+    """The parser of command ``name`` (its last word under ``sub``), with the summary and exit status of
+    :data:`COMMANDS`. A subcommand (``key init``) is listed in its group's help; a command (``verify``) is
+    listed by ``flowpin --help``'s description, with its exit status."""
+    c = _BY_NAME[name]
+    word = name.rsplit(" ", 1)[-1]
+    if " " in name:
+        return sub.add_parser(word, help=c.summary, description=c.description)
+    return sub.add_parser(word, description=c.description)
+
+
+# --- key, model-sign -----------------------------------------------------------------------------------------
 
 
 def _cmd_key_init(args: argparse.Namespace) -> int:
@@ -42,11 +208,11 @@ def _cmd_key_init(args: argparse.Namespace) -> int:
         if not created:
             repaired = f"\ntrusted its public key keys/{signer.keyid}.pub" if added else ""
             print(f"signing key exists: {path}{repaired}")
-            return 0
+            return EXIT_OK
     else:
         signer = init_key(root, key_path=path, force=args.force)
     print(f"created signing key {path} (mode 600)\nkeyid {signer.keyid}\ntrusted public key keys/{signer.keyid}.pub")
-    return 0
+    return EXIT_OK
 
 
 def _cmd_key_list(args: argparse.Namespace) -> int:
@@ -54,7 +220,7 @@ def _cmd_key_list(args: argparse.Namespace) -> int:
 
     for keyid in sorted(load_trust_store(find_root())):
         print(keyid)
-    return 0
+    return EXIT_OK
 
 
 def _cmd_model_sign_key_init(args: argparse.Namespace) -> int:
@@ -63,18 +229,18 @@ def _cmd_model_sign_key_init(args: argparse.Namespace) -> int:
     root = find_root()
     path = default_key_path(root)
     if args.if_missing:  # exactly one of concurrent callers creates the key; the others load it
-        info, created, added = init_key_if_missing(root, path)  # added: a key-init killed before trusting it
+        info, created, added = init_key_if_missing(root, path)  # added: a key init killed before trusting it
         if not created:
             repaired = " (its public key was missing from the trust store: added)" if added else ""
             print(f"model-signing key exists: {path}\nkeyid {info.keyid}, trusted {info.public_path}{repaired}")
-            return 0
+            return EXIT_OK
     else:
         info = init_key(root, key_path=path, force=args.force)
     print(
         f"created model-signing key {path} (EC P-256, mode 600)\nkeyid {info.keyid}\n"
         f"trusted public key {info.public_path.relative_to(root)}"
     )
-    return 0
+    return EXIT_OK
 
 
 def _cmd_model_sign_sign(args: argparse.Namespace) -> int:
@@ -88,7 +254,7 @@ def _cmd_model_sign_sign(args: argparse.Namespace) -> int:
         f"in {time.perf_counter() - t0:.2f} s\nsignature {signed.signature}\n"
         f"check it with the OpenSSF tool alone:\n  {signed.openssf_command()}"
     )
-    return 0
+    return EXIT_OK
 
 
 def _cmd_model_sign_verify(args: argparse.Namespace) -> int:
@@ -98,14 +264,19 @@ def _cmd_model_sign_verify(args: argparse.Namespace) -> int:
     signature = Path(args.signature) if args.signature else None
     try:
         signed = verify_checkpoint(Path(args.checkpoint), root=find_root(), signature=signature)
-    except (ModelSignatureError, IntegrityError) as exc:
+    except (ModelSignatureError, IntegrityError) as exc:  # the answer is "no", not an input error
         print(f"FAIL {args.checkpoint}\n     {type(exc).__name__}: {exc}")
-        return 1
+        return EXIT_FAILED
     print(f"OK   {signed.checkpoint} {len(signed.files)} files, signed by {signed.keyid[:16]}… ({signed.signature})")
-    return 0
+    return EXIT_OK
+
+
+# --- manifests: verify, diff, lineage, show ------------------------------------------------------------------
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from flowpin.hashing import DEFAULT_ALGORITHM, Hasher, default_cache, parallel_workers
+    from flowpin.manifest.summary import render_verification, render_verify_totals
     from flowpin.manifest.verify import find_manifests, verify_manifest
     from flowpin.signing import load_trust_store
 
@@ -113,56 +284,43 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     paths = [Path(p) for p in args.paths] or (find_manifests(root) if args.all else [])
     if not paths:
         raise FlowpinError("nothing to verify: name manifest files or pass --all (verifies manifests/**/*.json)")
-    extra = tuple(Path(d) for d in args.trust)
-    trusted = load_trust_store(root, extra)
+    trusted = load_trust_store(root, tuple(Path(d) for d in args.trust))
     cache = None if args.no_cache else default_cache(root)
-    hasher = Hasher(root, DEFAULT_ALGORITHM, cache=cache)
+    hasher = Hasher(root, DEFAULT_ALGORITHM, cache=cache, workers=parallel_workers())  # a command that only hashes
     failed = 0
     for path in paths:
         report = verify_manifest(path, root=root, trusted=trusted, hasher=hasher)
-        if report.ok:
-            signer = (report.keyid or "?")[:16]
-            print(safe(f"OK   {path} [{report.stage}] {report.checked} artifacts, signed by {signer}…"))
-        else:
-            failed += 1
-            print(safe(f"FAIL {path} [{report.stage or '?'}]"))
-            for finding in report.findings:
-                print(f"     {safe(finding)}")
+        failed += not report.ok
+        print(render_verification(path, report))
     if cache is not None:
         cache.close()
+    stats = hasher.stats
     print(
-        f"{len(paths) - failed} verified, {failed} failed "
-        f"({hasher.stats.files} files hashed, {hasher.stats.cache_hits} from the stat cache)"
+        render_verify_totals(
+            verified=len(paths) - failed, failed=failed, hashed=stats.files, cache_hits=stats.cache_hits
+        )
     )
-    return 1 if failed else 0
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
-    from flowpin.manifest.diff import diff_paths, render_text, verdict_of
+    from flowpin.manifest.diff import diff_paths, render_json, render_text, verdict_of
 
     diffs = diff_paths(Path(args.a), Path(args.b), include_run=args.include_run, trusted=_trust_store())
     verdict = verdict_of(diffs, label_a=args.a, label_b=args.b)
-    if args.json:
-        doc = {"verdict": verdict.as_dict(), "diffs": [d.as_dict() for d in diffs]}
-        print(json.dumps(doc, indent=2, sort_keys=True, default=str))
-    else:
-        print(render_text(diffs, verdict))
+    print(render_json(diffs, verdict) if args.json else render_text(diffs, verdict))
     return verdict.exit_code
 
 
 def _cmd_lineage(args: argparse.Namespace) -> int:
     from flowpin.manifest.lineage import lineage, render_tree
 
-    root = find_root()
-    node = lineage(Path(args.path).resolve(), root)
-    if args.json:
-        print(json.dumps(node.as_dict(), indent=2, sort_keys=True))
-    else:
-        print(render_tree(node))
+    node = lineage(Path(args.path).resolve(), find_root())
+    print(json.dumps(node.as_dict(), indent=2, sort_keys=True) if args.json else render_tree(node))
     problems = node.problems()
     for p in problems:
         print(f"problem: {safe(p)}", file=sys.stderr)
-    return 1 if problems else 0
+    return EXIT_FAILED if problems else EXIT_OK
 
 
 def _trust_store() -> dict[str, Ed25519PublicKey]:
@@ -178,223 +336,38 @@ def _trust_store() -> dict[str, Ed25519PublicKey]:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    """Exit 0 when the manifest is VERIFIED (signed by a trusted key; with --digests also every digest), 1
-    when UNVERIFIED (it is shown all the same, marked), 2 when it cannot be read. Every line is escaped."""
-    from flowpin.errors import UnverifiedManifestError
-    from flowpin.manifest.statement import entry_files, entry_kind, entry_size, load_manifest
-    from flowpin.manifest.trust import check_signature, require_digests, short_digest
+    """0 when the manifest is VERIFIED (signed by a trusted key; with --digests also every digest), 1 when
+    UNVERIFIED (it is shown all the same, marked), 2 when it cannot be read."""
+    from flowpin.manifest.statement import load_manifest
+    from flowpin.manifest.summary import render_summary, show_status
 
     m = load_manifest(Path(args.path))
-    try:
-        keyid = check_signature(m, _trust_store(), purpose="show it as signed")
-        if args.digests:
-            require_digests(m, None, root=find_root(), purpose="show it as verified")
-        scope = "every digest re-hashed" if args.digests else "digests not re-hashed: add --digests"
-        status = f"VERIFIED (signed by {keyid[:16]}…, trusted in keys/; {scope})"
-    except UnverifiedManifestError as exc:
-        status, keyid = f"UNVERIFIED: {exc}", ""
-    if args.json:  # the statement as signed (JSON escapes control characters); the verdict on stderr
-        print(json.dumps(m.statement, indent=2, sort_keys=True))
-        if not keyid:
-            print(f"flowpin: {safe(status)}", file=sys.stderr)
-        return 0 if keyid else 1
-
-    def out(line: str) -> None:
-        print(safe(line))
-
-    env, git, meta = m.environment, m.git, m.metadata
-    out(f"manifest   {m.path}")
-    out(f"stage      {m.stage}")
-    out(f"identity   sha256:{m.identity_digest()}")
-    out(f"signature  {status}")
-    out(f"run        {meta['invocationId']}  {meta['startedOn']} → {meta['finishedOn']}")
-    tracking = m.note("tracking")
-    if tracking is not None:  # the Aim run of this stage run (open it with `flowpin ui`)
-        from flowpin.tracking.aim import describe_note
-
-        out(f"tracking   {describe_note(tracking)}")
-    dirty = f" + uncommitted changes {git.get('dirtyDigest')}" if git.get("dirty") else ""
-    out(f"code       git {git.get('commit') or '(none)'}{dirty}")
-    torch = env.get("torch") or {}
-    out(
-        f"env        python {env.get('python', {}).get('version')}, torch {torch.get('version')}, "
-        f"threads {torch.get('numThreads')}, deterministic {torch.get('deterministicAlgorithms')}"
-    )
-    entry = m.entry_point
-    rerun = shlex.join(entry.command([])) if entry else "(not recorded: re-run the stage to record it)"
-    out(f"entry      {rerun}")
-    overrides = m.overrides
-    out(f"overrides  {' '.join(overrides) if overrides else '(none)'}")
-    out("outputs")
-    for s in m.subjects:
-        n = len(entry_files(s))
-        out(f"  {s['name']}  {short_digest(s)}  {entry_size(s)} B" + (f", {n} files" if n else ""))
-    out("inputs")
-    for d in m.dependencies:
-        uri = f"  ({d['uri']})" if "uri" in d else ""
-        out(f"  [{entry_kind(d)}] {d['name']}  {short_digest(d)}{uri}")
-    for bp in m.byproducts:
-        if "digest" in bp:
-            out(f"byproduct  {bp['name']}  {short_digest(bp)}")
-        else:
-            out(f"byproduct  {bp['name']}  {json.dumps(bp.get('annotations', {}), sort_keys=True)[:100]}")
-    if not keyid:
-        print(f"flowpin: {safe(status)}", file=sys.stderr)
-    return 0 if keyid else 1
+    status = show_status(m, _trust_store(), digests=find_root() if args.digests else None)
+    # --json: the statement as signed (JSON escapes control characters)
+    print(json.dumps(m.statement, indent=2, sort_keys=True) if args.json else render_summary(m, status))
+    if not status.verified:
+        print(f"flowpin: {safe(status.text)}", file=sys.stderr)
+    return EXIT_OK if status.verified else EXIT_FAILED
 
 
-def _cmd_ui(args: argparse.Namespace) -> int:
-    from flowpin.tracking.aim import serve_ui
-
-    return serve_ui(Path(args.repo) if args.repo else find_root(), port=args.port)
+# --- training data and runs: batch, fork, rebuild, sweep, exp, ui --------------------------------------------
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
-    from flowpin.data.order import (
-        MAX_DESCRIBED_TOKENS,
-        BatchTarget,
-        check_batch_request,
-        describe_samples,
-        order_digest,
-        order_for,
-    )
-    from flowpin.data.tokenize import TokenizedDataset
-    from flowpin.errors import DataOrderError
-    from flowpin.train.step_batch import resolve_target, sample_ranks, step_data
+    from flowpin.batch_query import BatchQuery, answer_batch_query, batch_json, render_batch
 
-    # Bounds before anything is read (the training step's lower bound, 1, once the target is known).
-    check_batch_request(
-        step=args.step, batch_size=1 if args.batch_size is None else args.batch_size, names=("--step", "--batch-size")
+    query = BatchQuery(
+        path=Path(args.path),
+        step=args.step,
+        rank=args.rank,
+        world_size=args.world_size,
+        order_seed=args.order_seed,
+        batch_size=args.batch_size,
+        data=None if args.data is None else Path(args.data),
     )
-    for flag, value, minimum in (("--rank", args.rank, 0), ("--world-size", args.world_size, 1)):
-        if value is not None and value < minimum:
-            raise DataOrderError(f"{flag}: {value} must be >= {minimum}; pass a value of {minimum} or more")
-    root = find_root()
-    target = resolve_target(Path(args.path), root, data=None if args.data is None else Path(args.data))
-    if isinstance(target, BatchTarget):
-        missing = [f for f, v in (("--order-seed", args.order_seed), ("--batch-size", args.batch_size)) if v is None]
-        if missing:
-            raise DataOrderError(
-                f"{safe(args.path)}: a tokenized dataset has no data order of its own (the training recipe owns it: "
-                f"train.order_seed, train.loop.batch_size); pass {' and '.join(missing)}, or name a training "
-                "manifest (flowpin batch manifests/pretrain.json --step N) to see what a training step saw"
-            )
-        if args.data is not None:
-            raise DataOrderError("--data: only for a checkpoint directory; leave it out")
-        dataset, seed, size, position = target, args.order_seed, args.batch_size, args.step
-        world = 1 if args.world_size is None else args.world_size
-        world_from = "--world-size" if args.world_size is not None else "default: one process"
-        head: dict[str, object] = {"kind": "dataset", "stage": None, "step_counting": "order step, 0-based"}
-        trust = (
-            f"VERIFIED: {args.path} is signed by a trusted key; {target.name} is checked against the digest it pins"
-            if target.pinned is not None
-            else f"UNPINNED: {target.name} is read as it is (no signed manifest named)"
-        )
-        where = None
-    else:
-        if args.data is not None and target.kind != "checkpoint":
-            raise DataOrderError(
-                f"--data: {safe(target.source)} names its dataset; --data is for a checkpoint directory"
-            )
-        for flag, value in (("--order-seed", args.order_seed), ("--batch-size", args.batch_size)):
-            if value is not None:
-                raise DataOrderError(
-                    f"{flag}: {safe(target.source)} fixes the order (train.order_seed {target.order_seed}, "
-                    f"train.loop.batch_size {target.batch_size}); leave it out, or name the tokenized dataset "
-                    f"({safe(target.dataset.name)}) to see another order"
-                )
-        where = step_data(target, args.step, world_size=args.world_size)
-        dataset, seed, size, position = target.dataset, target.order_seed, target.batch_size, where.position
-        world, world_from, trust = where.world_size, where.world_size_from, target.trust
-        head = {
-            "kind": target.kind,
-            "stage": target.stage,
-            "step_counting": "training step, 1-based (the N-th optimizer step)",
-            "offset": where.offset,
-            "first_step": where.first_step,
-            "last_step": target.steps,
-            "checkpoint": where.checkpoint,
-        }
-    ranks = sample_ranks(size, world, world_from)
-    rows = None
-    if args.rank is not None:
-        if args.rank >= world:
-            raise DataOrderError(
-                f"--rank {args.rank}: the run has {world} data-parallel rank(s), 0..{world - 1} ({world_from}); "
-                "pass a rank in that range (or --world-size W to see how W ranks split the batch)"
-            )
-        rows = slice(ranks.index(args.rank), len(ranks) - ranks[::-1].index(args.rank))
-    data = TokenizedDataset.open(dataset.data_dir)
-    described = size if rows is None else rows.stop - rows.start
-    if where is not None and described * data.seq_len > MAX_DESCRIBED_TOKENS:
-        raise DataOrderError(
-            f"step {args.step}: {described} sequences x {data.seq_len} tokens is more than the {MAX_DESCRIBED_TOKENS} "
-            "tokens one batch description may hold; describe it in parts: --rank R (with --world-size W)"
-        )
-    names = ("--step", "--batch-size")
-    check_batch_request(step=position, batch_size=described, seq_len=data.seq_len, names=names)  # before hashing
-    order = order_for(
-        data,
-        order_seed=seed,
-        batch_size=size,
-        dataset_digest=order_digest(dataset) if where is None else where.dataset_digest,
-    )
-    samples = describe_samples(data, order, position, rows=rows)
-    first = position * size
-    head = {
-        "target": str(args.path),
-        **head,
-        "trust": trust,
-        "dataset": dataset.name,
-        "dataset_digest": order.dataset_digest,
-        "n_sequences": data.n_sequences,
-        "seq_len": data.seq_len,
-        "order_seed": seed,
-        "batch_size": size,
-        "step": args.step,
-        "position": position,
-        "epoch": order.epoch(position),
-        "world_size": world,
-        "world_size_from": world_from,
-        "rank": args.rank,
-    }
-    if args.json:
-        shown = [{**s.to_json(), "rank": ranks[s.position]} for s in samples]
-        print(json.dumps({**head, "samples": shown}, indent=2, sort_keys=True))
-        return 0
-    lines = []
-    if where is not None:
-        lines.append(f"run      {args.path} [{head['stage'] or 'no signed manifest names its stage'}]")
-    lines += [
-        f"trust    {trust}",
-        f"dataset  {dataset.name}  sha256:{order.dataset_digest[:16]}…  "
-        f"({data.n_sequences} sequences x {data.seq_len} tokens)",
-    ]
-    span = f"positions {first}..{first + size - 1}, epoch {order.epoch(position)}"
-    if where is None:
-        lines.append(f"order    seed {seed}, batch size {size}, step {position} (the order's, 0-based): {span}")
-    else:
-        lines.append(
-            f"order    seed {seed}, batch size {size}: training step {args.step} (1-based) = data position "
-            f"{position} (offset {where.offset}): {span}"
-        )
-    shown_ranks = "every row on rank 0" if world == 1 else f"{size // world} rows per rank"
-    lines.append(f"ranks    world size {world} ({world_from}): {shown_ranks}")
-    if args.rank is not None:
-        lines[-1] += f"; showing rank {args.rank}'s rows"
-    for s in samples:
-        lines.append(f"[{s.position}] sequence {s.sequence}  (epoch {s.epoch}, rank {ranks[s.position]})")
-        for d in s.documents:
-            lines.append(
-                f"     {d.id}  [doc {d.document}] tokens {d.doc_start}..{d.doc_end} -> positions {d.start}..{d.end}"
-            )
-        if s.pad_tokens:
-            lines.append(f"     <pad> x {s.pad_tokens}")
-        text = s.text if len(s.text) <= args.width else s.text[: args.width] + "…"
-        lines.append(f"     text {json.dumps(text, ensure_ascii=False)}")
-    for line in lines:
-        print(safe(line))
-    return 0
+    answer = answer_batch_query(query, root=find_root())
+    print(batch_json(answer) if args.json else render_batch(answer, width=args.width))
+    return EXIT_OK
 
 
 def _cmd_fork(args: argparse.Namespace) -> int:
@@ -403,11 +376,19 @@ def _cmd_fork(args: argparse.Namespace) -> int:
     root = find_root()
     manifest = fork(Path(args.manifest), step=args.step, overrides=list(args.overrides), root=root, out=args.out)
     print(f"fork recorded: {manifest.relative_to(root) if manifest.is_relative_to(root) else manifest}")
-    return 0
+    return EXIT_OK
 
 
 def _cmd_rebuild(args: argparse.Namespace) -> int:
-    from flowpin.replay.rebuild import RebuildOptions, exit_status, flow_manifests, rebuild_many, render_result
+    from flowpin.replay.rebuild import (
+        RebuildOptions,
+        exit_status,
+        flow_manifests,
+        rebuild_many,
+        render_json,
+        render_result,
+        render_totals,
+    )
 
     root = find_root()
     paths = [Path(p) for p in args.paths] or (flow_manifests(root) if args.all else [])
@@ -422,52 +403,49 @@ def _cmd_rebuild(args: argparse.Namespace) -> int:
         results.append(result)
         if not args.json:
             print(render_result(result), flush=True)
-    if args.json:
-        print(json.dumps([r.as_dict() for r in results], indent=2, sort_keys=True))
-    else:
-        counts = {v: sum(r.verdict == v for r in results) for v in ("identical", "differs", "error")}
-        print(
-            f"rebuild: {counts['identical']} identical, {counts['differs']} differ, {counts['error']} could not be "
-            f"rebuilt ({time.monotonic() - t0:.1f} s)"
-        )
+    print(render_json(results) if args.json else render_totals(results, time.monotonic() - t0))
     return exit_status(results)
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from flowpin.manifest.verify import verify_manifest
-    from flowpin.signing import load_trust_store
-    from flowpin.sweep import read_sweep, render_sweep
+    from flowpin.sweep import manifest_verifier, read_sweep, render_sweep
+
+    with manifest_verifier(find_root()) as verify:
+        table = read_sweep(Path(args.sweep_dir), verify=verify, metrics=args.metric or None)
+    print(json.dumps(table.as_dict(), indent=2, sort_keys=True) if args.json else render_sweep(table))
+    return EXIT_OK if table.ok else EXIT_FAILED
+
+
+def _cmd_exp(args: argparse.Namespace) -> int:
+    from flowpin.experiment import plan_experiment, run_experiment
 
     root = find_root()
-    trusted = load_trust_store(root)
-    cache = default_cache(root)
-    hasher = Hasher(root, DEFAULT_ALGORITHM, cache=cache)
+    plan = plan_experiment(args.stage, args.overrides, root=root)
+    argv = plan.argv(name=args.name, temp=args.temp, queue=args.queue)
+    print(shlex.join(argv), flush=True)
+    if args.dry_run:
+        return EXIT_OK
+    status = run_experiment(argv, root=root)
+    if status != 0:
+        print(f"flowpin: {argv[0]} {argv[1]} {argv[2]} failed (exit {status})", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
 
-    def verify(path: Path) -> str | None:
-        report = verify_manifest(path, root=root, trusted=trusted, hasher=hasher)
-        return None if report.ok else str(report.findings[0])
 
-    try:
-        table = read_sweep(Path(args.sweep_dir), verify=verify, metrics=args.metric or None)
-    finally:
-        cache.close()
-    print(json.dumps(table.as_dict(), indent=2, sort_keys=True) if args.json else render_sweep(table))
-    return 0 if table.ok else 1
+def _cmd_ui(args: argparse.Namespace) -> int:
+    from flowpin.tracking.aim_server import serve_ui
+
+    return serve_ui(Path(args.repo) if args.repo else find_root(), port=args.port)
+
+
+# --- release --------------------------------------------------------------------------------------------------
 
 
 def _cmd_release_export(args: argparse.Namespace) -> int:
-    from flowpin.replay.release import export_release
+    from flowpin.replay.release import export_release, render_export
 
-    r = export_release(find_root(), Path(args.dir), force=args.force)
-    print(
-        f"release of {r.commit[:12]} written to {r.target}: {r.files} files, {r.bytes / 1e6:.1f} MB, "
-        f"{r.store_objects} store objects, stages {', '.join(r.stages)}; signed by {r.keyid[:16]}… "
-        f"({r.seconds:.1f} s)\n"
-        f"publish this keyid out of band; importers check it with --expect-keyid: {r.keyid}"
-    )
-    if r.unreleased:
-        print(f"not in dvc.lock, so not released: {', '.join(r.unreleased)}")
-    return 0
+    print(render_export(export_release(find_root(), Path(args.dir), force=args.force)))
+    return EXIT_OK
 
 
 def _keyid_arg(value: str) -> str:
@@ -480,87 +458,59 @@ def _keyid_arg(value: str) -> str:
 
 
 def _cmd_release_import(args: argparse.Namespace) -> int:
-    import subprocess
-
-    from flowpin.replay.release import REMOTE_NAME, import_release
+    from flowpin.replay.release import import_release, pull_release, render_import
 
     root = find_root()
     r = import_release(root, Path(args.dir), expect_keyid=args.expect_keyid)
-    print(
-        f"release {r.release} verified: commit {r.commit[:12]}, signed by {r.keyid[:16]}… "
-        f"({'the expected key' if args.expect_keyid else 'trusted in keys/; no --expect-keyid given'}), "
-        f"{r.files} files, {r.store_objects} store objects ({r.seconds:.1f} s)\n"
-        f"DVC remote '{REMOTE_NAME}' -> {r.remote} is the default in .dvc/config.local"
-    )
+    print(render_import(r, expected_key=args.expect_keyid is not None))
     if args.pull:
-        pull = subprocess.run([sys.executable, "-m", "dvc", *r.pull[1:], "-r", REMOTE_NAME], cwd=root, check=False)
-        if pull.returncode != 0:
-            print(f"flowpin: {' '.join(r.pull)} failed (exit {pull.returncode})", file=sys.stderr)
-            return 1
+        status = pull_release(root, r)
+        if status != 0:
+            print(f"flowpin: {' '.join(r.pull)} failed (exit {status})", file=sys.stderr)
+            return EXIT_FAILED
     if args.verify:
         return _cmd_verify(argparse.Namespace(paths=[], all=True, trust=[], no_cache=True))  # cache: no evidence
     if not args.pull:
         print(f"next: {' '.join(r.pull)} && flowpin verify --all")
-    return 0
+    return EXIT_OK
+
+
+# --- the parser ------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flowpin", description=__doc__.splitlines()[0] if __doc__ else None)
+    description, epilog = _top_help()
+    p = argparse.ArgumentParser(
+        prog="flowpin",
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--version", action="version", version=f"flowpin {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of the commands above")
 
-    key = sub.add_parser("key", help="manage the signing key and trust store")
+    key = sub.add_parser("key", description="The key that signs manifests, and the trust store.")
     ksub = key.add_subparsers(dest="key_command", required=True)
-    ki = ksub.add_parser("init", help="create a local Ed25519 signing key (0600) and trust its public key")
+    ki = _add(ksub, "key init")
     ki.add_argument("--path", help="where to write the private key (default .flowpin/keys/signing.key)")
     ki.add_argument("--force", action="store_true", help="replace an existing key")
     ki.add_argument("--if-missing", action="store_true", help="do nothing when a key already exists")
     ki.set_defaults(func=_cmd_key_init)
-    kl = ksub.add_parser("list", help="list trusted keyids (keys/*.pub)")
-    kl.set_defaults(func=_cmd_key_list)
+    _add(ksub, "key list").set_defaults(func=_cmd_key_list)
 
-    ms = sub.add_parser(
-        "model-sign",
-        help="sign/verify checkpoints in the OpenSSF model-signing format (EC P-256; docs/model-signing.md)",
-        description="Exit status: 0 success, 1 verification failed (named reason), 2 usage or input error.",
-    )
-    mssub = ms.add_subparsers(dest="model_sign_command", required=True)
-    mki = mssub.add_parser(
-        "key-init", help="create an EC P-256 model-signing key (0600) and trust it in keys/model-signing/"
-    )
-    mki.add_argument("--if-missing", action="store_true", help="do nothing when the key already exists")
-    mki.add_argument("--force", action="store_true", help="replace an existing key")
-    mki.set_defaults(func=_cmd_model_sign_key_init)
-    for name, func, verb in (
-        ("sign", _cmd_model_sign_sign, "write"),
-        ("verify", _cmd_model_sign_verify, "read"),
-    ):
-        msc = mssub.add_parser(name, help=f"{name} a checkpoint directory (step-NNNNNN/)")
-        msc.add_argument("checkpoint", help="checkpoint directory, e.g. runs/pretrain/checkpoints/step-000100")
-        msc.add_argument(
-            "--signature",
-            help=f"bundle to {verb} (default <run>/model-signatures/step-NNNNNN.sig for a checkpoint in "
-            "checkpoints/, else <checkpoint>.sig)",
-        )
-        msc.set_defaults(func=func)
-
-    v = sub.add_parser("verify", help="check schema, signature, trust and every digest of manifests")
+    v = _add(sub, "verify")
     v.add_argument("paths", nargs="*", help="manifest files")
     v.add_argument("--all", action="store_true", help="verify every manifest under manifests/")
     v.add_argument("--trust", action="append", default=[], metavar="DIR", help="extra directory of trusted *.pub")
     v.add_argument("--no-cache", action="store_true", help="re-read every file (ignore the stat cache)")
     v.set_defaults(func=_cmd_verify)
 
-    d = sub.add_parser(
-        "diff",
-        help="semantic diff of two manifests or two manifest directories, verdict first",
-        description="Prints the verdict first (outputs identical in K of N; outputs identical but identity "
+    d = _add(sub, "diff")
+    d.description = (
+        f"{d.description} Prints the verdict first (outputs identical in K of N; outputs identical but identity "
         "differs in M: which pairs, in which sections; outputs differ in J: which pairs; manifests on one side "
         "only; UNVERIFIED manifests), then one block per pair. Every manifest's signature is checked against "
-        "keys/ and marked VERIFIED or UNVERIFIED. Exit status: 0 every pair identical in identity; 1 some "
-        "outputs differ (or a manifest is on one side only); 2 usage or input error (a manifest that cannot be "
-        "read); 3 every output identical, but the identity differs (recipe, entry point, inputs, code or "
-        "environment; run metadata too with --include-run).",
+        "keys/ and marked VERIFIED or UNVERIFIED (run metadata is compared too with --include-run)."
     )
     d.add_argument(
         "a", metavar="A", help="a manifest file, or a directory of manifests (paired with B's by relative path)"
@@ -570,80 +520,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--include-run", action="store_true", help="also compare run metadata (times, host)")
     d.set_defaults(func=_cmd_diff)
 
-    lin = sub.add_parser("lineage", help="walk parent manifests back to raw inputs")
+    lin = _add(sub, "lineage")
     lin.add_argument("path", help="the manifest to start from (e.g. manifests/eval.json)")
     lin.add_argument("--json", action="store_true", help="the tree as JSON")
     lin.set_defaults(func=_cmd_lineage)
 
-    f = sub.add_parser("fork", help="continue a training stage from its checkpoint at a step, under overrides")
-    f.add_argument("manifest", help="the training stage's manifest (e.g. manifests/pretrain.json)")
-    f.add_argument("--step", type=int, required=True, help="the checkpoint step to continue from")
-    f.add_argument("--out", help="run directory for the fork (default runs/forks/<stage>-step<N>-<hash>)")
-    f.add_argument("overrides", nargs="*", help="Hydra overrides for the new branch (e.g. train.loop.steps=300)")
-    f.set_defaults(func=_cmd_fork)
-
-    rb = sub.add_parser(
-        "rebuild",
-        help="re-run stages in a scratch workspace from what their manifests pin and compare every output digest",
-        description="Exit status: 0 every rebuild identical, 1 some outputs differ, 2 some stage could not be "
-        "rebuilt (missing or changed input, code drift, the stage failed).",
-    )
-    rb.add_argument("paths", nargs="*", help="manifest files")
-    rb.add_argument("--all", action="store_true", help="every stage manifest of the flow (manifests/*.json)")
-    rb.add_argument("--stage", action="append", default=[], metavar="NAME", help="only this stage (repeatable)")
-    rb.add_argument("--workdir", help="build here and keep it (one subdirectory per stage for several manifests)")
-    rb.add_argument("--keep", action="store_true", help="keep the temporary workspace")
-    rb.add_argument(
-        "--allow-code-drift",
-        action="store_true",
-        help="use the checkout's code/config where the pinned bytes are in neither the checkout nor git history",
-    )
-    rb.add_argument("--json", action="store_true", help="results as JSON")
-    rb.set_defaults(func=_cmd_rebuild)
-
-    sw = sub.add_parser(
-        "sweep",
-        help="table of a Hydra sweep's jobs: the overrides that differ, status, final metrics",
-        description="Exit status: 0 every planned job ran and its manifest verifies, 1 some job failed, is "
-        "missing, still running or does not verify, 2 not a sweep directory.",
-    )
-    sw.add_argument("sweep_dir", help="the sweep directory a `-m` run writes (multirun/<date>/<time>-<id>)")
-    sw.add_argument(
-        "--metric", action="append", default=[], metavar="KEY", help="report key to show (dotted, repeatable)"
-    )
-    sw.add_argument("--json", action="store_true", help="the table as JSON")
-    sw.set_defaults(func=_cmd_sweep)
-
-    rel = sub.add_parser("release", help="export the release to a directory another lab can replay, or import one")
-    rsub = rel.add_subparsers(dest="release_command", required=True)
-    rx = rsub.add_parser(
-        "export",
-        help="manifests, keys, dvc.yaml/dvc.lock, recipes, a git bundle and the DVC store, signed (release.json)",
-        description="Refuses an incoherent release: uncommitted changes, `dvc status` not clean, a manifest "
-        "that does not verify, an output missing from the DVC cache. See docs/release.md.",
-    )
-    rx.add_argument("dir", help="a new (or empty) directory outside the repository")
-    rx.add_argument("--force", action="store_true", help="replace a non-empty DIR whole")
-    rx.set_defaults(func=_cmd_release_export)
-    ri = rsub.add_parser(
-        "import",
-        help="in a clone of the release: check release.json against keys/ and every file, set the store as DVC remote",
-        description="Exit status: 0 imported (and pulled/verified when asked), 1 dvc pull or verify failed, "
-        "2 the release was refused (not a release, tampered, untrusted signature, wrong commit, missing object).",
-    )
-    ri.add_argument("dir", help="the directory `flowpin release export` wrote")
-    ri.add_argument("--pull", action="store_true", help="then run `dvc pull` from the release's store")
-    ri.add_argument("--verify", action="store_true", help="then run `flowpin verify --all`")
-    ri.add_argument(
-        "--expect-keyid",
-        metavar="HEX",
-        type=_keyid_arg,
-        help="refuse unless release.json is signed by this key (16-64 hex digits, as the exporting lab "
-        "published it): anchors trust when the clone itself came from the release's bundle",
-    )
-    ri.set_defaults(func=_cmd_release_import)
-
-    s = sub.add_parser("show", help="human summary of a manifest")
+    s = _add(sub, "show")
     s.add_argument("path", help="a manifest file (e.g. manifests/pretrain.json)")
     s.add_argument("--json", action="store_true", help="print the decoded statement")
     s.add_argument(
@@ -651,19 +533,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=_cmd_show)
 
-    ui = sub.add_parser("ui", help="open the Aim UI of the project's runs (.aim) on 127.0.0.1 until Ctrl-C")
-    ui.add_argument("--port", type=int, default=43800, help="port on 127.0.0.1 (0: a free one; default 43800)")
-    ui.add_argument("--repo", help="directory holding the .aim repository (default: the project root)")
-    ui.set_defaults(func=_cmd_ui)
-
-    b = sub.add_parser(
-        "batch",
-        help="which sequences, documents and text training step N saw, and on which data-parallel rank",
-        description="PATH is a training manifest (manifests/pretrain.json, midtrain.json, longctx.json, a fork's "
-        "manifest.json) or one of its checkpoint directories: the run fixes the order (train.order_seed, "
+    b = _add(sub, "batch")
+    b.description = (
+        f"{b.description} PATH is a training manifest (manifests/pretrain.json, midtrain.json, longctx.json, a "
+        "fork's manifest.json) or one of its checkpoint directories: the run fixes the order (train.order_seed, "
         "train.loop.batch_size) and --step is the training step. Or PATH is a tokenize manifest, a tokenize recipe "
         "or a tokenized dataset directory: then --order-seed and --batch-size are required and --step is the "
-        "order's 0-based step.",
+        "order's 0-based step."
     )
     b.add_argument(
         "path",
@@ -700,32 +576,150 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--width", type=int, default=160, help="characters of text shown per sample (text mode)")
     b.add_argument("--json", action="store_true", help="full samples (untruncated text, rank of each) as JSON")
     b.set_defaults(func=_cmd_batch)
+
+    f = _add(sub, "fork")
+    f.add_argument("manifest", help="the training stage's manifest (e.g. manifests/pretrain.json)")
+    f.add_argument("--step", type=int, required=True, help="the checkpoint step to continue from")
+    f.add_argument("--out", help="run directory for the fork (default runs/forks/<stage>-step<N>-<hash>)")
+    f.add_argument("overrides", nargs="*", help="Hydra overrides for the new branch (e.g. train.loop.steps=300)")
+    f.set_defaults(func=_cmd_fork)
+
+    rb = _add(sub, "rebuild")
+    rb.add_argument("paths", nargs="*", help="manifest files")
+    rb.add_argument("--all", action="store_true", help="every stage manifest of the flow (manifests/*.json)")
+    rb.add_argument("--stage", action="append", default=[], metavar="NAME", help="only this stage (repeatable)")
+    rb.add_argument("--workdir", help="build here and keep it (one subdirectory per stage for several manifests)")
+    rb.add_argument("--keep", action="store_true", help="keep the temporary workspace")
+    rb.add_argument(
+        "--allow-code-drift",
+        action="store_true",
+        help="use the checkout's code/config where the pinned bytes are in neither the checkout nor git history",
+    )
+    rb.add_argument("--json", action="store_true", help="results as JSON")
+    rb.set_defaults(func=_cmd_rebuild)
+
+    sw = _add(sub, "sweep")
+    sw.add_argument("sweep_dir", help="the sweep directory a `-m` run writes (multirun/<date>/<time>-<id>)")
+    sw.add_argument(
+        "--metric", action="append", default=[], metavar="KEY", help="report key to show (dotted, repeatable)"
+    )
+    sw.add_argument("--json", action="store_true", help="the table as JSON")
+    sw.set_defaults(func=_cmd_sweep)
+
+    ex = _add(sub, "exp")
+    ex.description = (
+        f"{ex.description} Each override, as the stage script takes it, becomes a `-S params/<stage>.yaml:...` "
+        "value DVC applies to the stage's primary config; checked first (the edited file must compose to the "
+        "recipe the overrides give on the command line). See docs/experiments.md."
+    )
+    ex.add_argument("stage", help="a stage of dvc.yaml whose recipe is params/<stage>.yaml")
+    ex.add_argument("overrides", nargs="*", help="Hydra overrides, as for the stage script (e.g. train.loop.steps=20)")
+    ex.add_argument("--name", "-n", help="experiment name")
+    mode = ex.add_mutually_exclusive_group()
+    mode.add_argument("--temp", action="store_true", help="run in a temporary copy of the repository")
+    mode.add_argument("--queue", action="store_true", help="queue it (sweeps: one experiment per combination)")
+    ex.add_argument("--dry-run", action="store_true", help="print the dvc command line, run nothing")
+    ex.set_defaults(func=_cmd_exp)
+
+    rel = sub.add_parser("release", description="Export the release to a directory another lab replays, or import one.")
+    rsub = rel.add_subparsers(dest="release_command", required=True)
+    rx = _add(rsub, "release export")
+    rx.add_argument("dir", help="a new (or empty) directory outside the repository")
+    rx.add_argument("--force", action="store_true", help="replace a non-empty DIR whole")
+    rx.set_defaults(func=_cmd_release_export)
+    ri = _add(rsub, "release import")
+    ri.add_argument("dir", help="the directory `flowpin release export` wrote")
+    ri.add_argument("--pull", action="store_true", help="then run `dvc pull` from the release's store")
+    ri.add_argument("--verify", action="store_true", help="then run `flowpin verify --all`")
+    ri.add_argument(
+        "--expect-keyid",
+        metavar="HEX",
+        type=_keyid_arg,
+        help="refuse unless release.json is signed by this key (16-64 hex digits, as the exporting lab "
+        "published it): anchors trust when the clone itself came from the release's bundle",
+    )
+    ri.set_defaults(func=_cmd_release_import)
+
+    ms = sub.add_parser(
+        "model-sign", description="Sign and verify checkpoints in the OpenSSF model-signing format (EC P-256)."
+    )
+    mssub = ms.add_subparsers(dest="model_sign_command", required=True)
+    mkey = mssub.add_parser(
+        "key", help="the EC P-256 key that signs checkpoints: init", description="The key that signs checkpoints."
+    )
+    mksub = mkey.add_subparsers(dest="model_key_command", required=True)
+    mki = _add(mksub, "model-sign key init")
+    mki.add_argument("--if-missing", action="store_true", help="do nothing when the key already exists")
+    mki.add_argument("--force", action="store_true", help="replace an existing key")
+    mki.set_defaults(func=_cmd_model_sign_key_init)
+    for name, func, verb in (("sign", _cmd_model_sign_sign, "write"), ("verify", _cmd_model_sign_verify, "read")):
+        msc = _add(mssub, f"model-sign {name}")
+        msc.add_argument("checkpoint", help="checkpoint directory, e.g. runs/pretrain/checkpoints/step-000100")
+        msc.add_argument(
+            "--signature",
+            help=f"bundle to {verb} (default <run>/model-signatures/step-NNNNNN.sig for a checkpoint in "
+            "checkpoints/, else <checkpoint>.sig)",
+        )
+        msc.set_defaults(func=func)
+
+    ui = _add(sub, "ui")
+    ui.add_argument("--port", type=int, default=43800, help="port on 127.0.0.1 (0: a free one; default 43800)")
+    ui.add_argument("--repo", help="directory holding the .aim repository (default: the project root)")
+    ui.set_defaults(func=_cmd_ui)
     return p
+
+
+_TAKES_OVERRIDES = ("fork", "exp")
+"""Commands whose trailing Hydra overrides (``key=value``) may follow their options."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # `flowpin fork M --step N a=b c=d`: argparse cannot take positionals after an option, so Hydra
-    # overrides (key=value) left over go to fork; anything else is still an error.
-    if extra and args.command == "fork" and all("=" in e and not e.startswith("-") for e in extra):
+    # overrides (key=value) left over go to the command; anything else is still an error.
+    if extra and args.command in _TAKES_OVERRIDES and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return _run(args.func, args)
+
+
+def _run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run one handler under the exit-status policy (:func:`flowpin.errors.exit_code`)."""
     from flowpin.hashing import reporting_progress
     from flowpin.progress import hash_progress
 
     try:
         try:
             with hash_progress() as bar, reporting_progress(bar):  # long hashing (verify, rebuild…): a bar on a TTY
-                status = int(args.func(args))
+                status = int(func(args))
             sys.stdout.flush()  # here, not at interpreter exit, so that a closed pipe is caught below
             return status
+        except InternalError as exc:
+            return _bug(exc)
         except FlowpinError as exc:
             print(f"flowpin: {type(exc).__name__}: {safe_lines(exc)}", file=sys.stderr)
-            return 2
+            return exit_code(exc)
+        except KeyboardInterrupt as exc:
+            print("flowpin: interrupted", file=sys.stderr)
+            return exit_code(exc)
+        except BrokenPipeError:
+            raise
+        except Exception as exc:  # not raised on purpose: a flowpin bug
+            return _bug(exc)
     except BrokenPipeError:
         return _stdout_closed()
+
+
+def _bug(exc: Exception) -> int:
+    """An internal error or an exception flowpin did not raise on purpose: its traceback, then status 70."""
+    traceback.print_exc()
+    print(
+        f"flowpin: {type(exc).__name__}: {safe_lines(exc)}; a flowpin bug: report it with the traceback above",
+        file=sys.stderr,
+    )
+    return exit_code(exc)
 
 
 def _stdout_closed() -> int:
@@ -739,7 +733,7 @@ def _stdout_closed() -> int:
         pass
     finally:
         os.close(devnull)
-    return 141
+    return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

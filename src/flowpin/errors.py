@@ -3,6 +3,20 @@
 Every failure a user can cause (bad input, a tampered file, a wrong recipe key) raises a subclass of
 :class:`FlowpinError` whose message names *what* is wrong, *where* (a path or a recipe key) and *how to
 fix it*. ``assert`` is kept for internal invariants only.
+
+Exit status, the one policy of every entry point (the ``flowpin`` CLI, ``flowpin exp``, stage scripts);
+:func:`exit_code` maps an exception to it:
+
+* ``0`` (:data:`EXIT_OK`): success.
+* ``1`` (:data:`EXIT_FAILED`): the command answered "no", returned by the command, never raised: a verification
+  failed, outputs differ, a job failed (each failure is named on the output).
+* ``2`` (:data:`EXIT_INPUT`): a :class:`FlowpinError` stopped the command before it could answer (bad input, a
+  recipe key to fix, a missing or tampered file it needed); ``flowpin: <Error>: <message>`` on stderr, no traceback.
+* ``3`` (:data:`EXIT_IDENTITY_DIFFERS`): ``flowpin diff`` only: every output identical, but the identity differs.
+* ``70`` (:data:`EXIT_INTERNAL`, ``EX_SOFTWARE``): an :class:`InternalError` or any exception flowpin did not
+  raise on purpose: a flowpin bug, reported with its traceback.
+* ``130`` (:data:`EXIT_INTERRUPTED`, 128 + SIGINT): interrupted (Ctrl-C).
+* ``141`` (:data:`EXIT_BROKEN_PIPE`, 128 + SIGPIPE): whoever read stdout closed it early (``flowpin show M | head``).
 """
 
 from __future__ import annotations
@@ -382,3 +396,36 @@ class DecontaminationReportError(IntegrityError):
 class InternalError(FlowpinError):
     """A flowpin bug: an internal call broke its contract (not the user's input). Report it with the traceback;
     no recipe or file change fixes it."""
+
+
+# --- the flow's DVC files (flowpin.dvcfile) ----------------------------------------------------------------
+
+
+class DvcFileError(ManifestError, RecipeError):
+    """``dvc.yaml`` or ``dvc.lock`` cannot be read, is not YAML, or is not shaped as DVC writes it
+    (:mod:`flowpin.dvcfile`). A :class:`ManifestError` and a :class:`RecipeError`, as the readers it replaced
+    raised (manifest recording and rebuild; ``flowpin exp``)."""
+
+
+# --- exit status (the one policy; see the module docstring) -------------------------------------------------
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_INPUT = 2
+EXIT_IDENTITY_DIFFERS = 3
+EXIT_INTERNAL = 70
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
+
+
+def exit_code(exc: BaseException) -> int:
+    """The exit status an entry point ends with when ``exc`` stops it (see the module docstring)."""
+    if isinstance(exc, InternalError):
+        return EXIT_INTERNAL
+    if isinstance(exc, FlowpinError):
+        return EXIT_INPUT
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(exc, BrokenPipeError):
+        return EXIT_BROKEN_PIPE
+    return EXIT_INTERNAL

@@ -1,8 +1,9 @@
 """The one strict JSON reader for everything flowpin reads that is signed or could be hostile.
 
 Manifests (envelope and statement), ``release.json`` and its payload, checkpoint ``state.json`` and
-``model.json``, tokenized and corpus ``index.json``, model-signing bundles, DVC ``.dir`` objects:
-whatever a signature covers or an attacker could have written is read by :func:`loads_strict`, which
+``model.json``, tokenized and corpus ``index.json``, every record line of a dataset shard, safetensors
+headers (:mod:`flowpin.tensorfile`), model-signing bundles, DVC ``.dir`` objects: whatever a signature
+covers or an attacker could have written is read by :func:`loads_strict`, which
 refuses -- *before* anything acts on the value -- what Python's :func:`json.loads` quietly accepts:
 
 * more than ``max_bytes`` bytes (:class:`~flowpin.errors.JSONTooLargeError`);
@@ -41,7 +42,8 @@ DEFAULT_MAX_DEPTH = 64
 """Nesting bound: the deepest document flowpin writes (a manifest, a checkpoint's state.json) is about 10
 levels deep; 64 leaves room for recipes nested by hand and stays far below Python's recursion limit."""
 
-_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*+"', re.DOTALL)
+# A JSON string: the "unrolled loop" form of "(?:[^"\\]|\\.)*+" (same matches, several times faster on long text).
+_STRINGS = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"', re.DOTALL)
 _NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
 
 
@@ -100,8 +102,8 @@ def loads_strict(data: bytes, *, where: str, max_bytes: int, max_depth: int = DE
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise JSONEncodingError(where, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    depth = nesting_depth(data, max_depth)
-    if depth > max_depth:
+    # Fewer brackets than the bound cannot nest deeper than it: only then are strings worth skipping.
+    if len(data.translate(None, _NOT_BRACKETS)) > max_depth and nesting_depth(data, max_depth) > max_depth:
         raise JSONTooDeepError(where, f"arrays/objects nested more than {max_depth} deep, deeper than it can be")
     try:
         return json.loads(

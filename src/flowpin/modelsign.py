@@ -4,7 +4,7 @@ flowpin's manifests are signed with Ed25519 (:mod:`flowpin.signing`); the OpenSS
 so checkpoints get a second, separate key pair and signature:
 
 * **Key**: EC P-256 (``secp256r1``, ECDSA with SHA-256). Private key: unencrypted PKCS#8 PEM, created
-  0600 atomically by ``flowpin model-sign key-init``, refused when group/world-accessible or not P-256.
+  0600 atomically by ``flowpin model-sign key init``, refused when group/world-accessible or not P-256.
   Default ``.flowpin/keys/model-signing.key`` (gitignored); ``FLOWPIN_MODEL_SIGNING_KEY`` overrides it.
 * **Trust store**: ``keys/model-signing/<keyid>.pem`` (committed), PEM SubjectPublicKeyInfo EC P-256
   keys. ``keyid`` = hex sha256 of that PEM text as ``cryptography`` writes it -- the value model-signing
@@ -183,7 +183,7 @@ def init_key_if_missing(root: Path, key_path: Path | None = None) -> tuple[KeyIn
     """The model-signing key, created unless one exists; ``(info, created, trusted_now)``.
 
     Safe to run concurrently: exactly one caller creates the key, the others load it. An existing key
-    whose public key is missing from ``keys/model-signing/`` (a key-init killed in between) is trusted now.
+    whose public key is missing from ``keys/model-signing/`` (a key init killed in between) is trusted now.
     """
     path = key_path or default_key_path(root)
     if not path.exists():
@@ -222,7 +222,7 @@ def load_private_key(root: Path, key_path: Path | None = None) -> tuple[KeyInfo,
         st = path.stat()
     except FileNotFoundError as exc:
         raise ModelSigningKeyError(
-            f"no model-signing key at {path}; create one with `flowpin model-sign key-init` "
+            f"no model-signing key at {path}; create one with `flowpin model-sign key init` "
             f"(or point {KEY_ENV} at an EC P-256 PKCS#8 PEM key)"
         ) from exc
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
@@ -235,14 +235,14 @@ def load_private_key(root: Path, key_path: Path | None = None) -> tuple[KeyInfo,
     except (ValueError, TypeError) as exc:
         raise ModelSigningKeyError(
             f"{path} is not an unencrypted PEM private key ({exc}); recreate it with "
-            "`flowpin model-sign key-init --force`"
+            "`flowpin model-sign key init --force`"
         ) from exc
     except OSError as exc:
         raise ModelSigningKeyError(f"cannot read model-signing key {path}: {exc.strerror or exc}") from exc
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != CURVE:
         raise ModelSigningKeyError(
             f"{path} holds {_describe_key(key)}; OpenSSF model signing here uses EC P-256 keys only (flowpin's "
-            "Ed25519 key signs manifests, not checkpoints) -- create one with `flowpin model-sign key-init`"
+            "Ed25519 key signs manifests, not checkpoints) -- create one with `flowpin model-sign key init`"
         )
     return _info(root, path, key.public_key()), key
 

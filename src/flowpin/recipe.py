@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from flowpin.errors import PathError, RecipeError
+from flowpin.errors import InternalError, PathError, RecipeError
 from flowpin.paths import check_output_path, find_root
 
 T = TypeVar("T")
@@ -43,7 +43,7 @@ def to_config(cls: type[T], cfg: DictConfig | Mapping[str, Any], *, where: str =
     (so a ``dict[str, FrozenDataclass]`` field could never be filled).
     """
     if not dataclasses.is_dataclass(cls):
-        raise TypeError(f"{cls!r} is not a dataclass")
+        raise InternalError(f"to_config({cls!r}, ...): not a dataclass; pass the stage's config dataclass")
     if isinstance(cfg, DictConfig):
         try:
             plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
@@ -105,7 +105,7 @@ def _build(tp: Any, value: Any, where: str) -> Any:
         if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
             return value
     else:
-        raise TypeError(f"{where}: unsupported recipe field type {tp!r}")
+        raise InternalError(f"{where}: the config dataclass declares {tp!r}, a type recipes cannot hold")
     raise RecipeError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}; {FIX}")
 
 

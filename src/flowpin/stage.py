@@ -25,10 +25,10 @@ output is swapped in whole (not ``persistent_out``) runs as one process and refu
 **Tracking.** Every run (rank 0) opens an experiment tracker before it records anything
 (:func:`track_stage`: an Aim run in ``<root>/.aim``, or nothing with ``FLOWPIN_TRACKING=off``; one that
 cannot be opened fails the stage there). The body gets it as ``run.tracker`` (training stages hand it to
-``train_loop``). The run's params are the stage, the resolved recipe, the overrides and the git revision;
-the report's numbers are logged with context ``{"subset": "report"}``; the manifest's ``tracking`` note
-(run metadata, not identity) names the tracker and the Aim run hash; once the manifest is written, its
-digests become the run's ``manifest`` param. See ``docs/tracking.md``.
+the runner, :func:`flowpin.train.run.run_spec`). The run's params are the stage, the resolved recipe, the
+overrides and the git revision; the report is the run's ``report`` param (never metrics); the manifest's
+``tracking`` note (run metadata, not identity) names the tracker and the Aim run hash; once the manifest is
+written, its digests become the run's ``manifest`` param. See ``docs/tracking.md``.
 
 **Which stage.** ``"dedup"`` above names the recipe block (``cfg.dedup``) and the stage. One script can
 serve several DVC stages (``python stages/mix.py --config-name mix_midtrain`` for the stage
@@ -36,6 +36,18 @@ serve several DVC stages (``python stages/mix.py --config-name mix_midtrain`` fo
 named like the composed config, that is the stage recorded -- the manifest's ``stage`` and the
 ``dvc.yaml`` entry whose code deps it pins (:func:`stage_name`). Variants run outside DVC
 (``--config-name mix_full``) keep the block's name and its entry, as the code is the same.
+
+**The process.** A stage that trains or evaluates a model passes ``environment``: a function of its typed
+recipe returning :func:`flowpin.runtime.prepare_environment`'s context (seeds, threads, deterministic
+kernels, process group, megatron's CPU patches). It is entered once the recipe and paths are checked, before
+the tracker and the recorder open, and left after the manifest is written (whose environment fingerprint
+reads the settings in force); the body gets its value as ``run.runtime``.
+
+**Started by flowpin itself.** ``flowpin fork`` records a training stage without Hydra's ``@hydra.main``: it
+passes a :class:`StageInvocation` naming the stage, what it composed (primary config, overrides, files), the
+entry point that re-runs it and where it writes (the recipe keeps its declared paths, as a sweep job's does);
+the run is then recorded exactly as a stage's, tracker and report included, and its errors propagate to
+the caller.
 """
 
 from __future__ import annotations
@@ -45,6 +57,7 @@ import dataclasses
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
@@ -52,16 +65,19 @@ from omegaconf import DictConfig
 
 from flowpin.atomic import atomic_directory, atomic_write_bytes
 from flowpin.canonical import canonical_json
-from flowpin.errors import FlowpinError, PathError, RecipeError
+from flowpin.dvcfile import dvc_code_deps
+from flowpin.errors import FlowpinError, InternalError, PathError, RecipeError, exit_code
 from flowpin.hashing import Hasher, hash_bytes, hash_file
-from flowpin.manifest.record import StageRecorder, dvc_code_deps, record, source_files, stage_entry_point
+from flowpin.manifest.record import StageRecorder, record, source_files, stage_entry_point
 from flowpin.paths import check_output_path
 from flowpin.recipe import HydraSources, StagePaths, check_hydra_location, hydra_sources, to_config, to_plain
-from flowpin.tracking.aim import StageTracker, numeric_leaves, open_stage_tracker
+from flowpin.tracking.aim import StageTracker, open_stage_tracker
 from flowpin.tracking.base import NullTracker, Tracker
 
 if TYPE_CHECKING:
-    from flowpin.train.run import RunClaim
+    from flowpin.manifest.statement import EntryPoint
+    from flowpin.runtime import Runtime
+    from flowpin.train.run_key import RunClaim
 
 T = TypeVar("T")
 
@@ -84,7 +100,9 @@ class StageRun(Generic[T]):
     """Set by the body: written (canonical JSON) to ``paths.report`` and pinned as a byproduct."""
     tracker: Tracker = dataclasses.field(default_factory=NullTracker)
     """The run's experiment tracker (write-only metadata: nothing it receives is hashed). Training stages
-    pass it to ``train_loop(..., tracker=run.tracker)``; any stage may log more metrics to it."""
+    pass it to ``run_spec(..., tracker=run.tracker)``; any stage may log more metrics to it."""
+    runtime: Runtime | None = None
+    """The prepared process (``environment``: :func:`flowpin.runtime.prepare_environment`), if any."""
 
     def input_dir(self, role: str) -> Path:
         """The upstream dataset directory for ``role`` (``paths.inputs.<role>.data``)."""
@@ -95,12 +113,29 @@ class StageRun(Generic[T]):
         return stage_code_digests(self.root, self.stage)
 
     def run_claim(self) -> RunClaim:
-        """How a training stage claims its run directory (``run_training(..., claim=run.run_claim())``): the run
+        """How a training stage claims its run directory (``run_spec(..., claim=run.run_claim())``): the run
         key covers :meth:`code_digests`, and ``FLOWPIN_STALE_CHECKPOINTS`` says what becomes of checkpoints
-        trained under another key (:mod:`flowpin.train.run`)."""
-        from flowpin.train.run import RunClaim  # training stages only (it imports torch)
+        trained under another key (:mod:`flowpin.train.run_key`)."""
+        from flowpin.train.run_key import RunClaim  # training stages only (it imports torch)
 
         return RunClaim.from_env(self.code_digests())
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StageInvocation:
+    """A stage run flowpin starts itself (``flowpin fork``), not Hydra's ``@hydra.main``: what Hydra would say."""
+
+    stage: str
+    """The stage recorded (a fork: its parent's)."""
+    sources: HydraSources
+    """What was composed: primary config name, overrides (all of them, in order), config files."""
+    entry_point: EntryPoint | None
+    """What ``flowpin rebuild`` and ``flowpin fork`` re-run (a fork: its parent's)."""
+    paths: StagePaths
+    """Where the run writes and which upstream inputs it declares (run metadata: the recorded recipe keeps its
+    own ``paths``)."""
+    declare: Callable[[StageRecorder], None] | None = None
+    """Declarations made before the upstream inputs (a fork: its parent manifest and the checkpoint)."""
 
 
 def stage_code_digests(root: Path, stage: str) -> dict[str, str] | None:
@@ -153,13 +188,16 @@ def stage_run(
     preflight: Callable[[T, StagePaths], None] | None = None,
     persistent_out: bool = False,
     main: bool | None = None,
+    environment: Callable[[T], AbstractContextManager[Runtime]] | None = None,
+    invocation: StageInvocation | None = None,
 ) -> Iterator[StageRun[T]]:
     """Run one stage: see the module docstring and :func:`_stage_run` for the arguments.
 
     In a single Hydra run (a stage script on the command line, or under ``dvc repro``) a
     :class:`~flowpin.errors.FlowpinError` is reported as ``flowpin: <Error>: <message>`` on stderr and the
     process exits with status 1, as Hydra would, but without a traceback: the message already names what,
-    where and how to fix it. Anywhere else (sweep jobs, tests calling this directly) it propagates.
+    where and how to fix it. Anywhere else (sweep jobs, ``flowpin fork``, tests calling this directly) it
+    propagates.
     """
     try:
         with _stage_run(
@@ -171,13 +209,15 @@ def stage_run(
             preflight=preflight,
             persistent_out=persistent_out,
             main=main,
+            environment=environment,
+            invocation=invocation,
         ) as run:
             yield run
     except FlowpinError as exc:
-        if not _single_hydra_run():
+        if invocation is not None or not _single_hydra_run():
             raise
         print(f"flowpin: {type(exc).__name__}: {exc}", file=sys.stderr)
-        raise SystemExit(1) from exc
+        raise SystemExit(exit_code(exc)) from exc
 
 
 def _single_hydra_run() -> bool:
@@ -198,6 +238,8 @@ def _stage_run(
     preflight: Callable[[T, StagePaths], None] | None = None,
     persistent_out: bool = False,
     main: bool | None = None,
+    environment: Callable[[T], AbstractContextManager[Runtime]] | None = None,
+    invocation: StageInvocation | None = None,
 ) -> Iterator[StageRun[T]]:
     """Run one stage: see the module docstring.
 
@@ -216,11 +258,18 @@ def _stage_run(
     needs ``persistent_out`` (every rank sees the same output directory; the body itself decides who writes
     there): a stage without it refuses a world of several processes, on every rank, before anything is
     written.
+
+    ``environment(recipe)`` prepares the process (see the module docstring); ``invocation`` replaces what a
+    Hydra run would say (stage, sources, entry point, paths) for a run flowpin starts itself.
     """
     recipe = to_config(config_cls, cfg[block], where=block)
     paths = to_config(StagePaths, cfg.paths, where="paths")
     check_stage_paths(paths, root, run_dir=persistent_out)  # before anything is removed, created or swapped
-    check_hydra_dir(root)
+    if invocation is not None:  # where this run writes (run metadata; the recipe keeps its paths)
+        paths = invocation.paths
+        check_stage_paths(paths, root, run_dir=persistent_out)
+    else:
+        check_hydra_dir(root)
     from flowpin.train.launcher import process_rank  # torch-free: who records is recording machinery
 
     rank, world = process_rank()
@@ -233,7 +282,7 @@ def _stage_run(
     # its own job directory; the recipe keeps the declared paths (identity), the relocation is run metadata.
     from flowpin.sweep import sweep_job
 
-    sweep = sweep_job(paths, root=root)
+    sweep = None if invocation is not None else sweep_job(paths, root=root)
     paths = paths if sweep is None else sweep.paths
     if sweep is not None:
         check_stage_paths(paths, root, run_dir=persistent_out)
@@ -245,53 +294,66 @@ def _stage_run(
             )
     if preflight is not None:
         preflight(recipe, paths)
-    src = hydra_sources(root / "params")
-    stage = stage_name(block, src.config_name, root)
+    if invocation is None:
+        src = hydra_sources(root / "params")
+        stage = stage_name(block, src.config_name, root)
+        entry_point = stage_entry_point(root, src.config_name)
+    else:
+        src, stage, entry_point = invocation.sources, invocation.stage, invocation.entry_point
     main = rank == 0 if main is None else main
-    if not main:
-        if not persistent_out:
-            raise ValueError("stage_run(main=False) needs persistent_out: rank 0 alone would swap the output in")
-        rec = StageRecorder(stage, root, Hasher(root))  # declarations of a non-main rank: never written
-        yield StageRun(recipe=recipe, paths=paths, rec=rec, out_dir=root / paths.out, root=root, stage=stage)
-        return
-    with (
-        track_stage(stage, cfg, src, root=root, manifest=paths.manifest) as tracker,  # opened first: fails fast
-        record(
-            stage,
-            recipe=to_plain(cfg),
-            overrides=src.overrides,
-            config_files=src.config_files,
-            entry_point=stage_entry_point(root, src.config_name),  # what rebuild and fork re-run
-            root=root,
-            manifest=paths.manifest,
-            publish=published_run_context(cfg),
-        ) as rec,
-    ):
-        if sweep is not None:  # sweeps hook: where this job wrote (runDetails.byproducts "sweep-job")
-            rec.note("sweep-job", **sweep.annotations())
-        for upstream in paths.inputs.values():
-            rec.upstream(data=upstream.data, manifest=upstream.manifest, kind=upstream.kind)
-        if persistent_out:
-            (root / paths.out).mkdir(parents=True, exist_ok=True)
-            run = StageRun(
-                recipe=recipe, paths=paths, rec=rec, out_dir=root / paths.out, root=root, stage=stage, tracker=tracker
+    if not main and not persistent_out:
+        raise InternalError("stage_run(main=False) needs persistent_out: rank 0 alone would swap the output in")
+    with contextlib.ExitStack() as process:  # left last: after the manifest is written
+        runtime = None if environment is None else process.enter_context(environment(recipe))
+        if not main:
+            rec = StageRecorder(stage, root, Hasher(root))  # declarations of a non-main rank: never written
+            out_dir = root / paths.out
+            yield StageRun(
+                recipe=recipe, paths=paths, rec=rec, out_dir=out_dir, root=root, stage=stage, runtime=runtime
             )
-            yield run
-        else:
-            with atomic_directory(root / paths.out) as tmp:
+            return
+        with (
+            track_stage(stage, cfg, src, root=root, manifest=paths.manifest) as tracker,  # opened first: fails fast
+            record(
+                stage,
+                recipe=to_plain(cfg),
+                overrides=src.overrides,
+                config_files=src.config_files,
+                entry_point=entry_point,  # what rebuild and fork re-run
+                root=root,
+                manifest=paths.manifest,
+                publish=published_run_context(cfg),
+            ) as rec,
+        ):
+            if sweep is not None:  # sweeps hook: where this job wrote (runDetails.byproducts "sweep-job")
+                rec.note("sweep-job", **sweep.annotations())
+            if invocation is not None and invocation.declare is not None:
+                invocation.declare(rec)
+            for upstream in paths.inputs.values():
+                rec.upstream(data=upstream.data, manifest=upstream.manifest, kind=upstream.kind)
+            if persistent_out:
+                (root / paths.out).mkdir(parents=True, exist_ok=True)
                 run = StageRun(
-                    recipe=recipe, paths=paths, rec=rec, out_dir=tmp, root=root, stage=stage, tracker=tracker
-                )
+                    recipe=recipe, paths=paths, rec=rec, out_dir=root / paths.out, root=root, stage=stage,
+                    tracker=tracker, runtime=runtime,
+                )  # fmt: skip
                 yield run
-        if run.report is None:
-            raise RecipeError(f"stage {stage}: produced no report (set run.report in the stage body)")
-        atomic_write_bytes(root / paths.report, canonical_json(run.report) + b"\n")
-        if not persistent_out:  # a persistent output's pieces are declared by the body (e.g. each checkpoint)
-            rec.output(paths.out)
-        rec.byproduct(paths.report)
-        if tracker.active:
-            tracker.log_metrics(0, numeric_leaves(run.report), {"subset": "report"})
-        rec.note("tracking", **tracker.note())  # after the last log call before signing: a degraded run says so
+            else:
+                with atomic_directory(root / paths.out) as tmp:
+                    run = StageRun(
+                        recipe=recipe, paths=paths, rec=rec, out_dir=tmp, root=root, stage=stage, tracker=tracker,
+                        runtime=runtime,
+                    )  # fmt: skip
+                    yield run
+            if run.report is None:
+                raise RecipeError(f"stage {stage}: produced no report (set run.report in the stage body)")
+            atomic_write_bytes(root / paths.report, canonical_json(run.report) + b"\n")
+            if not persistent_out:  # a persistent output's pieces are declared by the body (e.g. each checkpoint)
+                rec.output(paths.out)
+            rec.byproduct(paths.report)
+            if tracker.active:
+                tracker.log_report(run.report)
+            rec.note("tracking", **tracker.note())  # after the last log call before signing: a degraded run says so
 
 
 def check_stage_paths(paths: StagePaths, root: Path, *, run_dir: bool = False) -> None:

@@ -44,6 +44,7 @@ running / was killed) and final metrics from the job's report; ``flowpin sweep``
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -51,7 +52,7 @@ import os
 import secrets
 import socket
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -63,7 +64,7 @@ from omegaconf.errors import OmegaConfBaseException
 from flowpin.atomic import atomic_write_bytes
 from flowpin.canonical import canonical_json
 from flowpin.display import safe
-from flowpin.errors import FlowpinError, PathError, RecipeError, SweepError
+from flowpin.errors import FlowpinError, PathError, RecipeError, SweepError, exit_code
 from flowpin.paths import to_name
 from flowpin.recipe import StagePaths, check_hydra_outputs
 
@@ -92,12 +93,20 @@ def _multirun_only(mode: object, value: str) -> str | None:
 
 def register_resolvers() -> None:
     """Register ``flowpin.unique`` (cached: one value per config, copied into every job) and
-    ``flowpin.multirun_only``. Runs on import: Hydra resolves ``hydra.sweep.dir`` through them."""
-    OmegaConf.register_new_resolver("flowpin.unique", unique_suffix, use_cache=True, replace=True)
-    OmegaConf.register_new_resolver("flowpin.multirun_only", _multirun_only, replace=True)
+    ``flowpin.multirun_only``, which ``params/common/hydra.yaml`` uses; idempotent.
 
-
-register_resolvers()
+    Called by :class:`SweepCallback` when Hydra instantiates it, in the launching process before Hydra
+    resolves ``hydra.sweep.dir`` or ``hydra.output_subdir``, and again wherever a launcher unpickles it (a joblib
+    worker, a SLURM node), before that job's directory is resolved. Code that composes and resolves the
+    ``hydra`` node itself, without running Hydra's app (``compose(..., return_hydra_config=True)``), calls it
+    first.
+    """
+    for name, resolver, cached in (
+        ("flowpin.unique", unique_suffix, True),
+        ("flowpin.multirun_only", _multirun_only, False),
+    ):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver, use_cache=cached)
 
 
 # --- one directory per job (the hook in flowpin.stage.stage_run) --------------------------------------
@@ -214,12 +223,20 @@ _BARS: dict[str, Any] = {}
 class SweepCallback(Callback):
     """Writes the sweep's and each job's state files (see the module docstring); in a single run it only checks.
 
-    Installed by ``params/common/hydra.yaml`` (``hydra.callbacks.flowpin_sweep``). Its import also
-    registers the resolvers the sweep directory's name uses. In every run, single or sweep, it first refuses
-    Hydra settings that would write outside the repository (:func:`flowpin.recipe.check_hydra_outputs`),
-    before Hydra creates a directory or opens a log: ``flowpin: PathError: ...`` on stderr and exit status 1
-    (Hydra turns an exception of a callback into a warning, so the refusal is a ``SystemExit``).
+    Installed by ``params/common/hydra.yaml`` (``hydra.callbacks.flowpin_sweep``). Constructing it registers
+    the resolvers that file uses (:func:`register_resolvers`), in every process that runs a job. In every run,
+    single or sweep, it first refuses Hydra settings that would write outside the repository
+    (:func:`flowpin.recipe.check_hydra_outputs`), before Hydra creates a directory or opens a log:
+    ``flowpin: PathError: ...`` on stderr and the exit status of an input error, 2
+    (:func:`flowpin.errors.exit_code`; Hydra turns an exception of a callback into a warning, so the refusal is a
+    ``SystemExit``).
     """
+
+    def __init__(self) -> None:
+        register_resolvers()  # before Hydra resolves the sweep directory (see register_resolvers)
+
+    def __reduce__(self) -> tuple[type[SweepCallback], tuple[()]]:
+        return (SweepCallback, ())  # unpickled in a launcher's worker through __init__: its resolvers too
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         _refuse_writes_outside(config, multirun=False)
@@ -299,7 +316,7 @@ def _refuse_writes_outside(config: DictConfig, *, multirun: bool) -> None:
         check_hydra_outputs(config, multirun=multirun)
     except FlowpinError as exc:
         print(f"flowpin: {type(exc).__name__}: {exc}", file=sys.stderr)
-        raise SystemExit(1) from exc
+        raise SystemExit(exit_code(exc)) from exc
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -398,6 +415,28 @@ class SweepTable:
 
 Verifier = Callable[[Path], str | None]
 """Verifies a manifest file: None when it verifies, else the first finding (e.g. ``verify_manifest``)."""
+
+
+@contextlib.contextmanager
+def manifest_verifier(root: Path) -> Iterator[Verifier]:
+    """The :data:`Verifier` ``flowpin sweep`` uses: ``flowpin verify``'s checks against ``root``'s trust store,
+    through the stat cache (closed on exit)."""
+    from flowpin.hashing import DEFAULT_ALGORITHM, Hasher, default_cache
+    from flowpin.manifest.verify import verify_manifest
+    from flowpin.signing import load_trust_store
+
+    trusted = load_trust_store(root)
+    cache = default_cache(root)
+    hasher = Hasher(root, DEFAULT_ALGORITHM, cache=cache)
+
+    def verify(path: Path) -> str | None:
+        report = verify_manifest(path, root=root, trusted=trusted, hasher=hasher)
+        return None if report.ok else str(report.findings[0])
+
+    try:
+        yield verify
+    finally:
+        cache.close()
 
 
 def split_override(line: str) -> tuple[str, str]:
@@ -563,6 +602,7 @@ __all__ = [
     "SweepProgress",
     "SweepTable",
     "job_relative",
+    "manifest_verifier",
     "planned_jobs",
     "read_sweep",
     "register_resolvers",

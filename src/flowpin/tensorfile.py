@@ -8,8 +8,9 @@ A safetensors file is ``N`` (8 bytes, little-endian unsigned), then an ``N``-byt
 :class:`~flowpin.errors.TensorFileError` naming the file, the tensor and the fix:
 
 * ``N`` is at most :data:`MAX_HEADER_BYTES` and at most the file size - 8;
-* the header is UTF-8, starts with ``{``, is one JSON object with no duplicate key at any depth and no
-  ``NaN``/``Infinity``;
+* the header is UTF-8, starts with ``{`` and is one JSON object read by flowpin's strict JSON reader
+  (:func:`flowpin.jsonio.loads_strict`: no duplicate key at any depth, no ``NaN``/``Infinity``, bounded
+  nesting);
 * every ``dtype`` is one of :data:`DTYPE_SIZES`; every ``shape`` a list of non-negative integers (not
   booleans, not floats); every ``data_offsets`` two integers with
   ``end - begin == prod(shape) * itemsize``;
@@ -25,9 +26,9 @@ import dataclasses
 import json
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
 
-from flowpin.errors import TensorFileError
+from flowpin.errors import JSONDuplicateKeyError, JSONEncodingError, StrictJSONError, TensorFileError
+from flowpin.jsonio import loads_strict
 
 MAX_HEADER_BYTES = 100_000_000
 """Largest header accepted (the safetensors library's own limit)."""
@@ -103,13 +104,13 @@ def validate_safetensors(data: bytes, *, where: str, fix: str = DEFAULT_FIX) -> 
     if not raw.startswith(b"{"):
         raise bad("header does not start with '{' (not a JSON object)")
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant)
-    except UnicodeDecodeError as exc:
-        raise bad(f"header is not UTF-8 ({exc.reason} at byte {exc.start})") from exc
-    except _DuplicateKey as exc:
-        raise bad(f"header repeats the key {exc.args[0]!r}") from exc
-    except ValueError as exc:
-        raise bad(f"header is not valid JSON ({exc})") from exc
+        header = loads_strict(raw, where=where, max_bytes=MAX_HEADER_BYTES)
+    except JSONEncodingError as exc:
+        raise bad(f"header is {exc.reason}") from exc
+    except JSONDuplicateKeyError as exc:
+        raise bad(f"header repeats the key {exc.key!r}") from exc
+    except StrictJSONError as exc:  # malformed, NaN/Infinity, nested too deep
+        raise bad(f"header is not valid JSON ({exc.reason})") from exc
     if not isinstance(header, dict):
         raise bad(f"header is a JSON {type(header).__name__}, not an object")
     metadata = header.pop(METADATA_KEY, {})
@@ -131,23 +132,6 @@ def validate_safetensors(data: bytes, *, where: str, fix: str = DEFAULT_FIX) -> 
     if expected != data_size:
         raise bad(f"{data_size - expected} trailing bytes after the last tensor (data region is {data_size} bytes)")
     return SafetensorsHeader(tensors=tensors, metadata=metadata, data_start=8 + n)
-
-
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(key)
-        out[key] = value
-    return out
-
-
-def _no_constant(token: str) -> Any:
-    raise ValueError(f"{token} is not valid JSON")
 
 
 def _is_int(value: object) -> bool:

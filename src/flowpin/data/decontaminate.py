@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import json
 import re
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -43,7 +42,9 @@ from flowpin.errors import (
     NoSurvivorsError,
     RecipeError,
     ShardError,
+    StrictJSONError,
 )
+from flowpin.jsonio import loads_strict
 from flowpin.manifest.resolve import python_package_root, python_package_uri
 from flowpin.recipe import StageInput, StagePaths, check_int
 
@@ -538,9 +539,11 @@ def load_humaneval(path: Path, *, where: str = "decontaminate.evals") -> list[Ev
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise EvalSetError(f"{where}: {path} line {lineno} is not JSON ({exc}); reinstall HumanEval") from exc
+            row = loads_strict(line, where=f"{path} line {lineno}", max_bytes=len(line))
+        except StrictJSONError as exc:
+            raise EvalSetError(
+                f"{where}: {path} line {lineno} is not JSON ({exc.reason}); reinstall HumanEval"
+            ) from exc
         fields = ("task_id", *HUMANEVAL_FIELDS)
         if not isinstance(row, dict) or not all(isinstance(row.get(f), str) for f in fields):
             raise EvalSetError(f"{where}: {path} line {lineno} lacks string fields {', '.join(fields)}")

@@ -14,12 +14,13 @@ seeded through ``SeedSequence``. Both are covered by numpy's stream-compatibilit
 whereas ``Generator.permutation``/``shuffle`` may change between numpy releases; the stable sort makes
 even a (vanishingly rare) tie between two raw keys deterministic.
 
-The dataset digest is the sha256 *directory digest* (:mod:`flowpin.hashing`) of the tokenize stage's
-output directory -- the digest its manifest pins as the subject -- so the order changes whenever the
-data, the tokenizer or the packing does, and a batch can only be recovered against the exact bytes it
-was drawn from. This module also answers "what is in this batch" (:func:`describe_batch`), gives the
-training loop its token tensor (:func:`load_batch`), and resolves the *dataset* ``flowpin batch`` is pointed
-at (:func:`batch_target`: a tokenize manifest, a tokenize recipe or a tokenized directory).
+The dataset digest is the sha256 *directory digest* (:func:`flowpin.data.tokenized.dataset_digest`) of
+the tokenize stage's output directory -- the digest its manifest pins as the subject -- so the order
+changes whenever the data, the tokenizer or the packing does, and a batch can only be recovered against
+the exact bytes it was drawn from. This module also answers "what is in this batch" (:func:`describe_batch`),
+gives the training loop its token tensor (:func:`load_batch`), and resolves the *dataset* ``flowpin batch``
+is pointed at (:func:`batch_target`: a tokenize manifest, a tokenize recipe or a tokenized directory). It
+reads the dataset through :mod:`flowpin.data.tokenized`, which knows nothing of orders.
 
 The order's parameters belong to the run that follows it: a training recipe's ``train.order_seed`` and
 ``train.loop.batch_size`` (the tokenize recipe fixes none). Which order step a *training* step drew, and on
@@ -39,16 +40,14 @@ import numpy as np
 import numpy.typing as npt
 
 from flowpin.canonical import canonical_json
-from flowpin.errors import DataOrderError, FlowpinError
+from flowpin.data.tokenized import DIGEST_ALGORITHM, TokenizedDataset, dataset_digest
+from flowpin.errors import DataOrderError, FlowpinError, InternalError
 
 if TYPE_CHECKING:
-    from flowpin.data.tokenize import TokenizedDataset
     from flowpin.manifest.statement import Manifest
 
 ORDER_SCHEME = "flowpin.order/v1"
 """Names the seed-derivation and permutation rule; part of every epoch's seed."""
-ORDER_DIGEST_ALGORITHM = "sha256"
-"""The directory digest that keys the order (whatever algorithm a manifest was recorded with)."""
 MAX_POSITION = 2**53 - 1
 """Largest stream position (``step * batch_size + i``) the order answers (canonical JSON integers)."""
 
@@ -67,7 +66,7 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 def keyed_permutation(n: int, key: bytes) -> npt.NDArray[np.int64]:
     """A permutation of ``range(n)`` that depends only on ``n`` and ``key`` (see the module docstring)."""
     if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+        raise InternalError(f"keyed_permutation: n must be >= 0, got {n}")
     entropy = int.from_bytes(hashlib.sha256(key).digest(), "big")
     raw = np.random.PCG64(np.random.SeedSequence(entropy)).random_raw(n)
     return np.argsort(raw, kind="stable").astype(np.int64, copy=False)
@@ -159,7 +158,7 @@ class DataOrder:
     n_sequences: int
     """Packed sequences in the dataset (``index.json`` ``n_sequences``)."""
     dataset_digest: str
-    """sha256 directory digest of the tokenized dataset (see :func:`dataset_digest`)."""
+    """sha256 directory digest of the tokenized dataset (:func:`flowpin.data.tokenized.dataset_digest`)."""
     order_seed: int
     """The order seed (a training recipe's ``train.order_seed``)."""
     batch_size: int
@@ -189,19 +188,6 @@ class DataOrder:
     def steps_per_epoch(self) -> float:
         """``n_sequences / batch_size`` (an epoch need not end on a step boundary)."""
         return self.n_sequences / self.batch_size
-
-
-def dataset_digest(data_dir: Path, *, algorithm: str = ORDER_DIGEST_ALGORITHM) -> str:
-    """The directory digest of ``data_dir`` by flowpin's hashing rule (what a manifest pins for it)."""
-    from flowpin.hashing import Hasher
-
-    path = data_dir.resolve()
-    if not path.is_dir():
-        raise DataOrderError(f"{data_dir} is not a directory; run the tokenize stage or name its output directory")
-    try:
-        return Hasher(path.parent, algorithm).digest(path.name).digest
-    except FlowpinError as exc:
-        raise DataOrderError(f"cannot digest {data_dir}: {exc}") from exc
 
 
 def order_for(
@@ -293,8 +279,6 @@ def describe_batch(
     the directory is checked against it and a mismatch raises :class:`DataOrderError`; when omitted it
     is computed from ``data_dir``.
     """
-    from flowpin.data.tokenize import TokenizedDataset
-
     data = TokenizedDataset.open(data_dir)
     order = order_for(data, order_seed=order_seed, batch_size=batch_size, dataset_digest=dataset_digest)
     return describe_samples(data, order, step)
@@ -503,7 +487,7 @@ def order_digest(target: BatchTarget) -> str | None:
     if target.pinned is None:
         return None
     algorithm, digest = target.pinned
-    if algorithm == ORDER_DIGEST_ALGORITHM:
+    if algorithm == DIGEST_ALGORITHM:
         return digest
     actual = dataset_digest(target.data_dir, algorithm=algorithm)
     if actual != digest:
@@ -522,7 +506,6 @@ __all__ = [
     "Sample",
     "batch_indices",
     "batch_target",
-    "dataset_digest",
     "dataset_dir_target",
     "describe_batch",
     "describe_samples",

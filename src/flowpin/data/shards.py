@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -26,7 +25,7 @@ import zstandard
 from flowpin.atomic import atomic_open, atomic_write_bytes
 from flowpin.canonical import canonical_json
 from flowpin.constants import INDEX_NAME
-from flowpin.errors import ShardError, StrictJSONError
+from flowpin.errors import InternalError, ShardError, StrictJSONError
 from flowpin.failpoints import failpoint
 from flowpin.jsonio import loads_strict
 from flowpin.recipe import check_int
@@ -81,7 +80,7 @@ class ShardConfig:
 def shard_name(index: int) -> str:
     """The file name of shard number ``index``."""
     if not 0 <= index < MAX_SHARDS:
-        raise ValueError(f"shard index {index} is outside 0..{MAX_SHARDS - 1}")
+        raise InternalError(f"shard_name: shard index {index} is outside 0..{MAX_SHARDS - 1}")
     return f"{SHARD_PREFIX}{index:05d}{SHARD_SUFFIX}"
 
 
@@ -101,9 +100,9 @@ def write_shards(
     far were published: callers that need all-or-nothing wrap ``out_dir`` in ``atomic_directory``.
     """
     if docs_per_shard < 1:
-        raise ValueError(f"docs_per_shard must be >= 1, got {docs_per_shard}")
+        raise InternalError(f"write_shards: docs_per_shard must be >= 1, got {docs_per_shard}")
     if not 1 <= level <= zstandard.MAX_COMPRESSION_LEVEL:
-        raise ValueError(f"zstd level must be in 1..{zstandard.MAX_COMPRESSION_LEVEL}, got {level}")
+        raise InternalError(f"write_shards: zstd level must be in 1..{zstandard.MAX_COMPRESSION_LEVEL}, got {level}")
     out_dir.mkdir(parents=True, exist_ok=True)
     stale = sorted(p.name for p in out_dir.iterdir() if _SHARD_NAME.fullmatch(p.name))
     if stale:
@@ -123,15 +122,21 @@ def write_shards(
     return infos
 
 
+def compress_frame(data: bytes, level: int) -> bytes:
+    """``data`` as one zstd frame in the reproducible form (every ``.zst`` file flowpin writes).
+
+    One-shot ``compress()`` on a single-threaded compressor (threads left at its default 0): the same bytes
+    at the same level give the same frame on every run, whereas multi-threaded (threads>=1) and
+    streaming/compressobj APIs produce *different* (equally valid) bytes. ``write_content_size`` lets
+    readers bound decompression before allocating; the checksum lets them detect corruption. Pins still
+    use the SHA-256 of the uncompressed ``data``.
+    """
+    return zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=True).compress(data)
+
+
 def _write_one(out_dir: Path, index: int, lines: list[bytes], level: int) -> ShardInfo:
     data = b"".join(lines)
-    # One-shot ``compress()`` on a single-threaded compressor (threads left at its default 0) is the
-    # reproducible form: the same bytes at the same level give the same frame on every run, whereas
-    # multi-threaded (threads>=1) and streaming/compressobj APIs produce *different* (equally valid)
-    # bytes. ``write_content_size`` lets readers bound decompression before allocating; the checksum
-    # lets them detect corruption. Pins still use the SHA-256 of the uncompressed ``data``.
-    cctx = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=True)
-    frame = cctx.compress(data)
+    frame = compress_frame(data, level)
     name = shard_name(index)
     failpoint("shards.before-shard", str(out_dir / name))
     with atomic_open(out_dir / name) as fh:
@@ -142,10 +147,6 @@ def _write_one(out_dir: Path, index: int, lines: list[bytes], level: int) -> Sha
         uncompressed_bytes=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
     )
-
-
-def _refuse_constant(token: str) -> Any:
-    raise ValueError(f"{token} is not valid JSON")
 
 
 def read_shard_bytes(
@@ -161,7 +162,7 @@ def read_shard_bytes(
     content other than ``expected_sha256``) :class:`ShardError` names the file.
     """
     if max_content_size < 0:
-        raise ValueError(f"max_content_size must be >= 0, got {max_content_size}")
+        raise InternalError(f"read_shard_bytes: max_content_size must be >= 0, got {max_content_size}")
     # zstd never expands incompressible input by more than ~1/256 plus a small header; a larger file
     # cannot be a frame within the cap, so do not even read it into memory.
     max_file_size = max_content_size + (max_content_size >> 7) + (1 << 17)
@@ -218,9 +219,10 @@ def read_shard(
 ) -> Iterator[dict[str, Any]]:
     """Yield the records (JSON objects) of one shard, in order.
 
-    Decompression is bounded as in :func:`read_shard_bytes`. A line that is not UTF-8, not JSON, not
-    a JSON object, or a last line without its newline raises :class:`ShardError` naming the file and
-    line number. Errors surface when iteration starts, not when this function is called.
+    Decompression is bounded as in :func:`read_shard_bytes`. Each line is read by the strict JSON reader
+    (:func:`flowpin.jsonio.loads_strict`): a line that is not UTF-8, not JSON, repeats a key, holds NaN or
+    nests too deep, is not a JSON object, or a last line without its newline raises :class:`ShardError`
+    naming the file and line number. Errors surface when iteration starts, not when this function is called.
     """
     data = read_shard_bytes(path, max_content_size=max_content_size, expected_sha256=expected_sha256)
     if not data:
@@ -230,10 +232,10 @@ def read_shard(
     # Split on b"\n" only: canonical JSON escapes control characters, but str.splitlines() would also
     # split on U+2028, U+0085 and friends, which may occur raw inside strings.
     for lineno, line in enumerate(data[:-1].split(b"\n"), start=1):
-        try:
-            obj = json.loads(line.decode("utf-8"), parse_constant=_refuse_constant)
-        except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, or nested deeper than the stack
-            raise ShardError(f"shard {path} line {lineno} is not UTF-8 JSON ({exc}); {_REWRITE}") from exc
+        try:  # flowpin's strict reader: a repeated key, NaN or deep nesting is refused, never guessed at
+            obj = loads_strict(line, where=f"shard {path} line {lineno}", max_bytes=len(line))
+        except StrictJSONError as exc:
+            raise ShardError(f"shard {path} line {lineno} is not UTF-8 JSON ({exc.reason}); {_REWRITE}") from exc
         if not isinstance(obj, dict):
             raise ShardError(f"shard {path} line {lineno} is a JSON {type(obj).__name__}, not an object; {_REWRITE}")
         yield obj

@@ -18,9 +18,9 @@ before the per-pair blocks (``--json``: the ``verdict`` object)::
 * *one side only*: a manifest in one directory has no counterpart in the other (counted with "outputs
   differ": one flow produced something the other did not).
 
-Exit status (:attr:`Verdict.exit_code`; 2 stays the CLI's "could not answer"): 0 every pair identical in
-identity; 1 some outputs differ (or a manifest is on one side only), as ``flowpin rebuild``'s 1; 3 every
-output identical but some identity differs.
+Exit status (:attr:`Verdict.exit_code`, in :mod:`flowpin.errors`' policy; 2 stays "could not answer"): 0 every
+pair identical in identity; 1 some outputs differ (or a manifest is on one side only), as ``flowpin rebuild``'s
+1; 3 every output identical but some identity differs. ``--json`` prints :func:`render_json`.
 
 :func:`diff_paths` also checks each manifest's signature against the trust store (signed by a trusted
 key: VERIFIED, else UNVERIFIED with the reason; artifact digests are not re-hashed -- ``flowpin verify``
@@ -32,6 +32,7 @@ manifest (:func:`flowpin.display.safe`).
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from flowpin.display import safe
 from flowpin.environment import numerics_differences
-from flowpin.errors import FlowpinError, ManifestError, UnverifiedManifestError
+from flowpin.errors import (
+    EXIT_FAILED,
+    EXIT_IDENTITY_DIFFERS,
+    EXIT_OK,
+    FlowpinError,
+    ManifestError,
+    UnverifiedManifestError,
+)
 from flowpin.manifest.statement import EntryPoint, Manifest, entry_files, entry_kind, load_manifest
 from flowpin.manifest.trust import check_signature, identity_digests, pinned
 
@@ -84,11 +92,6 @@ OUTPUT_SECTIONS = ("output", "stage")
 
 IDENTICAL, IDENTITY_DIFFERS, OUTPUTS_DIFFER, ONE_SIDE = "identical", "identity-differs", "outputs-differ", "one-side"
 """The outcome of one pair (see the module docstring)."""
-
-EXIT_IDENTICAL = 0
-EXIT_OUTPUTS_DIFFER = 1
-EXIT_IDENTITY_DIFFERS = 3
-"""``flowpin diff``'s exit status by verdict (2 is the CLI's input error: a manifest that cannot be read)."""
 
 
 @dataclasses.dataclass
@@ -168,11 +171,9 @@ class Verdict:
 
     @property
     def exit_code(self) -> int:
-        return {
-            IDENTICAL: EXIT_IDENTICAL,
-            IDENTITY_DIFFERS: EXIT_IDENTITY_DIFFERS,
-            OUTPUTS_DIFFER: EXIT_OUTPUTS_DIFFER,
-        }[self.status]
+        """``flowpin diff``'s exit status (:mod:`flowpin.errors`' policy; 2, a manifest that cannot be read, is
+        raised before there is a verdict)."""
+        return {IDENTICAL: EXIT_OK, IDENTITY_DIFFERS: EXIT_IDENTITY_DIFFERS, OUTPUTS_DIFFER: EXIT_FAILED}[self.status]
 
     def text(self) -> str:
         """One line (not escaped: :func:`render_text` escapes it)."""
@@ -394,6 +395,12 @@ def _trust_alone(path: Path, trusted: dict[str, Ed25519PublicKey]) -> Trust:
         return trust_of(load_manifest(path), trusted)
     except FlowpinError as exc:
         return Trust(False, f"{type(exc).__name__}: {exc}")
+
+
+def render_json(diffs: list[ManifestDiff], verdict: Verdict) -> str:
+    """``flowpin diff --json``: ``{"verdict": {...}, "diffs": [one object per pair]}``."""
+    doc = {"verdict": verdict.as_dict(), "diffs": [d.as_dict() for d in diffs]}
+    return json.dumps(doc, indent=2, sort_keys=True, default=str)
 
 
 def render_text(diffs: list[ManifestDiff], verdict: Verdict | None = None) -> str:

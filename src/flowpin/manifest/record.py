@@ -30,11 +30,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import yaml
-
 from flowpin import __version__
 from flowpin.canonical import canonical_json
 from flowpin.constants import MANIFEST_DIR
+from flowpin.dvcfile import dvc_code_deps
 from flowpin.environment import fingerprint, run_context
 from flowpin.errors import DuplicateSubjectError, FlowpinError, ManifestError, RecipeError, UnverifiedManifestError
 from flowpin.failpoints import failpoint
@@ -87,30 +86,6 @@ RUN_CONTEXT_FIELDS = ("hostname", "user", "pid", "executable", "cwd")
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def dvc_code_deps(root: Path, stage: str) -> list[str] | None:
-    """The code deps (paths under ``stages/`` or ``src/``) of ``stage`` in ``dvc.yaml``, or None.
-
-    The manifest pins exactly the code DVC watches, so ``flowpin verify`` and ``dvc repro`` agree
-    about when a stage is stale (a test checks these deps cover every module the stage imports).
-    """
-    path = root / "dvc.yaml"
-    if not path.is_file():
-        return None
-    try:
-        doc = yaml.safe_load(path.read_text("utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ManifestError(f"{path}: not valid YAML ({exc}); fix dvc.yaml") from exc
-    entry = (doc.get("stages") or {}).get(stage)
-    if not isinstance(entry, dict):
-        return None
-    deps: list[str] = []
-    for dep in entry.get("deps") or []:
-        name = dep if isinstance(dep, str) else next(iter(dep), "")
-        if name.startswith(("stages/", "src/")):
-            deps.append(name.rstrip("/"))
-    return deps
 
 
 def _main_script(root: Path) -> Path | None:
@@ -294,16 +269,20 @@ def record(
     algorithm: str | None = None,
     publish: Sequence[str] = (),
     entry_point: EntryPoint | None = None,
+    hash_workers: int = 1,
 ) -> Iterator[StageRecorder]:
     """Record one stage run; see the module docstring.
 
     ``recipe`` is the stage's typed config (a dataclass) or a plain mapping; ``code`` defaults to the
-    stage's code deps in ``dvc.yaml`` (see :func:`dvc_code_deps`), or, for a stage not in ``dvc.yaml``,
+    stage's code deps in ``dvc.yaml`` (:func:`flowpin.dvcfile.dvc_code_deps`), or, for a stage not in ``dvc.yaml``,
     the running script and the ``src/flowpin`` sources. ``publish`` names the fields of
     :func:`~flowpin.environment.run_context` the manifest publishes (:data:`RUN_CONTEXT_FIELDS`; the recipe's
     ``provenance.run_context``): none by default, so a manifest holds no host, user or absolute path.
     ``entry_point`` (the script and primary Hydra config that ran: :func:`stage_entry_point`) is what
     ``flowpin rebuild`` and ``flowpin fork`` re-run; a manifest recorded without one cannot be re-run by them.
+    ``hash_workers`` is the caller's choice of hashing processes (:mod:`flowpin.hashing.pool`): 1, in this
+    process, suits a stage that has torch loaded; a stage that only moves data may pass
+    :func:`~flowpin.hashing.parallel_workers`.
     """
     unknown = sorted(set(publish) - set(RUN_CONTEXT_FIELDS))
     if unknown:
@@ -328,7 +307,8 @@ def record(
     bars = contextlib.ExitStack()
     cache = default_cache(root)
     try:
-        hasher = Hasher(root, algorithm, cache=cache, progress=bars.enter_context(hash_progress(f"{stage}: hashing")))
+        hook = bars.enter_context(hash_progress(f"{stage}: hashing"))
+        hasher = Hasher(root, algorithm, cache=cache, workers=hash_workers, progress=hook)
         rec = StageRecorder(stage, root, hasher)
         for path in config_files:
             rec.input(path, kind="config")

@@ -110,6 +110,7 @@ def require_digests(
 
     Call it only on a manifest whose signature verified (:func:`load_verified` with ``check="signature"``).
     A name the manifest does not pin is a finding too: the consumer relies on something nobody vouched for.
+    ``hasher`` brings the caller's stat cache and hashing workers; without one, no cache and this process.
     """
     relied_on = manifest
     if names is not None:

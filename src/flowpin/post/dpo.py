@@ -1,24 +1,26 @@
 """Stage 10, DPO with a clear quality gap ("delta learning", OLMo 3): verified answers over a weak model's.
 
-This module owns the preference pairs and the DPO objective; the run itself is the training engine's
-(:func:`flowpin.train.run.open_run`, :func:`flowpin.train.run.train_loop`), as for every stage.
+This module owns the preference pairs and the DPO objective, and builds the stage's training spec
+(:func:`dpo_spec`); the run itself is the training engine's (:func:`flowpin.train.run.run_spec`), as for every
+stage.
 
-* **Pairs** (:func:`build_pairs`), generated inside the stage: a seeded selection of training tasks
-  (:func:`flowpin.data.order.keyed_permutation` of the recipe's ``pairs.seed``) is answered by the weaker
-  checkpoint (``paths.inputs.weak``, the pretrain run) with seeded sampling (one ``torch.Generator``
-  seeded from ``pairs.seed``; temperature and top-k in the recipe). A sample becomes a *rejected* answer
-  only when :func:`flowpin.data.synth.verify_answer` rejects it; the *chosen* answer is the task's own
+* **Pairs** (:func:`build_pairs`), generated while the spec is built: a seeded selection of training tasks
+  (:func:`sample_tasks`: :func:`flowpin.data.order.keyed_permutation` of the recipe's ``pairs.seed``) is
+  answered by the weaker checkpoint (``paths.inputs.weak``, the pretrain run) with seeded sampling (one
+  ``torch.Generator`` seeded from ``pairs.seed``; temperature and top-k in the recipe), under the run's
+  settings (the entry point prepared them). A sample becomes a *rejected* answer only when the verifier
+  registry (:func:`flowpin.post.verifiers.verify`) rejects it; the *chosen* answer is the task's own
   worked solution, which verifies. Correct, empty and over-long samples are dropped and counted. Both
   sides are re-encoded from their text with the same layout (prompt, newline, answer, EOS), so the only
   difference the policy can learn is the answer. The pairs are written to ``<run_dir>/pairs.jsonl``
-  (canonical JSON lines), a subject of the manifest.
+  (canonical JSON lines, the spec's file), a subject of the manifest.
 * **Loss** (:func:`dpo_objective`): ``-log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))``, averaged
   over the batch, each ``pi``/``ref`` the summed log-probability of a response's tokens (masks on the
   response only) under the policy and the frozen reference (the SFT checkpoint the policy starts from).
   Logged with the reward accuracy (chosen reward above rejected) and the mean reward margin.
 * **Report**: the pair counts (and why samples were dropped), the loss, reward-accuracy and margin
-  curves, the reward accuracy over all training pairs after the stage, and the held-out eval of
-  :mod:`flowpin.post.sft` before and after.
+  curves, the reward accuracy over all training pairs after the stage, and the held-out eval
+  (:func:`flowpin.post.heldout.heldout_eval`) before and after.
 * **Determinism.** The pairs are a pure function of the weak checkpoint, the tasks, the tokenizer and the
   ``pairs`` recipe; their packed tensor keys the data order. The run key names the loop config, ``beta``,
   the pairs' digest and the initial (= reference) weights' digest.
@@ -27,41 +29,27 @@ This module owns the preference pairs and the DPO objective; the run itself is t
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from flowpin.atomic import atomic_write_bytes
 from flowpin.canonical import canonical_json
 from flowpin.data.order import keyed_permutation
-from flowpin.data.synth import Task, verify_answer
+from flowpin.data.synth import Task
 from flowpin.errors import DataError, RecipeError
+from flowpin.post.examples import example_batches, used_width
+from flowpin.post.heldout import HeldoutEvalConfig, answer_text, heldout_eval, heldout_summary
+from flowpin.post.inputs import TASK_KINDS, check_fits, check_kinds, init_checkpoint, split_tasks, weights_digest
 from flowpin.post.lm import SamplingConfig, generate, masked_logprob_sum
-from flowpin.post.prompts import Vocab, pack_example
-from flowpin.post.sft import (
-    TASK_KINDS,
-    HeldoutEvalConfig,
-    PostResult,
-    answer_text,
-    check_fits,
-    check_kinds,
-    example_batches,
-    heldout_eval,
-    init_checkpoint,
-    open_vocab,
-    run_report,
-    tasks_of,
-    used_width,
-    weights_digest,
-)
+from flowpin.post.prompts import Vocab, open_vocab, pack_example
+from flowpin.post.verifiers import verify
 from flowpin.recipe import check_float, check_int
-from flowpin.tracking import Tracker
-from flowpin.train.distributed import DistInfo, set_deterministic
-from flowpin.train.loop import TrainConfig
-from flowpin.train.run import RunClaim, load_weights, open_run, read_model_config, train_loop
+from flowpin.train.loop import LossFn, TrainConfig
+from flowpin.train.run import load_weights, read_model_config
+from flowpin.train.spec import StageContext, TrainedRun, TrainingStage, TrainSpec
 
 PAIRS_FILE = "pairs.jsonl"
 """``<run_dir>/pairs.jsonl``: the preference pairs the stage trained on."""
@@ -162,8 +150,8 @@ class Pairs:
         }
 
 
-def select_tasks(tasks: Sequence[Task], count: int, seed: int) -> list[Task]:
-    """``count`` tasks (all, if fewer) in a seeded selection, kept in dataset order."""
+def sample_tasks(tasks: Sequence[Task], count: int, seed: int) -> list[Task]:
+    """``count`` tasks (all, if fewer) in a seeded selection, kept in dataset order (the prompts of the pairs)."""
     key = canonical_json({"purpose": "flowpin.dpo.prompts", "seed": seed})
     picked = sorted(int(i) for i in keyed_permutation(len(tasks), key)[:count])
     return [tasks[i] for i in picked]
@@ -173,7 +161,7 @@ def build_pairs(
     weak: torch.nn.Module, tasks: Sequence[Task], vocab: Vocab, cfg: PairsConfig, *, seq_len: int, max_len: int
 ) -> Pairs:
     """Sample one answer per selected task from ``weak``; keep the incorrect ones as rejected answers."""
-    selected = select_tasks(tasks, cfg.prompts, cfg.seed)
+    selected = sample_tasks(tasks, cfg.prompts, cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     stop = [vocab.eos_id, *vocab.newline_ids()]
     pairs: list[Pair] = []
@@ -186,7 +174,7 @@ def build_pairs(
         )
         for task, prompt, row in zip(part, prompts, rows, strict=True):
             text = answer_text(vocab, row)
-            if verify_answer(task, text):
+            if verify(task, text):
                 dropped["correct"] += 1
             elif not text:
                 dropped["empty"] += 1
@@ -257,9 +245,7 @@ def pair_logprobs(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Te
     return both[: batch.shape[0]], both[batch.shape[0] :]
 
 
-def dpo_loss(
-    reference: torch.nn.Module, *, beta: float
-) -> Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]:
+def dpo_loss(reference: torch.nn.Module, *, beta: float) -> LossFn:
     """The loop's ``loss_fn``: DPO of the policy against the frozen ``reference`` on a ``[B, 4, T]`` batch."""
 
     def loss_fn(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -294,33 +280,24 @@ def pair_rewards(
 # --- the stage ------------------------------------------------------------------------------------
 
 
-def run_dpo(
-    cfg: DPOConfig,
-    *,
-    synth_dir: Path,
-    tokenizer_dir: Path,
-    init_dir: Path,
-    weak_dir: Path,
-    run_dir: Path,
-    dist: DistInfo,
-    tracker: Tracker | None = None,
-    claim: RunClaim | None = None,
-) -> PostResult:
+def dpo_spec(
+    cfg: DPOConfig, *, synth_dir: Path, tokenizer_dir: Path, init_dir: Path, weak_dir: Path, device: str
+) -> TrainSpec:
     """DPO from the latest checkpoint of ``init_dir`` (also the reference) on pairs against ``weak_dir``'s.
 
-    ``claim``: the run key's code and the choice for stale checkpoints (:func:`flowpin.train.run.open_run`).
+    Samples the pairs now (``device``: where the weak model runs), under the settings the entry point
+    prepared for the run (:func:`flowpin.runtime.prepare_environment`).
     """
     vocab = open_vocab(tokenizer_dir)
     model_cfg = read_model_config(init_dir)
     check_fits(model_cfg, vocab, cfg.seq_len, init_dir)
     check_fits(read_model_config(weak_dir), vocab, cfg.seq_len, weak_dir)
-    heldout = tasks_of(synth_dir / "heldout", cfg.eval.kinds)
+    heldout = split_tasks(synth_dir / "heldout", cfg.eval.kinds)
     init, weak = init_checkpoint(init_dir, "init"), init_checkpoint(weak_dir, "weak")
-    set_deterministic(cfg.loop.seed, cpu_threads=cfg.threads)  # the sampling below runs under the run's settings
-    weak_model, weak_cfg = load_weights(weak.path, device=dist.device, seed=cfg.loop.seed)
+    weak_model, weak_cfg = load_weights(weak.path, device=device, seed=cfg.loop.seed)
     pairs = build_pairs(
         weak_model,
-        tasks_of(synth_dir / "train", cfg.pairs.kinds),
+        split_tasks(synth_dir / "train", cfg.pairs.kinds),
         vocab,
         cfg.pairs,
         seq_len=cfg.seq_len,
@@ -329,15 +306,34 @@ def run_dpo(
     del weak_model
     examples = pair_examples(pairs.pairs, vocab, seq_len=cfg.seq_len)
     batches = example_batches(examples, order_seed=cfg.order_seed, batch_size=cfg.loop.batch_size)
-    reference, _ = load_weights(init.path, device=dist.device, seed=cfg.loop.seed)
-    opened = open_run(
-        model_cfg=model_cfg,
-        seed=cfg.loop.seed,
+    reference, _ = load_weights(init.path, device=device, seed=cfg.loop.seed)
+    max_len = model_cfg.max_sequence_length
+
+    def evaluate(model: torch.nn.Module) -> dict[str, Any]:
+        return heldout_eval(model, heldout, vocab, cfg.eval, max_len=max_len)
+
+    def report(trained: TrainedRun) -> dict[str, Any]:
+        return {
+            "weak": {"checkpoint": weak.path.name, "step": weak.step},
+            "reference": {"checkpoint": init.path.name, "step": init.step},
+            "beta": cfg.beta,
+            "pairs": {**pairs.summary(), "file": PAIRS_FILE, "packed_digest": batches.order.dataset_digest},
+            "epochs": cfg.loop.steps * cfg.loop.batch_size / len(pairs.pairs),
+            "train_pair_rewards": pair_rewards(trained.model, reference, examples, beta=cfg.beta),
+            "heldout": {"before": trained.before, "after": trained.after},
+        }
+
+    def summary(manifest: str, fields: Mapping[str, Any]) -> tuple[str, ...]:
+        rewards = fields["train_pair_rewards"]
+        after = f"{fields['pairs']['pairs']} pairs; after DPO, reward accuracy {rewards['reward_accuracy']:.2f} on them"
+        return (*heldout_summary(manifest, fields), after)
+
+    return TrainSpec(
+        model=model_cfg,
+        loop=cfg.loop,
         threads=cfg.threads,
-        run_dir=run_dir,
-        init_dir=init_dir,
-        dist=dist,
-        claim=claim,
+        batches=batches,
+        loss=dpo_loss(reference, beta=cfg.beta),
         key={
             "stage": "dpo",
             "loop": cfg.loop.to_json(),
@@ -346,23 +342,25 @@ def run_dpo(
             "pairs": batches.order.dataset_digest,
             "init_weights": weights_digest(init.path),  # also the reference's
         },
+        init_dir=init_dir,
+        evaluate=evaluate,
+        curves=("loss", "reward_accuracy", "reward_margin"),
+        report=report,
+        files=((PAIRS_FILE, pairs.jsonl()),),
+        summary=summary,
     )
-    pairs_path = run_dir / PAIRS_FILE
-    if dist.is_main:
-        atomic_write_bytes(pairs_path, pairs.jsonl())
-    model, max_len = opened.model, model_cfg.max_sequence_length
-    before = heldout_eval(model, heldout, vocab, cfg.eval, max_len=max_len)
-    loss_fn = dpo_loss(reference, beta=cfg.beta)
-    result = train_loop(model, cfg.loop, batches=batches, loss_fn=loss_fn, run_dir=run_dir, dist=dist, tracker=tracker)
-    after = heldout_eval(model, heldout, vocab, cfg.eval, max_len=max_len)
-    report = {
-        **run_report(opened, result, run_dir, ("loss", "reward_accuracy", "reward_margin")),
-        "weak": {"checkpoint": weak.path.name, "step": weak.step},
-        "reference": {"checkpoint": init.path.name, "step": init.step},
-        "beta": cfg.beta,
-        "pairs": {**pairs.summary(), "file": PAIRS_FILE, "packed_digest": batches.order.dataset_digest},
-        "epochs": cfg.loop.steps * cfg.loop.batch_size / len(pairs.pairs),
-        "train_pair_rewards": pair_rewards(model, reference, examples, beta=cfg.beta),
-        "heldout": {"before": before, "after": after},
-    }
-    return PostResult(checkpoints=result.checkpoints, outputs=(pairs_path,), report=report)
+
+
+def _build(cfg: DPOConfig, ctx: StageContext) -> TrainSpec:
+    return dpo_spec(
+        cfg,
+        synth_dir=ctx.inputs["synth"],
+        tokenizer_dir=ctx.inputs["tokenizer"],
+        init_dir=ctx.inputs["init"],
+        weak_dir=ctx.inputs["weak"],
+        device=ctx.dist.device,
+    )
+
+
+DPO_STAGE = TrainingStage(block="dpo", config=DPOConfig, inputs=("synth", "tokenizer", "init", "weak"), build=_build)
+"""``stages/dpo.py``'s stage: the ``dpo`` block, its inputs and :func:`dpo_spec`."""

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from flowpin.errors import InternalError
 from flowpin.recipe import check_float, check_int
 
 
@@ -69,13 +70,13 @@ def generate(
     Rows whose prompt plus ``cfg.max_new_tokens`` exceed ``max_len`` (the model's context) stop at it.
     """
     if cfg.temperature > 0 and generator is None:
-        raise ValueError("sampling with temperature > 0 needs a seeded torch.Generator")
+        raise InternalError("sampling with temperature > 0 needs a seeded torch.Generator")
     was_training = model.training
     model.eval()
     try:
         lengths = [len(p) for p in prompts]
         if min(lengths, default=1) < 1:
-            raise ValueError("every prompt needs at least one token")
+            raise InternalError("every prompt needs at least one token")
         width = min(max(lengths, default=1) + cfg.max_new_tokens, max_len)
         buffer = torch.full((len(prompts), width), pad_id, dtype=torch.long)
         for row, prompt in enumerate(prompts):

@@ -4,16 +4,21 @@ Layout: ``encode(prompt + "\n")`` then ``encode(response)`` then EOS -- the two 
 separately so the boundary is the same token position whether the response is a reference solution
 (SFT, DPO's chosen side), a sample (DPO's rejected side, RLVR) or absent (generation starts right after
 the prompt). The pretraining and mid-training mixes saw the same text, ``prompt\nsolution<eos>``.
+
+:func:`open_vocab` opens the pretraining tokenizer (a tokenized dataset directory) as a :class:`Vocab`: the one
+way every post-training stage and eval gets its tokenizer.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
 
+from flowpin.data.tokenized import TokenizedDataset
 from flowpin.errors import DataError
 
 
@@ -44,6 +49,13 @@ class Vocab:
         """Every token whose text contains a newline (a one-line answer ends at any of them)."""
         vocab = self.tokenizer.get_vocab()
         return sorted(i for i in vocab.values() if "\n" in self.tokenizer.decode([i]))
+
+
+def open_vocab(tokenizer_dir: Path) -> Vocab:
+    """The tokenizer of a tokenized dataset (``paths.inputs.tokenizer``: the pretraining data), checked against
+    its index, with its EOS and padding ids."""
+    data = TokenizedDataset.open(tokenizer_dir)
+    return Vocab(tokenizer=data.tokenizer(), eos_id=int(data.eos_id), pad_id=int(data.pad_id))
 
 
 def pack_example(

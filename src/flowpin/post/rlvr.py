@@ -1,10 +1,10 @@
 """Stage 11, RLVR: GRPO-style reinforcement learning with verifiable rewards.
 
-This module owns the on-policy step; the run itself is the training engine's
-(:func:`flowpin.train.run.open_run`, :func:`flowpin.train.run.train_loop`), as for every stage, so a killed
-run resumes through the loop and ends on the same bytes as an uninterrupted one.
+This module owns the on-policy step and builds the stage's training spec (:func:`rlvr_spec`); the run itself
+is the training engine's (:func:`flowpin.train.run.run_spec`), as for every stage, so a killed run resumes
+through the loop and ends on the same bytes as an uninterrupted one.
 
-* **Prompts** (:func:`select_tasks`): the training tasks of the recipe's kinds, filtered to those the
+* **Prompts** (:func:`admitted_tasks`): the training tasks of the recipe's kinds, filtered to those the
   policy can sometimes solve (operation count, operators, answer size). A task every sample fails, or
   every sample solves, has zero group variance and teaches nothing, so the filter decides how much of
   each step carries signal.
@@ -28,9 +28,9 @@ run resumes through the loop and ends on the same bytes as an uninterrupted one.
   after the stage.
 
 The run key names the recipe, the selected tasks' digest and the initial (= reference) weights' digest:
-checkpoints of any other setup are removed rather than resumed. With data parallelism each rank samples
-for its own rows with a generator seeded from those rows' seeds, so results depend on the world size
-(as every data-parallel run's do).
+checkpoints of any other setup are refused rather than resumed (:mod:`flowpin.train.run_key`). With data
+parallelism each rank samples for its own rows with a generator seeded from those rows' seeds, so results
+depend on the world size (as every data-parallel run's do).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import collections
 import dataclasses
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,27 +50,16 @@ from flowpin.constants import METRICS_FILE
 from flowpin.data.order import DataOrder
 from flowpin.data.synth import OPERATORS, Task, extract_answer
 from flowpin.errors import DataError, RecipeError
+from flowpin.post.examples import tensor_digest
+from flowpin.post.heldout import HeldoutEvalConfig, heldout_eval
+from flowpin.post.inputs import check_fits, check_kinds, init_checkpoint, split_tasks, weights_digest
 from flowpin.post.lm import SamplingConfig, generate, token_logprobs
-from flowpin.post.prompts import Vocab
-from flowpin.post.sft import (
-    HeldoutEvalConfig,
-    PostResult,
-    check_fits,
-    check_kinds,
-    heldout_eval,
-    init_checkpoint,
-    open_vocab,
-    run_report,
-    tasks_of,
-    tensor_digest,
-    weights_digest,
-)
+from flowpin.post.prompts import Vocab, open_vocab
 from flowpin.post.verifiers import KIND_VERIFIERS, Verifier, get_verifier, verifier_for
 from flowpin.recipe import check_float, check_int, to_plain
-from flowpin.tracking import Tracker
-from flowpin.train.distributed import DistInfo
 from flowpin.train.loop import TrainConfig
-from flowpin.train.run import RunClaim, load_weights, open_run, read_metrics, read_model_config, train_loop
+from flowpin.train.run import load_weights, read_metrics, read_model_config
+from flowpin.train.spec import StageContext, TrainedRun, TrainingStage, TrainSpec
 
 ADVANTAGE_EPS = 1e-6
 """Added to a group's reward standard deviation before dividing (GRPO's epsilon)."""
@@ -170,7 +159,7 @@ def operations(task: Task) -> list[str]:
     return _OPERATION.findall(worked)
 
 
-def select_tasks(tasks: Sequence[Task], selection: TaskFilter, *, where: str) -> list[Task]:
+def admitted_tasks(tasks: Sequence[Task], selection: TaskFilter, *, where: str) -> list[Task]:
     """The tasks ``selection`` admits, in their order; none at all is a :class:`DataError` naming ``where``."""
     chosen = [t for t in tasks if selection.admits(t)]
     if not chosen:
@@ -382,79 +371,93 @@ def quarter_means(curve: Sequence[Sequence[float]], steps: int) -> dict[str, flo
     }
 
 
-def run_rlvr(
-    cfg: RLVRConfig,
-    *,
-    synth_dir: Path,
-    tokenizer_dir: Path,
-    init_dir: Path,
-    run_dir: Path,
-    dist: DistInfo,
-    tracker: Tracker | None = None,
-    claim: RunClaim | None = None,
-) -> PostResult:
+def rlvr_spec(cfg: RLVRConfig, *, synth_dir: Path, tokenizer_dir: Path, init_dir: Path, device: str) -> TrainSpec:
     """RLVR from the latest checkpoint of ``init_dir`` (also the KL reference) on ``synth_dir/train``.
 
-    ``claim``: the run key's code and the choice for stale checkpoints (:func:`flowpin.train.run.open_run`).
+    ``device``: where the reference model runs.
     """
     vocab = open_vocab(tokenizer_dir)
     model_cfg = read_model_config(init_dir)
-    train = select_tasks(tasks_of(synth_dir / "train", cfg.tasks.kinds), cfg.tasks, where=f"{synth_dir / 'train'}")
-    heldout = select_tasks(
-        tasks_of(synth_dir / "heldout", cfg.tasks.kinds), cfg.tasks, where=f"{synth_dir / 'heldout'}"
+    train = admitted_tasks(split_tasks(synth_dir / "train", cfg.tasks.kinds), cfg.tasks, where=f"{synth_dir / 'train'}")
+    heldout = admitted_tasks(
+        split_tasks(synth_dir / "heldout", cfg.tasks.kinds), cfg.tasks, where=f"{synth_dir / 'heldout'}"
     )
     batches = prompt_batches(
         train, vocab, order_seed=cfg.order_seed, batch_size=cfg.loop.batch_size, seed=cfg.loop.seed
     )
     check_fits(model_cfg, vocab, int(batches.prompts.shape[1]) + 1, init_dir)  # a prompt and one token at least
     init = init_checkpoint(init_dir, "init")
-    reference, _ = load_weights(init.path, device=dist.device, seed=cfg.loop.seed)
-    opened = open_run(
-        model_cfg=model_cfg,
-        seed=cfg.loop.seed,
+    reference, _ = load_weights(init.path, device=device, seed=cfg.loop.seed)
+    max_len = model_cfg.max_sequence_length
+
+    def evaluate(model: torch.nn.Module) -> dict[str, Any]:
+        return heldout_eval(model, heldout, vocab, cfg.eval, max_len=max_len)
+
+    def report(trained: TrainedRun) -> dict[str, Any]:
+        rows = [m for m in read_metrics(trained.run_dir / METRICS_FILE) if m["step"] <= cfg.loop.steps]
+        curve = [[m["step"], m["metrics"]["reward"]] for m in rows if "reward" in m["metrics"]]
+        return {
+            "reference": {"checkpoint": init.path.name, "step": init.step},
+            "tasks": {
+                "train": len(train),
+                "heldout": len(heldout),
+                "digest": batches.order.dataset_digest,
+                "filter": to_plain(cfg.tasks),
+                "verifier": cfg.verifier or {k: KIND_VERIFIERS[k] for k in cfg.tasks.kinds},
+            },
+            "samples_per_prompt": cfg.samples_per_prompt,
+            "kl_coef": cfg.kl_coef,
+            "epochs": cfg.loop.steps * cfg.loop.batch_size / len(train),
+            "reward_quarters": quarter_means(curve, cfg.loop.steps),
+            "heldout": {"before": trained.before, "after": trained.after},
+        }
+
+    return TrainSpec(
+        model=model_cfg,
+        loop=cfg.loop,
         threads=cfg.threads,
-        run_dir=run_dir,
-        init_dir=init_dir,
-        dist=dist,
-        claim=claim,
+        batches=batches,
+        loss=GRPOLoss(
+            tasks=train,
+            vocab=vocab,
+            sampling=cfg.sampling,
+            samples_per_prompt=cfg.samples_per_prompt,
+            reward=reward_function(cfg.verifier),
+            reference=reference,
+            kl_coef=cfg.kl_coef,
+            max_len=max_len,
+        ),
         key={
             "stage": "rlvr",
             "recipe": to_plain(cfg),
             "prompts": batches.order.dataset_digest,
             "init_weights": weights_digest(init.path),  # also the reference's
         },
+        init_dir=init_dir,
+        evaluate=evaluate,
+        curves=("reward", "kl", "signal", "top_answer_share", "response_tokens"),
+        report=report,
+        summary=_summary,
     )
-    model, max_len = opened.model, model_cfg.max_sequence_length
-    before = heldout_eval(model, heldout, vocab, cfg.eval, max_len=max_len)
-    loss_fn = GRPOLoss(
-        tasks=train,
-        vocab=vocab,
-        sampling=cfg.sampling,
-        samples_per_prompt=cfg.samples_per_prompt,
-        reward=reward_function(cfg.verifier),
-        reference=reference,
-        kl_coef=cfg.kl_coef,
-        max_len=max_len,
+
+
+def _summary(manifest: str, report: Mapping[str, Any]) -> tuple[str, ...]:
+    quarters, passed = report["reward_quarters"], report["heldout"]
+    lines = [f"{manifest}: mean reward {quarters['first']:.3f} (first quarter) → {quarters['last']:.3f} (last)"]
+    for kind, after in passed["after"].items():
+        lines.append(f"  held-out {kind} pass@1 {passed['before'][kind]['pass_at_1']:.2f} → {after['pass_at_1']:.2f}")
+    return tuple(lines)
+
+
+def _build(cfg: RLVRConfig, ctx: StageContext) -> TrainSpec:
+    return rlvr_spec(
+        cfg,
+        synth_dir=ctx.inputs["synth"],
+        tokenizer_dir=ctx.inputs["tokenizer"],
+        init_dir=ctx.inputs["init"],
+        device=ctx.dist.device,
     )
-    result = train_loop(model, cfg.loop, batches=batches, loss_fn=loss_fn, run_dir=run_dir, dist=dist, tracker=tracker)
-    after = heldout_eval(model, heldout, vocab, cfg.eval, max_len=max_len)
-    shared = run_report(opened, result, run_dir, ("reward", "kl", "signal", "top_answer_share", "response_tokens"))
-    rows = [m for m in read_metrics(run_dir / METRICS_FILE) if m["step"] <= cfg.loop.steps]
-    curve = [[m["step"], m["metrics"]["reward"]] for m in rows if "reward" in m["metrics"]]
-    report: dict[str, Any] = {
-        **shared,
-        "reference": {"checkpoint": init.path.name, "step": init.step},
-        "tasks": {
-            "train": len(train),
-            "heldout": len(heldout),
-            "digest": batches.order.dataset_digest,
-            "filter": to_plain(cfg.tasks),
-            "verifier": cfg.verifier or {k: KIND_VERIFIERS[k] for k in cfg.tasks.kinds},
-        },
-        "samples_per_prompt": cfg.samples_per_prompt,
-        "kl_coef": cfg.kl_coef,
-        "epochs": cfg.loop.steps * cfg.loop.batch_size / len(train),
-        "reward_quarters": quarter_means(curve, cfg.loop.steps),
-        "heldout": {"before": before, "after": after},
-    }
-    return PostResult(checkpoints=result.checkpoints, outputs=(), report=report)
+
+
+RLVR_STAGE = TrainingStage(block="rlvr", config=RLVRConfig, inputs=("synth", "tokenizer", "init"), build=_build)
+"""``stages/rlvr.py``'s stage: the ``rlvr`` block, its inputs and :func:`rlvr_spec`."""

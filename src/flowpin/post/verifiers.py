@@ -1,4 +1,8 @@
-"""Programmatic verifiers: how a model's answer to a verifiable task is graded (RLVR rewards, eval pass@1).
+"""Programmatic verifiers: the one way flowpin grades a model's answer to a verifiable task.
+
+RLVR rewards (:mod:`flowpin.post.rlvr`), eval pass@1 (:mod:`flowpin.post.eval`) and the held-out checks of
+the post-training stages all grade through this registry, never through
+:func:`flowpin.data.synth.verify_answer` directly, so a new task kind or verifier is added in one place.
 
 A verifier is a pure function ``verifier(task, text) -> float`` in ``[0, 1]`` of a task and the model's
 response text (what follows the prompt, as :meth:`flowpin.post.prompts.Vocab.decode` returns it). It
@@ -6,11 +10,17 @@ draws no random numbers, reads no files and never evaluates model output as code
 
 The API is deliberately small:
 
-* :data:`VERIFIERS` -- the registry, name -> verifier (read-only);
-* :data:`KIND_VERIFIERS` -- which verifier grades each task kind (``flowpin.data.synth.GENERATORS``);
+* :func:`verify` -- ``True`` iff ``text`` solves ``task``, by the verifier of ``task.kind``: *the* correctness
+  check (``GRADER`` is its qualified name, as reports write it);
+* :func:`verifier_for` -- the correctness verifier of a task kind (a reward function, e.g. for RLVR);
+* :func:`verifiers_by_kind` -- checks every kind of a task set has a verifier (before any model runs) and
+  names each one, for reports;
 * :func:`get_verifier` -- a verifier by name (a recipe key): an unknown name raises :class:`RecipeError`
   listing the known ones;
-* :func:`verify` -- ``True`` iff ``text`` solves ``task``, by the verifier of ``task.kind``.
+* :data:`VERIFIERS` -- the registry, name -> verifier (read-only);
+* :data:`KIND_VERIFIERS` -- which verifier grades each task kind (``flowpin.data.synth.GENERATORS``).
+
+A task kind without a verifier is a :class:`DataError` (the data holds a kind this code cannot grade).
 
 Both synth kinds (``arithmetic``, ``word_problem``) have exact integer answers, graded by
 :func:`flowpin.data.synth.verify_answer`: the last ``Answer: N`` line must be exactly the canonical
@@ -22,7 +32,7 @@ every synth kind has one).
 from __future__ import annotations
 
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from flowpin.data.synth import Task, extract_answer, verify_answer
 from flowpin.errors import DataError, RecipeError
@@ -80,11 +90,27 @@ def verifier_for(kind: str) -> Verifier:
 
 
 def verify(task: Task, text: str) -> bool:
-    """Whether ``text`` solves ``task``, by the verifier of ``task.kind`` (:data:`KIND_VERIFIERS`)."""
+    """Whether ``text`` solves ``task``: the verifier of ``task.kind`` (:data:`KIND_VERIFIERS`) gives it the full
+    reward. A kind without a verifier is a :class:`DataError`."""
     return verifier_for(task.kind)(task, text) >= 1.0
 
 
+GRADER = "flowpin.post.verifiers.verify"
+"""The qualified name of :func:`verify`, as a report names its grader (``eval.json``'s ``tasks.verifier``)."""
+
+
+def verifiers_by_kind(kinds: Iterable[str]) -> dict[str, str]:
+    """Kind -> the name of its verifier, for each of ``kinds`` in order; a kind without one is a
+    :class:`DataError` (call it before any model runs, so a set that cannot be graded fails first)."""
+    names: dict[str, str] = {}
+    for kind in kinds:
+        verifier_for(kind)  # the DataError naming a kind without a verifier
+        names[kind] = _KIND_VERIFIERS[kind]
+    return names
+
+
 __all__ = [
+    "GRADER",
     "KIND_VERIFIERS",
     "VERIFIERS",
     "Verifier",
@@ -92,5 +118,6 @@ __all__ = [
     "exact_integer",
     "get_verifier",
     "verifier_for",
+    "verifiers_by_kind",
     "verify",
 ]

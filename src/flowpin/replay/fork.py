@@ -4,12 +4,16 @@ The parent's manifest says which recipe (its entry point's primary config + over
 checkpoints and pins each checkpoint's digest. A fork first verifies the parent (signature by a trusted key,
 then the digest of the checkpoint it continues from), recomposes that recipe with Hydra from the entry point
 the parent records (``externalParameters.entryPoint``: never guessed from its pinned files; a parent
-recorded without one is refused with :class:`~flowpin.errors.MissingEntryPointError`), applies the new
-overrides on top, continues training into a new run directory, and records a signed manifest there whose
-dependencies name the parent manifest and the checkpoint (kind ``checkpoint``), whose ``overrides`` hold the
-parent's and the new ones and whose entry point is the parent's (the fork composes the parent's config).
-Its ``fork`` note (run metadata) says it is a fork and the ``flowpin fork`` command that re-runs it. The
-parent's run is never touched.
+recorded without one is refused with :class:`~flowpin.errors.MissingEntryPointError`) and applies the new
+overrides on top. It then runs as every training stage does -- :func:`flowpin.train.entry.run_training_stage`
+with the fork's spec (:func:`flowpin.train.pretrain.fork_spec`: weights, optimizer, RNG streams and data
+position of the checkpoint) -- so it has a prepared process, a tracker, a run key, a report
+(``<run dir>/report.json``) and the same refusals. The :class:`~flowpin.stage.StageInvocation` says what a Hydra
+run would: the stage (the parent's), the overrides (the parent's and the new ones), the config files (the
+parent's), the entry point (the parent's: the fork composes the parent's config) and where it writes (a new
+run directory; the recorded recipe keeps its paths). The manifest's dependencies name the parent manifest
+and the checkpoint (kind ``checkpoint``), then the data; its ``fork`` note (run metadata) says it is a fork
+and the ``flowpin fork`` command that re-runs it. The parent's run is never touched.
 """
 
 from __future__ import annotations
@@ -17,23 +21,25 @@ from __future__ import annotations
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from hydra.core.utils import env_override
 from omegaconf import open_dict
 
 from flowpin.canonical import canonical_json
-from flowpin.constants import CHECKPOINTS_DIR, MODEL_CONFIG, RUN_MANIFEST
-from flowpin.data.order import dataset_digest
+from flowpin.constants import CHECKPOINTS_DIR, RUN_MANIFEST
 from flowpin.display import safe
 from flowpin.errors import RecipeError
 from flowpin.hashing import hash_bytes
-from flowpin.manifest.record import record
+from flowpin.manifest.record import StageRecorder
 from flowpin.manifest.trust import load_verified, require_digests
 from flowpin.paths import check_output_path, resolve_inside, to_name
-from flowpin.recipe import StagePaths, to_config, to_plain
-from flowpin.train.checkpoint import checkpoint_name
-from flowpin.train.distributed import destroy, init_distributed
-from flowpin.train.run import TrainingStageConfig, fork_training
+from flowpin.recipe import HydraSources, StagePaths, to_config
+from flowpin.stage import StageInvocation
+from flowpin.train.checkpoint import checkpoint_name, latest_checkpoint
+from flowpin.train.entry import run_training_stage
+from flowpin.train.pretrain import fork_stage
 from flowpin.train.transformer import ModelConfig
+
+REPORT_NAME = "report.json"
+"""``<fork run dir>/report.json``: the fork's report (its manifest sits beside it, ``manifest.json``)."""
 
 
 def fork(parent_manifest: Path, *, step: int, overrides: list[str], root: Path, out: str | None = None) -> Path:
@@ -66,42 +72,35 @@ def fork(parent_manifest: Path, *, step: int, overrides: list[str], root: Path, 
     with open_dict(cfg):
         del cfg["hydra"]
     model_cfg = to_config(ModelConfig, cfg.model, where="model")
-    recipe = to_config(TrainingStageConfig, cfg.train, where="train")
-    paths = to_config(StagePaths, cfg.paths, where="paths")
-    checkpoint = resolve_inside(subject["name"], root)
-    data = paths.inputs["data"]
+    declared = to_config(StagePaths, cfg.paths, where="paths")
+    if "data" not in declared.inputs:
+        raise RecipeError(f"{parent_manifest}: its recipe names no paths.inputs.data; only a training stage forks")
     run_dir = root / run_dir_name
-    manifest = run_dir / RUN_MANIFEST
-    with env_override(env_set):  # before init_distributed: no computation may precede the pins
-        dist = init_distributed()
-        try:
-            with record(
-                parent.stage,
-                recipe=to_plain(cfg),
-                overrides=all_overrides,
-                config_files=parent.dependency_names("config"),
-                entry_point=entry,  # the fork composes the parent's config; the fork note says it is a fork
-                root=root,
-                manifest=manifest.relative_to(root),
-            ) as rec:
-                rec.parent(parent_manifest)
-                rec.input(subject["name"], kind="checkpoint")
-                rec.upstream(data=data.data, manifest=data.manifest)
-                result = fork_training(
-                    recipe,
-                    model_cfg,
-                    checkpoint=checkpoint,
-                    data_dir=root / data.data,
-                    data_digest=dataset_digest(root / data.data),
-                    run_dir=run_dir,
-                    dist=dist,
-                )
-                rec.output(run_dir / CHECKPOINTS_DIR / MODEL_CONFIG)
-                for ref in result.checkpoints:
-                    if ref.step > step:  # the fork's own checkpoints
-                        rec.output(ref.path)
-                again = ["flowpin", "fork", parent_name, "--step", str(step), "--out", run_dir_name, *overrides]
-                rec.note("fork", parent=parent_name, step=step, new_overrides=overrides, command=again)
-        finally:
-            destroy()
-    return manifest
+    if latest_checkpoint(run_dir / CHECKPOINTS_DIR) is not None:  # before anything is recorded
+        raise RecipeError(f"fork target {run_dir} already holds checkpoints; fork into a new directory")
+    checkpoint = resolve_inside(subject["name"], root)
+
+    def declare(rec: StageRecorder) -> None:  # before the data, as the fork's dependencies have always been ordered
+        rec.parent(parent_manifest)
+        rec.input(subject["name"], kind="checkpoint")
+        again = ["flowpin", "fork", parent_name, "--step", str(step), "--out", run_dir_name, *overrides]
+        rec.note("fork", parent=parent_name, step=step, new_overrides=overrides, command=again)
+
+    invocation = StageInvocation(
+        stage=parent.stage,
+        sources=HydraSources(
+            config_name=entry.config_name,
+            overrides=tuple(all_overrides),
+            config_files=tuple(root / name for name in parent.dependency_names("config")),
+        ),
+        entry_point=entry,  # the fork composes the parent's config; the fork note says it is a fork
+        paths=StagePaths(
+            out=f"{run_dir_name}/{CHECKPOINTS_DIR}",
+            report=f"{run_dir_name}/{REPORT_NAME}",
+            manifest=f"{run_dir_name}/{RUN_MANIFEST}",
+            inputs={"data": declared.inputs["data"]},
+        ),
+        declare=declare,
+    )
+    run_training_stage(cfg, fork_stage(model_cfg, checkpoint), root=root, invocation=invocation, env=env_set)
+    return run_dir / RUN_MANIFEST

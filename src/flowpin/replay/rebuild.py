@@ -52,6 +52,7 @@ could not be rebuilt (a :class:`~flowpin.errors.FlowpinError`: missing input, dr
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shlex
 import shutil
@@ -63,13 +64,20 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from flowpin.canonical import canonical_json
 from flowpin.constants import MANIFEST_DIR
 from flowpin.display import safe, safe_lines
+from flowpin.dvcfile import flow_stage, write_flow
 from flowpin.environment import numerics_env_vars as tracked_env_vars
-from flowpin.errors import CodeDriftError, FlowpinError, ManifestError, PinnedInputError, RebuildError
+from flowpin.errors import (
+    EXIT_FAILED,
+    EXIT_INPUT,
+    EXIT_OK,
+    CodeDriftError,
+    FlowpinError,
+    ManifestError,
+    PinnedInputError,
+    RebuildError,
+)
 from flowpin.hashing import ArtifactDigest, Hasher, hash_bytes, hash_file
 from flowpin.manifest.diff import diff_manifests
 from flowpin.manifest.resolve import fileset_base
@@ -324,11 +332,26 @@ def rebuild_manifest(path: Path, *, root: Path, options: RebuildOptions = Rebuil
 
 
 def exit_status(results: Iterable[RebuildResult]) -> int:
-    """0 every rebuild identical, 1 some differ (none failed), 2 some could not be rebuilt."""
+    """0 every rebuild identical, 1 some differ (none failed), 2 some could not be rebuilt (the exit codes of
+    :mod:`flowpin.errors`: a stage that could not be rebuilt is an input error, as if it had been raised)."""
     results = list(results)
     if any(r.error is not None for r in results):
-        return 2
-    return 0 if all(r.identical for r in results) else 1
+        return EXIT_INPUT
+    return EXIT_OK if all(r.identical for r in results) else EXIT_FAILED
+
+
+def render_totals(results: Sequence[RebuildResult], seconds: float) -> str:
+    """``flowpin rebuild``'s last line: how many stages were identical, differ, or could not be rebuilt."""
+    counts = {v: sum(r.verdict == v for r in results) for v in ("identical", "differs", "error")}
+    return (
+        f"rebuild: {counts['identical']} identical, {counts['differs']} differ, {counts['error']} could not be "
+        f"rebuilt ({seconds:.1f} s)"
+    )
+
+
+def render_json(results: Sequence[RebuildResult]) -> str:
+    """``flowpin rebuild --json``: one object per stage."""
+    return json.dumps([r.as_dict() for r in results], indent=2, sort_keys=True)
 
 
 # --- what the manifest says to run ----------------------------------------------------------------
@@ -358,18 +381,6 @@ def rebuild_command(m: Manifest, root: Path) -> list[str]:
             f"{_CONFIG_DIR}/ only -- re-run the stage with its recipe under {_CONFIG_DIR}/"
         )
     return entry.command(m.overrides)
-
-
-def _dvc_stage(root: Path, stage: str) -> dict[str, Any] | None:
-    path = root / "dvc.yaml"
-    if not path.is_file():
-        return None
-    try:
-        doc = yaml.safe_load(path.read_text("utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ManifestError(f"{path}: not valid YAML ({exc}); fix dvc.yaml") from exc
-    entry = (doc.get("stages") or {}).get(stage)
-    return entry if isinstance(entry, dict) else None
 
 
 def _manifest_name(m: Manifest) -> str:
@@ -520,9 +531,9 @@ def _write_dvc_yaml(ws: Path, m: Manifest, root: Path, command: list[str]) -> No
     which stage it is); a stage that was recorded without a ``dvc.yaml`` entry gets none here either.
     """
     stages: dict[str, Any] = {}
-    if _dvc_stage(root, m.stage) is not None:
+    if flow_stage(root, m.stage) is not None:
         stages[m.stage] = {"cmd": shlex.join(command), "deps": m.dependency_names("code")}
-    (ws / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False), "utf-8")
+    write_flow(ws, stages)
 
 
 def _copy_parents(ws: Path, m: Manifest, root: Path) -> None:
@@ -534,10 +545,10 @@ def _copy_parents(ws: Path, m: Manifest, root: Path) -> None:
 
         def matches(data: bytes, where: str = name, algo: str = algorithm, want: str = want) -> bool:
             try:
-                _, statement = parse_manifest_bytes(data, where)
+                envelope, statement = parse_manifest_bytes(data, where)
             except FlowpinError:
                 return False
-            return hash_bytes(canonical_json(statement["subject"]), algo) == want
+            return Manifest(path=Path(where), envelope=envelope, statement=statement).outputs_digest(algo) == want
 
         local = resolve_inside(name, root)
         data = local.read_bytes() if local.is_file() else None
@@ -867,6 +878,8 @@ __all__ = [
     "rebuild_command",
     "rebuild_manifest",
     "rebuild_many",
+    "render_json",
     "render_result",
+    "render_totals",
     "subject_differences",
 ]

@@ -36,14 +36,15 @@ from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from flowpin import __version__
 from flowpin.atomic import atomic_directory, atomic_write_bytes
 from flowpin.canonical import canonical_json
 from flowpin.constants import MANIFEST_DIR
+from flowpin.dvcfile import DVC_LOCK, DVC_YAML, LockedStage, parse_lock, read_flow
 from flowpin.errors import (
+    DvcFileError,
     FlowpinError,
     NotAReleaseError,
     PathError,
@@ -66,7 +67,7 @@ from flowpin.paths import check_name
 from flowpin.safeio import open_regular, read_regular
 from flowpin.signing import TRUST_DIR, load_signer, load_trust_store, verify_envelope
 
-RELEASE_PAYLOAD_TYPE = "application/vnd.flowpin.replay.release+json"
+RELEASE_PAYLOAD_TYPE = "application/vnd.flowpin.release+json"
 RELEASE_TYPE = "https://flowpin.dev/release/v1"
 RELEASE_VERSION = 1
 RELEASE_FILE = "release.json"
@@ -74,7 +75,7 @@ BUNDLE_FILE = "repo.bundle"
 STORE_DIR = "store"
 REMOTE_NAME = "release"
 """The DVC remote ``import_release`` configures (in ``.dvc/config.local``)."""
-RECORD_PATHS = ("dvc.yaml", "dvc.lock", MANIFEST_DIR, TRUST_DIR, "params")
+RECORD_PATHS = (DVC_YAML, DVC_LOCK, MANIFEST_DIR, TRUST_DIR, "params")
 """What of the commit is copied beside the bundle as the release record (files, or trees)."""
 _MD5 = re.compile(r"[0-9a-f]{32}")
 _CHUNK = 1 << 20
@@ -165,7 +166,7 @@ def export_release(root: Path, target: Path, *, force: bool = False) -> ExportRe
         )
     tree = _head_tree(root)
     record = {path: blob for path, blob in tree.items() if _in_record(path)}
-    for required in ("dvc.yaml", "dvc.lock"):
+    for required in (DVC_YAML, DVC_LOCK):
         if required not in record:
             raise ReleaseIncoherentError(
                 f"{required} is not committed at HEAD {commit[:12]}; run the flow (dvc repro) and commit it"
@@ -173,8 +174,8 @@ def export_release(root: Path, target: Path, *, force: bool = False) -> ExportRe
     manifests = sorted(p for p in record if p.startswith(f"{MANIFEST_DIR}/") and p.endswith(".json"))
     if not manifests:
         raise ReleaseIncoherentError(f"no manifest is committed under {MANIFEST_DIR}/; run the flow and commit them")
-    outs = locked_outs(root, (root / "dvc.lock").read_bytes(), tracked=tree.keys())
-    stages = tuple(sorted({o.stage for o in outs} | _locked_stages((root / "dvc.lock").read_bytes())))
+    outs = locked_outs(root, (root / DVC_LOCK).read_bytes(), tracked=tree.keys())
+    stages = tuple(sorted({o.stage for o in outs} | _locked_stages((root / DVC_LOCK).read_bytes())))
     cache = Path(_run(root, [*_dvc_cmd(), "cache", "dir"], ReleaseIncoherentError).decode().strip())
     objects = _cache_objects(cache, outs)  # before `dvc status`, which would say "not in cache" less precisely
     _check_dvc_status(root, stages)
@@ -457,7 +458,7 @@ def import_release(root: Path, release: Path, *, expect_keyid: str | None = None
             f"check it out first: git checkout {statement['commit']}"
         )
     _check_same_record(root, listed)
-    lock = read_regular(root / "dvc.lock", max_bytes=MAX_RELEASE_JSON_BYTES, what="lock file", follow_symlinks=False)
+    lock = read_regular(root / DVC_LOCK, max_bytes=MAX_RELEASE_JSON_BYTES, what="lock file", follow_symlinks=False)
     outs = locked_outs(root, lock, tracked=_head_tree(root).keys())
     released = _locked_stages(lock)
     store = release / STORE_DIR
@@ -645,17 +646,48 @@ def _store_needs(store: Path, outs: Sequence[LockedOut], present: set[str]) -> i
     return len(needed)
 
 
+# --- after import, and what a person reads ----------------------------------------------------------------
+
+
+def pull_release(root: Path, result: ImportResult) -> int:
+    """``dvc pull`` from the release's store (the remote :func:`import_release` configured) into ``root``;
+    returns dvc's exit status (its output goes to this process's stdout and stderr)."""
+    return subprocess.run([*_dvc_cmd(), *result.pull[1:], "-r", REMOTE_NAME], cwd=root, check=False).returncode
+
+
+def render_export(r: ExportResult) -> str:
+    """``flowpin release export``'s report: what was written, and the keyid to publish out of band."""
+    text = (
+        f"release of {r.commit[:12]} written to {r.target}: {r.files} files, {r.bytes / 1e6:.1f} MB, "
+        f"{r.store_objects} store objects, stages {', '.join(r.stages)}; signed by {r.keyid[:16]}… "
+        f"({r.seconds:.1f} s)\n"
+        f"publish this keyid out of band; importers check it with --expect-keyid: {r.keyid}"
+    )
+    if r.unreleased:
+        text += f"\nnot in dvc.lock, so not released: {', '.join(r.unreleased)}"
+    return text
+
+
+def render_import(r: ImportResult, *, expected_key: bool) -> str:
+    """``flowpin release import``'s report; ``expected_key``: ``--expect-keyid`` was given (and matched)."""
+    return (
+        f"release {r.release} verified: commit {r.commit[:12]}, signed by {r.keyid[:16]}… "
+        f"({'the expected key' if expected_key else 'trusted in keys/; no --expect-keyid given'}), "
+        f"{r.files} files, {r.store_objects} store objects ({r.seconds:.1f} s)\n"
+        f"DVC remote '{REMOTE_NAME}' -> {r.remote} is the default in .dvc/config.local"
+    )
+
+
 # --- shared helpers -------------------------------------------------------------------------------
 
 
 def locked_outs(root: Path, lock: bytes, *, tracked: Iterable[str]) -> list[LockedOut]:
     """Every out of ``dvc.lock``; committed ones are carried by git, the others by the DVC store."""
     files = set(tracked)
-    data = _load_lock(lock, root / "dvc.lock")
     outs: list[LockedOut] = []
-    for stage, body in sorted((data.get("stages") or {}).items()):
-        for i, out in enumerate((body or {}).get("outs") or []):
-            where = f"{root / 'dvc.lock'}: stages.{stage}.outs[{i}]"
+    for stage, locked in sorted(_parse_lock(lock, root / DVC_LOCK).items()):
+        for i, out in enumerate(locked.outs):
+            where = f"{root / DVC_LOCK}: stages.{stage}.outs[{i}]"
             if not isinstance(out, dict) or not isinstance(out.get("path"), str):
                 raise ReleaseIncoherentError(f"{where} has no path; regenerate dvc.lock with `dvc repro`")
             path = check_name(out["path"])
@@ -676,27 +708,23 @@ def locked_outs(root: Path, lock: bytes, *, tracked: Iterable[str]) -> list[Lock
 
 
 def _locked_stages(lock: bytes) -> set[str]:
-    data = _load_lock(lock, Path("dvc.lock"))
-    return set((data.get("stages") or {}).keys())
+    return set(_parse_lock(lock, Path(DVC_LOCK)))
 
 
-def _load_lock(lock: bytes, where: Path) -> dict[str, Any]:
+def _parse_lock(lock: bytes, where: Path) -> dict[str, LockedStage]:
+    """:func:`flowpin.dvcfile.parse_lock`; a malformed lock file makes the release incoherent."""
     try:
-        data = yaml.safe_load(lock)
-    except yaml.YAMLError as exc:
-        raise ReleaseIncoherentError(f"{where} is not YAML ({exc}); regenerate it with `dvc repro`") from exc
-    if not isinstance(data, dict):
-        raise ReleaseIncoherentError(f"{where} is not a DVC lock file; regenerate it with `dvc repro`")
-    return data
+        return parse_lock(lock, str(where))
+    except DvcFileError as exc:
+        raise ReleaseIncoherentError(str(exc)) from exc
 
 
 def _dvc_yaml_stages(root: Path) -> set[str]:
+    """The stages of ``dvc.yaml`` (none when it is missing or unreadable: then no stage counts as unreleased)."""
     try:
-        data = yaml.safe_load((root / "dvc.yaml").read_bytes())
-    except (OSError, yaml.YAMLError):
+        return set(read_flow(root) or {})
+    except DvcFileError:
         return set()
-    stages = data.get("stages") if isinstance(data, dict) else None
-    return set(stages) if isinstance(stages, dict) else set()
 
 
 def _dir_entries(data: bytes, where: str, error: type[FlowpinError]) -> list[tuple[str, str]]:

@@ -1,13 +1,23 @@
-"""Aim experiment tracking: the stage's tracker, its failure policy, and the Aim UI / tracking server.
+"""The Aim tracker: where stage runs are tracked, the Aim run a stage logs to, and its failure policy.
 
-What this module owns:
+What this module owns (serving a repository -- ``aim up`` / ``aim server`` -- is
+:mod:`flowpin.tracking.aim_server`; the protocol and the trackers that need nothing are
+:mod:`flowpin.tracking.base`):
 
+* The switch (:func:`tracking_settings`): ``FLOWPIN_TRACKING=aim`` (default) or ``off``; ``FLOWPIN_AIM_REPO``
+  names another repository -- a directory holding (or to hold) ``.aim``, relative to the project root, or a
+  remote tracking server ``aim://HOST:PORT``. The default is the project's own ``<root>/.aim``, created on
+  demand (:func:`ensure_repo`, with a ``.gitignore`` of its own, so it never dirties git state).
 * :class:`AimTracker` -- one Aim run implementing the :class:`~flowpin.tracking.base.Tracker` protocol.
-  Params are set as run attributes (``run[key] = value``), metrics are tracked with a base context
-  (``{"stage": ...}``) merged under each call's own (``{"subset": "train"}``). ``aim`` is imported only
-  when a tracker is opened (``import aim`` costs about a second).
+  **Params are configuration, metrics are measurements:** params (a nested mapping: the recipe, the loop's
+  config and determinism settings, a stage's report) are set as run attributes (``run[key] = value``) and
+  never become metric sequences; metrics are what changes over steps (loss, lr, grad norm, throughput, eval
+  scores), tracked with a base context (``{"stage": ...}``) merged under each call's own
+  (``{"subset": "train"}``). So a run page opens on the training curves, not on one-point configuration
+  charts. ``aim`` is imported only when a tracker is opened (``import aim`` costs about a second).
 * :class:`StageTracker` -- what :func:`flowpin.stage.stage_run` opens for every stage run
-  (:func:`open_stage_tracker`). **Failure policy:** a tracker that cannot be *opened* (aim missing,
+  (:func:`open_stage_tracker`); a stage's report is stored as the run's ``report`` param
+  (:meth:`StageTracker.log_report`). **Failure policy:** a tracker that cannot be *opened* (aim missing,
   repository unwritable, remote server unreachable) fails the stage at its start with
   :class:`TrackingError`, before anything is recorded; a tracker that fails *mid-run* is switched off
   with a loud :class:`TrackingWarning`, the run goes on (``metrics.jsonl`` still gets every line) and
@@ -15,12 +25,6 @@ What this module owns:
   what a stage computes: the tracker is write-only and nothing it receives is hashed.
 * :class:`FanoutTracker` -- one tracker interface over several (the training loop's ``metrics.jsonl``
   and the stage's Aim run).
-* The switch: ``FLOWPIN_TRACKING=aim`` (default) or ``off``; ``FLOWPIN_AIM_REPO`` names another
-  repository -- a directory holding (or to hold) ``.aim``, relative to the project root, or a remote
-  tracking server ``aim://HOST:PORT`` (:func:`start_server`). The default is the project's own
-  ``<root>/.aim``, created on demand (with a ``.gitignore`` of its own, so it never dirties git state).
-* :func:`start_ui` / :func:`start_server` -- ``aim up`` / ``aim server`` on loopback in a new session
-  (``setsid``), stopped as a whole process group (``aim up`` forks a uvicorn child).
 """
 
 from __future__ import annotations
@@ -30,13 +34,6 @@ import dataclasses
 import gc
 import logging
 import math
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,7 +41,7 @@ from types import TracebackType
 from typing import Any
 
 from flowpin import settings
-from flowpin.errors import TrackingError
+from flowpin.errors import InternalError, TrackingError
 from flowpin.settings import Settings
 from flowpin.tracking.base import Tracker
 
@@ -56,10 +53,11 @@ AIM_REPO_ENV = settings.AIM_REPO
 """Another Aim repository: a directory (relative to the project root) or ``aim://HOST:PORT``."""
 MODES = ("aim", "off")
 AIM_DIR = ".aim"
-LOOPBACK = "127.0.0.1"
-DEFAULT_UI_PORT = 43800
-MAX_REPORT_METRICS = 512
-"""At most this many numeric leaves of a stage report are logged (:func:`numeric_leaves`)."""
+"""The repository's directory inside its root (``aim --repo ROOT`` opens ``ROOT/.aim``)."""
+REPORT_PARAM = "report"
+"""The run param that holds a stage's report (:meth:`StageTracker.log_report`)."""
+MAX_METRIC_LEAVES = 512
+"""At most this many numeric leaves of one mapping become metrics (:func:`numeric_leaves`)."""
 _INIT_LOCK = "flowpin-init.lock"
 _INT64 = 2**63
 
@@ -122,10 +120,12 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def numeric_leaves(value: Mapping[str, Any], *, limit: int = MAX_REPORT_METRICS) -> dict[str, float]:
+def numeric_leaves(value: Mapping[str, Any], *, limit: int = MAX_METRIC_LEAVES) -> dict[str, float]:
     """Every number reachable through nested mappings of ``value``, keyed by its dotted path.
 
-    Booleans and lists (curves, tables) are left out; so is everything past the first ``limit`` leaves.
+    For measurements that arrive nested (eval's scores of one checkpoint: ``pass_at_1.arithmetic``), to
+    be logged as metrics; never for configuration, which goes in as params. Booleans and lists (curves,
+    tables) are left out; so is everything past the first ``limit`` leaves.
     """
     out: dict[str, float] = {}
 
@@ -238,6 +238,7 @@ class AimTracker:
         return self._hash
 
     def log_params(self, params: Mapping[str, Any]) -> None:
+        """Set each ``key: value`` as a run attribute (nested mappings stay nested); never a metric."""
         for key, value in params.items():
             self._run[str(key)] = _plain(value)
 
@@ -269,7 +270,7 @@ class FanoutTracker:
 
     def __init__(self, *trackers: Tracker) -> None:
         if not trackers:
-            raise ValueError("FanoutTracker needs at least one tracker")
+            raise InternalError("FanoutTracker needs at least one tracker")
         self.trackers = trackers
 
     @property
@@ -318,6 +319,14 @@ class StageTracker:
     def log_metrics(self, step: int, metrics: Mapping[str, float], context: Mapping[str, Any] | None = None) -> None:
         if self._aim is not None:
             self._guard("log_metrics", self._aim.log_metrics, step, metrics, context)
+
+    def log_report(self, report: Mapping[str, Any]) -> None:
+        """Store the stage's report as the run's ``report`` param (nested as written, lists included).
+
+        A param, not metrics: a report mixes configuration (seeds, thread counts, thresholds) with end-of-run
+        summaries, and as one-point metric charts it would bury the training curves on the run page.
+        """
+        self.log_params({REPORT_PARAM: report})
 
     def close(self) -> None:
         if self._aim is not None:
@@ -402,242 +411,12 @@ def describe_note(note: Mapping[str, Any]) -> str:
     return text
 
 
-# --- the UI and the remote tracking server ------------------------------------------------------
-
-
-def free_port(host: str = LOOPBACK) -> int:
-    """A TCP port that was free on ``host`` a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def aim_command() -> list[str]:
-    """How to run the ``aim`` CLI of this Python environment."""
-    beside = Path(sys.executable).parent / "aim"
-    if beside.is_file():
-        return [str(beside)]
-    found = shutil.which("aim")
-    if found:
-        return [found]
-    return [sys.executable, "-c", "import sys; from aim.cli.cli import cli_entry_point; sys.exit(cli_entry_point())"]
-
-
-@dataclasses.dataclass
-class AimProcess:
-    """A running ``aim up`` or ``aim server``: the leader of its own process group (session)."""
-
-    process: subprocess.Popen[bytes]
-    url: str
-    """``http://HOST:PORT`` for the UI, ``aim://HOST:PORT`` for the tracking server."""
-    log: Path | None = None
-    """Where its output goes (``None``: inherited)."""
-
-    @property
-    def pgid(self) -> int:
-        return self.process.pid  # started with setsid: the leader's pid is the group id
-
-    def wait(self) -> int:
-        """Block until the server exits; its exit status."""
-        return self.process.wait()
-
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM the whole process group, then SIGKILL what is left after ``timeout`` seconds."""
-        _signal_group(self.pgid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout=0.1)
-            if not group_members(self.pgid):
-                break
-        else:
-            _signal_group(self.pgid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout=5)
-        if self.process.poll() is None:  # never leave a zombie of our own
-            self.process.wait()
-
-    def __enter__(self) -> AimProcess:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of process group ``pgid`` (Linux ``/proc``; else a signal-0 probe)."""
-    proc = Path("/proc")
-    if not proc.is_dir():
-        try:
-            os.killpg(pgid, 0)
-        except (ProcessLookupError, PermissionError):
-            return []
-        return [pgid]
-    members = []
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp ...
-        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
-            members.append(int(entry.name))
-    return members
-
-
-def _spawn(args: list[str], log: Path | None) -> subprocess.Popen[bytes]:
-    out = open(log, "ab") if log is not None else None  # noqa: SIM115 -- the child holds it; closed below
-    try:
-        return subprocess.Popen(  # new session (setsid): the whole group is stopped together
-            [*aim_command(), *args],
-            stdin=subprocess.DEVNULL,
-            stdout=out if out is not None else 2,  # aim's chatter on stderr: stdout is the caller's
-            stderr=subprocess.STDOUT if out is not None else None,
-            start_new_session=True,
-        )
-    except OSError as exc:
-        raise TrackingError(f"cannot start `aim {args[0]}`: {exc}; is aim installed in this environment?") from exc
-    finally:
-        if out is not None:
-            out.close()
-
-
-def _wait_ready(server: AimProcess, probe: str, timeout: float) -> None:
-    import urllib.error
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            server.stop()
-            tail = server.log.read_text("utf-8", "replace")[-2000:] if server.log is not None else ""
-            raise TrackingError(
-                f"`aim` exited with status {server.process.returncode} before serving {server.url}; is the port "
-                f"taken? {tail}"
-            )
-        try:
-            with urllib.request.urlopen(probe, timeout=2) as resp:  # noqa: S310 -- http on loopback
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-            pass
-        time.sleep(0.25)
-    server.stop()
-    raise TrackingError(f"`aim` did not answer on {probe} within {timeout:.0f} s; see {server.log or 'its output'}")
-
-
-def _check_host(host: str) -> None:
-    if host not in (LOOPBACK, "localhost", "::1"):
-        raise TrackingError(f"host {host!r}: flowpin serves Aim on loopback only; tunnel it (ssh -L) to share it")
-
-
-def start_ui(
-    repo_root: Path,
-    *,
-    host: str = LOOPBACK,
-    port: int = 0,
-    workers: int = 1,
-    log: Path | None = None,
-    timeout: float = 120.0,
-) -> AimProcess:
-    """``aim up`` for ``repo_root/.aim`` (created if missing) on loopback; returns once the UI answers.
-
-    ``port`` 0 picks a free one. The server runs in a new session: stop it with :meth:`AimProcess.stop`
-    (or use it as a context manager) -- that ends its uvicorn child too.
-    """
-    _check_host(host)
-    ensure_repo(repo_root)
-    port = port or free_port(host)
-    server = AimProcess(
-        process=_spawn(
-            ["up", "--repo", str(repo_root), "--host", host, "--port", str(port), "--workers", str(workers)], log
-        ),
-        url=f"http://{host}:{port}",
-        log=log,
-    )
-    _ready(server, f"{server.url}/api/projects/", timeout)
-    return server
-
-
-def start_server(
-    repo_root: Path, *, host: str = LOOPBACK, port: int = 0, log: Path | None = None, timeout: float = 120.0
-) -> AimProcess:
-    """``aim server`` (remote tracking) for ``repo_root/.aim`` on loopback; ``url`` is ``aim://HOST:PORT``.
-
-    Point stage runs at it with ``FLOWPIN_AIM_REPO=aim://HOST:PORT``.
-    """
-    _check_host(host)
-    ensure_repo(repo_root)
-    port = port or free_port(host)
-    server = AimProcess(
-        process=_spawn(["server", "--repo", str(repo_root), "--host", host, "--port", str(port)], log),
-        url=f"aim://{host}:{port}",
-        log=log,
-    )
-    _ready(server, f"http://{host}:{port}/status/", timeout)
-    return server
-
-
-def serve_ui(repo_root: Path, *, port: int = DEFAULT_UI_PORT, host: str = LOOPBACK) -> int:
-    """``flowpin ui``: the Aim UI of ``repo_root/.aim`` until Ctrl-C or SIGTERM, then its whole group stopped."""
-    # Both handled explicitly: a SIGINT ignored by whatever started us (a background job, a test runner)
-    # is inherited as ignored, and Ctrl-C would then never stop the server.
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    server: AimProcess | None = None
-    try:
-        server = start_ui(repo_root, host=host, port=port)
-        print(f"Aim UI of {repo_root / AIM_DIR}: {server.url}/runs  (Ctrl-C stops it)", flush=True)
-        return 0 if server.wait() == 0 else 1
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        if server is not None:
-            server.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-def _ready(server: AimProcess, probe: str, timeout: float) -> None:
-    """Wait for ``server`` to answer; on any failure or interruption, stop its group first."""
-    try:
-        _wait_ready(server, probe, timeout)
-    except BaseException:
-        server.stop()
-        raise
-
-
-def reindex(repo_root: Path) -> None:
-    """Rebuild the repository's run index (``aim storage reindex``): queries see runs only after it.
-
-    Not while ``aim up`` serves the repository.
-    """
-    proc = subprocess.run(
-        [*aim_command(), "storage", "--repo", str(repo_root), "reindex", "--yes"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise TrackingError(f"aim storage reindex of {repo_root / AIM_DIR} failed: {proc.stdout}{proc.stderr}")
-
-
 __all__ = [
+    "AIM_DIR",
     "AIM_REPO_ENV",
+    "MAX_METRIC_LEAVES",
+    "REPORT_PARAM",
     "TRACKING_ENV",
-    "AimProcess",
     "AimTracker",
     "FanoutTracker",
     "StageTracker",
@@ -646,11 +425,8 @@ __all__ = [
     "TrackingWarning",
     "describe_note",
     "ensure_repo",
+    "is_remote",
     "numeric_leaves",
     "open_stage_tracker",
-    "reindex",
-    "serve_ui",
-    "start_server",
-    "start_ui",
     "tracking_settings",
 ]

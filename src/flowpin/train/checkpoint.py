@@ -102,8 +102,6 @@ DIR_MODE = 0o755
 """A published checkpoint directory's mode (the temporary it starts as is 0700)."""
 FILE_MODE = 0o644
 """Mode of every file in a checkpoint."""
-CHECKPOINT_DIR = CHECKPOINT_NAME
-"""Names of checkpoint directories inside a run's ``checkpoints/`` folder."""
 
 _MAX_SAFE_INT = 2**53 - 1
 _ST_DTYPES: dict[torch.dtype, str] = {
@@ -886,7 +884,7 @@ def list_checkpoints(directory: Path) -> list[CheckpointRef]:
         return []
     out = []
     for child in directory.iterdir():
-        match = CHECKPOINT_DIR.fullmatch(child.name)
+        match = CHECKPOINT_NAME.fullmatch(child.name)
         if match and child.is_dir() and (child / STATE_FILE).is_file():
             out.append(CheckpointRef(path=child, step=int(match.group(1))))
     return sorted(out, key=lambda ref: ref.step)
@@ -917,7 +915,6 @@ def latest_checkpoint(directory: Path) -> CheckpointRef | None:
 
 
 __all__ = [
-    "CHECKPOINT_DIR",
     "FORMAT",
     "FORMAT_VERSION",
     "MODEL_FILE",

@@ -1,7 +1,9 @@
 """Process-level setup for training: the process group, megatron's parallel state, seeds and determinism.
 
-This is the one module of the training engine with process-wide side effects; the launcher's environment
-(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) it reads through :mod:`flowpin.train.launcher`:
+This module holds the training engine's process-wide primitives; entry points use them through
+:func:`flowpin.runtime.prepare_environment` (which also undoes them when the stage ends), library code never
+calls them. The launcher's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) it reads through
+:mod:`flowpin.train.launcher`:
 
 * :func:`init_distributed` joins (or, without a launcher, creates) the process group, initialises
   megatron's parallel state with TP = PP = 1 (data parallel over the whole world), and on a machine
@@ -134,7 +136,8 @@ def _announce_reference_path(*, cuda: bool) -> None:
 def destroy() -> None:
     """Tear down megatron's parallel state and the process group (safe to call when neither exists).
 
-    The :mod:`~flowpin.train.megatron_cpu` patches stay: they are process-wide and idempotent.
+    The :mod:`~flowpin.train.megatron_cpu` patches stay (they are idempotent);
+    :func:`flowpin.runtime.prepare_environment` restores the ones its :func:`init_distributed` applied.
     """
     from megatron.core import parallel_state
 
@@ -150,11 +153,11 @@ def set_deterministic(seed: int, *, cpu_threads: int | None = None) -> dict[str,
     megatron's parallel state is initialised, megatron's named RNG streams (``model_parallel_cuda_manual_seed``).
     ``torch.use_deterministic_algorithms(True)``. On CUDA also cuDNN deterministic/no benchmark and the
     :data:`GPU_DETERMINISM_ENV` variables; ``CUBLAS_WORKSPACE_CONFIG`` and ``NCCL_ALGO`` only take effect
-    before cuBLAS / the first NCCL communicator start, so on a GPU call this *before*
-    :func:`init_distributed` (megatron's streams are then seeded by :func:`flowpin.train.transformer.build_model`,
-    or by calling this again). On CPU, ``cpu_threads`` (if given) fixes torch's intra-op threads, and the
-    thread counts in force are recorded either way: kernels may split reductions by thread, so bitwise
-    reproducibility is only promised at the same count.
+    before cuBLAS / the first NCCL communicator start: :func:`flowpin.runtime.prepare_environment` sets them
+    before :func:`init_distributed` and calls this after it (so megatron's streams are seeded too). On CPU,
+    ``cpu_threads`` (if given) fixes torch's intra-op threads, and the thread counts in force are recorded
+    either way: kernels may split reductions by thread, so bitwise reproducibility is only promised at the
+    same count.
     """
     check_int(seed, "seed", minimum=0, maximum=2**32 - 1)
     from megatron.core import parallel_state, tensor_parallel

@@ -64,11 +64,12 @@ import numpy as np
 import torch
 
 from flowpin.canonical import canonical_json
-from flowpin.constants import CHECKPOINTS_DIR
+from flowpin.constants import CHECKPOINT_NAME, CHECKPOINTS_DIR
 from flowpin.data.order import DataOrder, load_batch
 from flowpin.errors import (
     DataError,
     DataOrderError,
+    InternalError,
     RecipeError,
     ReplicaDivergenceError,
     TrainingDivergedError,
@@ -77,7 +78,6 @@ from flowpin.recipe import check_choice, check_float, check_int, to_plain
 from flowpin.tracking import NullTracker, Tracker
 from flowpin.train import distributed as collectives
 from flowpin.train.checkpoint import (
-    CHECKPOINT_DIR,
     CheckpointRef,
     DataPosition,
     TrainState,
@@ -93,11 +93,10 @@ from flowpin.train.checkpoint import (
 from flowpin.train.schedule import ScheduleConfig, lr_at
 
 if TYPE_CHECKING:
-    from flowpin.data.tokenize import TokenizedDataset
+    from flowpin.data.tokenized import TokenizedDataset
 
 OPTIMIZER_IMPLEMENTATIONS = ("for_loop", "foreach", "fused")
 """AdamW code paths (see the module docstring for which agree bitwise)."""
-"""Sub-directory of ``run_dir`` that holds a run's checkpoints."""
 MAX_STEPS = 2**53 - 1
 
 _log = logging.getLogger(__name__)
@@ -485,6 +484,9 @@ LossFn = Callable[[torch.nn.Module, torch.Tensor], "torch.Tensor | tuple[torch.T
 Extra ``metrics`` (e.g. RLVR's mean reward) are logged with the loss at every logged step (averaged over
 data-parallel ranks) and kept in the checkpoint's ``metrics``. They must be deterministic (no timings).
 """
+ScalarLossFn = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
+"""A :data:`LossFn` without extra metrics: ``loss_fn(model, batch) -> scalar loss`` (e.g.
+:func:`flowpin.train.pretrain.lm_loss`)."""
 
 
 def train(
@@ -745,7 +747,7 @@ def _with_changes(state: TrainState, changes: list[str]) -> TrainState:
 
 
 def _step_of(path: Path) -> int:
-    match = CHECKPOINT_DIR.fullmatch(path.name)
+    match = CHECKPOINT_NAME.fullmatch(path.name)
     return int(match.group(1)) if match else -1
 
 
@@ -783,10 +785,12 @@ def _differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
 def _split_loss(value: Any, position: int) -> tuple[torch.Tensor, dict[str, float]]:
     loss, extra = value if isinstance(value, tuple) else (value, {})
     if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-        raise TypeError(f"data step {position}: loss_fn must return a scalar tensor (or (loss, metrics)), got {loss!r}")
+        raise InternalError(
+            f"data step {position}: loss_fn must return a scalar tensor (or (loss, metrics)), got {loss!r}"
+        )
     clash = sorted(set(extra) & {"loss", "grad_norm", "lr", "tokens_per_s", "tokens_seen"})
     if clash:
-        raise ValueError(f"loss_fn metrics must not reuse the loop's names {clash}")
+        raise InternalError(f"loss_fn metrics must not reuse the loop's names {clash}")
     return loss, {str(k): float(v) for k, v in extra.items()}
 
 
@@ -803,7 +807,6 @@ def _checked_batch(data: BatchSource, position: int, batch_size: int) -> torch.T
 
 
 __all__ = [
-    "CHECKPOINTS_DIR",
     "OPTIMIZER_IMPLEMENTATIONS",
     "BatchSource",
     "DataParallel",
@@ -813,6 +816,7 @@ __all__ = [
     "LossFn",
     "OptimConfig",
     "OrderedBatches",
+    "ScalarLossFn",
     "TrainConfig",
     "TrainResult",
     "build_optimizer",

@@ -36,7 +36,8 @@ replaced: a different megatron-core (whose code may have moved or been fixed) ma
 instead of silently patching code nobody read. All target modules are imported before anything is
 replaced (a module imported afterwards binds the CPU version by name, which is what we want, but would then
 fail the source check of its own reference). The patches are idempotent; :func:`applied` names the active
-ones so the training manifest can record them, and :func:`restore` puts the originals back (tests).
+ones so the training manifest can record them, and :func:`restore` puts the originals back (the entry point's
+:func:`flowpin.runtime.prepare_environment` does when its stage ends).
 
 :func:`rng_tracker_states` / :func:`set_rng_tracker_states` snapshot and restore megatron's named RNG
 streams (``data-parallel-rng``, ``model-parallel-rng``, ``expert-parallel-rng``) for checkpoints; they work
@@ -52,7 +53,7 @@ import importlib
 import inspect
 import operator
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -345,12 +346,16 @@ def applied() -> list[str]:
     return [p.name for p in PATCHES if p.name in _ORIGINALS]
 
 
-def restore() -> list[str]:
-    """Put every patched original back; return the names restored (mainly for tests)."""
+def restore(only: Collection[str] | None = None) -> list[str]:
+    """Put the patched originals back (those named in ``only``, default all); return the names restored.
+
+    :func:`flowpin.runtime.prepare_environment` restores the patches its process group applied when the stage
+    ends, so none stays applied for the rest of the process.
+    """
     restored = []
     with _LOCK:
         for patch in PATCHES:
-            if patch.name in _ORIGINALS:
+            if patch.name in _ORIGINALS and (only is None or patch.name in only):
                 owner, leaf = _owner(patch)
                 setattr(owner, leaf, _ORIGINALS.pop(patch.name))
                 restored.append(patch.name)

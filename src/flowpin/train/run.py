@@ -1,230 +1,74 @@
-"""A training stage (pretrain, midtrain, long context) as one library call.
+"""The one runner: any :class:`~flowpin.train.spec.TrainSpec` into its run directory, the same way every time.
 
-The stage script composes ``model`` and the ``train`` block, and calls :func:`run_training` with the
-tokenized dataset and, for midtrain/long context, the upstream run's checkpoints. This module owns what
-lies between the engine pieces: building the Megatron model for the tokenizer's vocabulary, the loss
-(next-token cross entropy, padding masked), the exact data order, determinism settings, starting from
-a parent checkpoint (weights only: a new stage starts a new optimizer and schedule, as OLMo's stages
-do), resuming a killed run, and refusing to resume checkpoints written under another recipe.
+:func:`run_spec` executes a spec in a fixed order -- the order every training stage (pretrain, midtrain, long
+context, SFT, DPO, RLVR, a fork) has always run in, so their checkpoints stay byte for byte what they were:
 
-Checkpoints go to ``<run_dir>/checkpoints/step-NNNNNN`` (each published atomically; a killed run resumes
-from the last one and ends with the same final checkpoint as an uninterrupted run).
+1. :func:`open_run`: claim the run directory under the run key (:mod:`flowpin.train.run_key`; rank 0, the
+   other ranks wait), write ``checkpoints/model.json``, build the model from ``loop.seed`` and load the
+   upstream weights (``spec.init_dir``); a fork (``spec.start``) then loads its checkpoint's weights, optimizer
+   and RNG streams;
+2. the spec's files (DPO's pairs), rank 0;
+3. the evaluation hook, before the first step;
+4. :func:`train_loop`: :func:`flowpin.train.loop.train` logging to ``metrics.jsonl`` and the stage's tracker,
+   with megatron's RNG streams in every checkpoint; a killed run resumes from its last checkpoint and ends
+   with the same final checkpoint as an uninterrupted run;
+5. the evaluation hook, after the last step;
+6. the report: :func:`run_report` (what every run reports) and the spec's own fields.
 
-**The run key.** ``<run_dir>/run-key.json`` names what the checkpoints were trained from: the key's
-*parts* (canonical JSON: the model config, the init checkpoint, the thread count, the sha256 of each code
-file, and the stage's own parts -- loop config, data digest, order seed...) and their digest. Checkpoints
-are resumed only under the same key. :func:`open_run` (rank 0) compares the keys before training:
+Checkpoints go to ``<run_dir>/checkpoints/step-NNNNNN`` (each published atomically).
 
-* the same key: the checkpoints are resumed;
-* another key and no complete checkpoint: the directory is claimed under the new key;
-* another key and checkpoints: refused with :class:`~flowpin.errors.StaleCheckpointsError`, which names
-  each part that changed (``code: src/flowpin/train/loop.py changed; loop.steps: 150 -> 200``) and keeps
-  the checkpoints. Nothing is deleted unless the user chooses, by running again with
-  ``FLOWPIN_STALE_CHECKPOINTS=archive`` (the checkpoints, ``metrics.jsonl`` and the old ``run-key.json`` move
-  to ``<run_dir>/stale/<first 12 hex of the old key>/``) or ``=discard`` (they are deleted); the report's
-  ``removed_stale_checkpoints`` and ``stale_checkpoints`` say which, why and where. A ``run-key.json`` of an
-  older flowpin holds the digest alone: its parts are unknown, and it is refused the same way.
-
-The choice is an environment variable, read at the stage's edge (:meth:`RunClaim.from_env`), not a recipe
-key: the recipe is the run's identity, and what becomes of an earlier run's checkpoints is not.
-
-**Code.** The key's code part covers the code that can change the stage's outputs: a stage passes the
-files of its ``dvc.yaml`` code deps, what its manifest pins (:meth:`flowpin.stage.StageRun.code_digests`),
-so an edit to ``cli.py`` does not strand a killed run's checkpoints. A caller that names no code set (a
-library or test call) gets every source file of the imported flowpin package (:func:`package_code_digests`).
+The runner changes no process-wide state: seeds, threads, deterministic kernels, the process group and
+megatron's CPU patches are the entry point's (:func:`flowpin.runtime.prepare_environment`), whose
+determinism record the runner only copies into the report. :func:`load_weights` and
+:func:`read_model_config` open a finished run's checkpoint as a model (eval, references, samplers).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from flowpin import settings
 from flowpin.atomic import atomic_write_bytes
 from flowpin.canonical import canonical_json
-from flowpin.constants import METRICS_FILE, MODEL_CONFIG, RUN_KEY_FILE
-from flowpin.data.order import order_for
-from flowpin.data.tokenize import TokenizedDataset
-from flowpin.errors import (
-    CheckpointCorruptError,
-    CheckpointMissingError,
-    RecipeError,
-    StaleCheckpointsError,
-    StrictJSONError,
-)
-from flowpin.hashing import hash_bytes
+from flowpin.constants import CHECKPOINTS_DIR, METRICS_FILE, MODEL_CONFIG
+from flowpin.errors import CheckpointCorruptError, CheckpointMissingError, InternalError, RecipeError, StrictJSONError
 from flowpin.jsonio import loads_strict
-from flowpin.recipe import check_choice, check_int, to_config, to_plain
+from flowpin.recipe import to_config, to_plain
 from flowpin.safeio import read_regular
-from flowpin.settings import Settings
 from flowpin.tracking import FanoutTracker, JsonlTracker, NullTracker, Tracker
 from flowpin.train.checkpoint import (
     MAX_STATE_BYTES,
     CheckpointRef,
+    TrainState,
     latest_checkpoint,
-    list_checkpoints,
     load_checkpoint,
     state_digest,
 )
-from flowpin.train.distributed import DistInfo, barrier, set_deterministic
+from flowpin.train.distributed import DistInfo, barrier
 from flowpin.train.loop import (
-    CHECKPOINTS_DIR,
     BatchSource,
     ExtraRng,
     GradSync,
     LossFn,
     TrainConfig,
     TrainResult,
-    ordered_batches,
+    build_optimizer,
     train,
 )
 from flowpin.train.megatron_ddp import DataParallelConfig, MegatronGradSync
-from flowpin.train.transformer import ModelConfig, build_model, check_precision, effective_precision
+from flowpin.train.run_key import RunClaim, StaleCheckpoints, claim_run_dir, package_code_digests
+from flowpin.train.spec import TrainedRun, TrainSpec
+from flowpin.train.transformer import ModelConfig, build_model, check_precision
+
+KEY_PARTS_OF_OPEN_RUN = ("model", "init", "threads", "code")
+"""The run key's parts :func:`open_run` sets itself (a spec's ``key`` must not name them)."""
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class TrainingStageConfig:
-    """The ``train`` block of a training stage's recipe (the model is the ``model`` group)."""
-
-    loop: TrainConfig
-    """Steps, batch size, seed, optimizer and schedule, clipping, logging and checkpoint cadence."""
-    order_seed: int
-    """Seed of the global data order (with the dataset digest and batch size it fixes every batch)."""
-    init: str = "scratch"
-    """``scratch``: weights from ``loop.seed``; ``checkpoint``: weights from the upstream run's last checkpoint."""
-    threads: int = 2
-    """torch intra-op threads (recorded: a different count can change results bitwise)."""
-    data_parallel: DataParallelConfig = dataclasses.field(default_factory=DataParallelConfig)
-    """Gradient engine across data-parallel ranks: flowpin's all-reduce or megatron's DDP."""
-
-    def __post_init__(self) -> None:
-        check_int(self.order_seed, "train.order_seed", minimum=0, maximum=2**63 - 1)
-        check_choice(self.init, ("scratch", "checkpoint"), "train.init")
-        check_int(self.threads, "train.threads", minimum=1, maximum=1024)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class TrainingResult:
-    checkpoints: tuple[CheckpointRef, ...]
-    report: dict[str, Any]
-
-
-def lm_loss(pad_id: int) -> Any:
-    """Next-token cross entropy over a batch ``[B, T]``, padding masked (what every stage trains on)."""
-
-    def loss_fn(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-        inputs, labels = batch[:, :-1], batch[:, 1:]
-        positions = torch.arange(inputs.shape[1], dtype=torch.long).unsqueeze(0).expand_as(inputs)
-        per_token: torch.Tensor = model(inputs, positions, None, labels=labels)  # megatron GPTModel: [B, T] losses
-        mask = (labels != pad_id).to(per_token.dtype)
-        return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
-
-    return loss_fn
-
-
-PROBE_FIRST_STEP = 1_000_000
-PROBE_BATCHES = 4
-
-
-def probe_loss(model: torch.nn.Module, loss_fn: Any, batches: Any) -> float:
-    """Mean loss on fixed batches (steps far past any training run, from the same exact order).
-
-    Single training batches are noisy (a code batch and a math batch differ by more than a stage's
-    progress); the same batches before and after a stage show whether it learned. Forward only, no
-    dropout: it draws no random numbers, so checkpoints and resumption are unaffected.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            values = [float(loss_fn(model, batches(PROBE_FIRST_STEP + i))) for i in range(PROBE_BATCHES)]
-    finally:
-        model.train(was_training)
-    return sum(values) / len(values)
-
-
-def package_code_digests() -> dict[str, str]:
-    """sha256 of every source file of the imported flowpin package, by ``flowpin/<relative path>``.
-
-    The run key's code part when the caller names no code set (:class:`RunClaim` ``code=None``).
-    """
-    import flowpin
-    from flowpin.hashing import hash_file
-    from flowpin.manifest.record import source_files
-
-    package = Path(flowpin.__file__).resolve().parent
-    return {f"flowpin/{rel}": hash_file(package / rel, "sha256") for rel in source_files(package)}
-
-
-def run_key(parts: Mapping[str, Any]) -> str:
-    """The digest of a run key's parts: sha256 of their canonical JSON."""
-    return hash_bytes(canonical_json(dict(parts)))
-
-
-"""``<run_dir>/run-key.json``: the run key (digest and parts) the run's checkpoints were trained under."""
-STALE_DIR = "stale"
-"""``<run_dir>/stale/<old key>/``: where ``FLOWPIN_STALE_CHECKPOINTS=archive`` moves checkpoints of another key."""
-STALE_CHECKPOINTS_ENV = settings.STALE_CHECKPOINTS
-"""The user's choice for checkpoints of another run key: unset (refuse), ``archive`` or ``discard``."""
-STALE_CHOICES = ("refuse", "archive", "discard")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class RunClaim:
-    """How :func:`open_run` claims its run directory: what the run key's code part covers, and what becomes
-    of checkpoints trained under another key (see the module docstring)."""
-
-    code: Mapping[str, str] | None = None
-    """sha256 of each code file the checkpoints depend on, by path. A stage passes its ``dvc.yaml`` code deps
-    (``run.code_digests()``); ``None``: every source file of the imported flowpin package."""
-    stale: str = "refuse"
-    """Checkpoints of another run key: ``refuse`` (:class:`~flowpin.errors.StaleCheckpointsError`, nothing
-    touched), ``archive`` (moved to ``<run_dir>/stale/<old key>/``) or ``discard`` (deleted)."""
-
-    def __post_init__(self) -> None:
-        if self.stale not in STALE_CHOICES:
-            raise StaleCheckpointsError(f"stale: {self.stale!r} is not one of {', '.join(STALE_CHOICES)}")
-
-    @classmethod
-    def from_env(cls, code: Mapping[str, str] | None = None, environ: Mapping[str, str] | None = None) -> RunClaim:
-        """A claim of ``code`` whose choice is ``FLOWPIN_STALE_CHECKPOINTS`` in ``environ`` (default
-        ``os.environ``; unset or empty: refuse). Raises :class:`~flowpin.errors.StaleCheckpointsError` for
-        another value, before anything is trained."""
-        raw = Settings.from_env(environ).stale_checkpoints or ""
-        choice = raw.strip().lower() or "refuse"
-        if choice not in STALE_CHOICES:
-            raise StaleCheckpointsError(
-                f"{STALE_CHECKPOINTS_ENV}={raw!r}: unknown; set it to 'archive' (move checkpoints of another run "
-                "key aside) or 'discard' (delete them), or unset it to have them refused"
-            )
-        return cls(code=code, stale=choice)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class StaleCheckpoints:
-    """Checkpoints of another run key that a run took out of its directory, as the user chose."""
-
-    choice: str
-    """``archive`` or ``discard``."""
-    checkpoints: tuple[str, ...]
-    """Their names (``step-NNNNNN``)."""
-    changed: tuple[str, ...]
-    """What differed between their run key and this run's (:func:`key_changes`)."""
-    archive: str | None
-    """Where they went, relative to the run directory (``stale/<old key>``); ``None`` when discarded."""
-
-    def to_json(self) -> dict[str, Any]:
-        return {"choice": self.choice, "changed": list(self.changed), "archive": self.archive}
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
 class OpenRun:
     """A stage's model, ready to train into its run directory (:func:`open_run`)."""
 
@@ -233,15 +77,10 @@ class OpenRun:
     """The model's config with the tokenizer's vocabulary (also written to ``checkpoints/model.json``)."""
     init: CheckpointRef | None
     """The upstream checkpoint whose weights the model starts from (``None``: from ``loop.seed``)."""
-    removed: list[str]
+    removed: tuple[str, ...]
     """Checkpoints of another run key taken out of the run (archived or discarded, as the user chose)."""
-    determinism: dict[str, Any]
-    """What :func:`flowpin.train.distributed.set_deterministic` set."""
     stale: StaleCheckpoints | None = None
     """What became of those checkpoints and why (``None``: none were taken out)."""
-
-
-"""``<run_dir>/checkpoints/model.json``: the architecture the checkpoints load into (:func:`load_weights`)."""
 
 
 def open_run(
@@ -255,26 +94,26 @@ def open_run(
     key: Mapping[str, Any],
     claim: RunClaim | None = None,
 ) -> OpenRun:
-    """Set determinism, claim ``run_dir`` and build the model (from ``init_dir``'s last checkpoint, if given).
+    """Claim ``run_dir`` and build the model (from ``init_dir``'s last checkpoint, if given).
 
     ``key`` names everything else the checkpoints depend on (loop config, data digest and order, the
     stage's own recipe): with the model config, the init checkpoint, the thread count and the code of
-    ``claim`` (default :class:`RunClaim`: the whole package, stale checkpoints refused) it forms the run
-    key; checkpoints trained under another key are refused, archived or discarded as ``claim`` says (see
-    the module docstring), never resumed. Rank 0 alone claims the directory; the other ranks wait for it.
-    Every post-training stage (SFT, DPO, RLVR) opens its run through here, as the pretraining stages do.
+    ``claim`` (default :class:`~flowpin.train.run_key.RunClaim`: the whole package, stale checkpoints
+    refused) it forms the run key; checkpoints trained under another key are refused, archived or discarded
+    as ``claim`` says (:mod:`flowpin.train.run_key`), never resumed. Rank 0 alone claims the directory; the
+    other ranks wait for it. Sets no process state: the entry point prepared it
+    (:func:`flowpin.runtime.prepare_environment`).
     """
     check_precision(model_cfg, dist.device)
-    determinism = set_deterministic(seed, cpu_threads=threads)
     init: CheckpointRef | None = None
     if init_dir is not None:
         init = latest_checkpoint(init_dir)
         if init is None:
             raise RecipeError(f"paths.inputs.init: {init_dir} holds no complete checkpoint; run the upstream stage")
     claim = RunClaim() if claim is None else claim
-    clash = sorted(set(key) & {"model", "init", "threads", "code"})
+    clash = sorted(set(key) & set(KEY_PARTS_OF_OPEN_RUN))
     if clash:
-        raise ValueError(f"open_run: key names {', '.join(clash)}, which open_run sets itself")
+        raise InternalError(f"open_run: key names {', '.join(clash)}, which open_run sets itself")
     parts = {
         "model": to_plain(model_cfg),
         # the init checkpoint by content: a retrained upstream with the same step names is a new start
@@ -292,8 +131,8 @@ def open_run(
     model = build_model(model_cfg, device=dist.device, seed=seed)
     if init is not None:
         load_checkpoint(init.path, model=model, optimizer=None, restore_rng_state=False)
-    removed = [] if stale is None else list(stale.checkpoints)
-    return OpenRun(model=model, model_cfg=model_cfg, init=init, removed=removed, determinism=determinism, stale=stale)
+    removed = () if stale is None else stale.checkpoints
+    return OpenRun(model=model, model_cfg=model_cfg, init=init, removed=removed, stale=stale)
 
 
 def read_model_config(checkpoints_dir: Path) -> ModelConfig:
@@ -323,103 +162,113 @@ def load_weights(checkpoint: Path, *, device: str = "cpu", seed: int = 0) -> tup
     return model, model_cfg
 
 
-def run_training(
-    cfg: TrainingStageConfig,
-    model_cfg: ModelConfig,
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainingResult:
+    """What a training stage produced: its checkpoints, its other files and its report."""
+
+    checkpoints: tuple[CheckpointRef, ...]
+    """Every complete checkpoint of the run, by step (a resumed run's earlier ones included)."""
+    outputs: tuple[Path, ...]
+    """Files besides the checkpoints that the manifest pins (the spec's files: DPO's pairs)."""
+    report: Mapping[str, Any]
+    """The stage's report (``paths.report``)."""
+
+
+def run_spec(
+    spec: TrainSpec,
     *,
-    data_dir: Path,
-    data_digest: str,
     run_dir: Path,
-    init_dir: Path | None,
     dist: DistInfo,
+    determinism: Mapping[str, Any],
     tracker: Tracker | None = None,
     claim: RunClaim | None = None,
 ) -> TrainingResult:
-    """Train one stage into ``run_dir``; see the module docstring. ``tracker``: see :func:`train_loop`;
-    ``claim``: the run key's code and the choice for stale checkpoints (:func:`open_run`)."""
-    if (cfg.init == "checkpoint") != (init_dir is not None):
-        raise RecipeError(
-            "train.init: 'checkpoint' needs paths.inputs.init (the upstream run's checkpoints) and 'scratch' "
-            "must not name one; make them agree"
-        )
-    data, model_cfg = _prepare(model_cfg, data_dir)
-    index = data.index
+    """Train ``spec`` into ``run_dir``: see the module docstring for the order.
+
+    ``determinism`` is what the entry point's :func:`flowpin.runtime.prepare_environment` set (the report's
+    ``determinism``); ``tracker``: see :func:`train_loop`; ``claim``: the run key's code and the choice for
+    stale checkpoints (:func:`open_run`). A fork (``spec.start``) refuses a run directory that holds
+    checkpoints: it is a new run, never a resume.
+    """
+    if spec.start is not None and latest_checkpoint(run_dir / CHECKPOINTS_DIR) is not None:
+        raise RecipeError(f"fork target {run_dir} already holds checkpoints; fork into a new directory")
     opened = open_run(
-        model_cfg=model_cfg,
-        seed=cfg.loop.seed,
-        threads=cfg.threads,
+        model_cfg=spec.model,
+        seed=spec.loop.seed,
+        threads=spec.threads,
         run_dir=run_dir,
-        init_dir=init_dir,
+        init_dir=spec.init_dir,
         dist=dist,
-        key={
-            "loop": cfg.loop.to_json(),
-            "order_seed": cfg.order_seed,
-            "data": data_digest,
-            "data_parallel": to_plain(cfg.data_parallel),
-        },
+        key=spec.key,
         claim=claim,
     )
-    model, init = opened.model, opened.init
-    order = order_for(data, order_seed=cfg.order_seed, batch_size=cfg.loop.batch_size, dataset_digest=data_digest)
-    batches = ordered_batches(data, order)
-    loss_fn = lm_loss(int(index["pad_id"]))
-    probe_before = probe_loss(model, loss_fn, batches)
+    model = opened.model
+    optimizer: torch.optim.Optimizer | None = None
+    start: TrainState | None = None
+    if spec.start is not None:  # weights, AdamW moments, RNG streams and data position of the checkpoint
+        optimizer = build_optimizer(model, spec.loop.optim)
+        start = load_checkpoint(spec.start, model=model, optimizer=optimizer)
+    outputs = tuple(run_dir / name for name, _ in spec.files)
+    if dist.is_main:
+        for path, (_, data) in zip(outputs, spec.files, strict=True):
+            atomic_write_bytes(path, data)
+    before = None if spec.evaluate is None else spec.evaluate(model)
     result = train_loop(
         model,
-        cfg.loop,
-        batches=batches,
-        loss_fn=loss_fn,
+        spec.loop,
+        batches=spec.batches,
+        loss_fn=spec.loss,
         run_dir=run_dir,
         dist=dist,
-        grad_sync=grad_sync_for(model, cfg.data_parallel),
         tracker=tracker,
+        grad_sync=grad_sync_for(model, spec.data_parallel),
+        optimizer=optimizer,
+        start_state=start,
     )
-    probe_after = probe_loss(model, loss_fn, batches)
-    losses = [m for m in read_metrics(run_dir / METRICS_FILE) if "loss" in m["metrics"]]
-    report = {
-        "model": {"parameters": sum(p.numel() for p in model.parameters()), "vocab_size": model_cfg.vocab_size},
-        "precision": effective_precision(model),
-        "determinism": opened.determinism,
-        "cpu_patches": list(dist.cpu_patches),
-        "world_size": dist.world_size,
-        "init": None if init is None else {"checkpoint": init.path.name, "step": init.step},
+    after = None if spec.evaluate is None else spec.evaluate(model)
+    trained = TrainedRun(
+        model=model,
+        model_cfg=opened.model_cfg,
+        dist=dist,
+        run_dir=run_dir,
+        result=result,
+        start=start,
+        before=before,
+        after=after,
+    )
+    report = {**run_report(opened, result, run_dir, spec.curves, determinism), **spec.report(trained)}
+    return TrainingResult(checkpoints=result.checkpoints, outputs=outputs, report=report)
+
+
+def run_report(
+    opened: OpenRun, result: TrainResult, run_dir: Path, curves: Sequence[str], determinism: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The part of a training report every stage shares (init, determinism, resume, steps, metric curves)."""
+    rows = read_metrics(run_dir / METRICS_FILE)
+    report: dict[str, Any] = {
+        "init": None if opened.init is None else {"checkpoint": opened.init.path.name, "step": opened.init.step},
+        "determinism": dict(determinism),
         "resumed_from": None if result.resumed_from is None else result.resumed_from.name,
-        "removed_stale_checkpoints": opened.removed,
+        "removed_stale_checkpoints": list(opened.removed),
         "stale_checkpoints": None if opened.stale is None else opened.stale.to_json(),
         "determinism_changes": list(result.determinism_changes),
         "steps": result.state.step,
         "tokens_seen": result.state.tokens_seen,
-        "probe_loss": {
-            "batches": [PROBE_FIRST_STEP + i for i in range(PROBE_BATCHES)],
-            "before": probe_before,
-            "after": probe_after,
-        },
-        "loss": {
-            "first": losses[0]["metrics"]["loss"] if losses else None,
-            "last": losses[-1]["metrics"]["loss"] if losses else None,
-            "curve": [[m["step"], m["metrics"]["loss"]] for m in losses],
-        },
         "checkpoints": [c.path.name for c in result.checkpoints],
     }
-    return TrainingResult(checkpoints=result.checkpoints, report=report)
+    for name in curves:
+        points = [[m["step"], m["metrics"][name]] for m in rows if name in m["metrics"]]
+        report[name] = {
+            "first": points[0][1] if points else None,
+            "last": points[-1][1] if points else None,
+            "curve": points,
+        }
+    return report
 
 
 def grad_sync_for(model: torch.nn.Module, cfg: DataParallelConfig) -> GradSync | None:
     """The loop's gradient engine for ``cfg``: ``None`` (flowpin's own reduction) or megatron's DDP."""
     return MegatronGradSync(model, cfg) if cfg.engine == "megatron" else None
-
-
-def _prepare(model_cfg: ModelConfig, data_dir: Path) -> tuple[TokenizedDataset, ModelConfig]:
-    """Open the data and size the model to its tokenizer (refusing a context shorter than its sequences)."""
-    data = TokenizedDataset.open(data_dir)
-    index = data.index
-    model_cfg = model_cfg.with_vocab(int(index["vocab_size"]))
-    if model_cfg.max_sequence_length < int(index["seq_len"]):
-        raise RecipeError(
-            f"model.max_sequence_length: {model_cfg.max_sequence_length} is shorter than the data's sequences "
-            f"({index['seq_len']}); raise it (with model.yarn for the long-context stage)"
-        )
-    return data, model_cfg
 
 
 def train_loop(
@@ -431,12 +280,16 @@ def train_loop(
     run_dir: Path,
     dist: DistInfo | None = None,
     tracker: Tracker | None = None,
-    **kwargs: Any,
+    grad_sync: GradSync | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    start_state: TrainState | None = None,
+    resume_from: Path | None = None,
 ) -> TrainResult:
     """:func:`flowpin.train.loop.train` logging to ``metrics.jsonl``, with megatron's RNG streams.
 
     ``tracker`` (the stage's, ``run.tracker``: its Aim run) hears every event too; it is the caller's to
-    close. Neither tracker changes what is trained: they only receive metadata.
+    close. Neither tracker changes what is trained: they only receive metadata. ``grad_sync``,
+    ``optimizer``, ``start_state`` (a fork) and ``resume_from``: see :func:`flowpin.train.loop.train`.
     """
     from flowpin.progress import step_progress
     from flowpin.train import megatron_cpu
@@ -460,151 +313,17 @@ def train_loop(
                     capture=megatron_cpu.rng_tracker_states, restore=megatron_cpu.set_rng_tracker_states
                 ),
                 progress=progress,
-                **kwargs,
+                grad_sync=grad_sync,
+                optimizer=optimizer,
+                start_state=start_state,
+                resume_from=resume_from,
             )
     finally:
         jsonl.close()
 
 
-def claim_run_dir(run_dir: Path, parts: Mapping[str, Any], stale: str) -> StaleCheckpoints | None:
-    """Claim ``run_dir`` for a run under the key of ``parts`` (rank 0, before training) and write its
-    ``run-key.json``: checkpoints of the same key are kept to resume; those of another key are refused with
-    :class:`~flowpin.errors.StaleCheckpointsError` naming what changed, or, as ``stale`` chooses (``archive``,
-    ``discard``), set aside. Returns what was set aside, if anything. See the module docstring."""
-    if stale not in STALE_CHOICES:
-        raise ValueError(f"claim_run_dir: stale={stale!r} is not one of {', '.join(STALE_CHOICES)}")
-    plain = json.loads(canonical_json(dict(parts)))  # compared as it is stored: lists, not tuples
-    key = run_key(plain)
-    ckpt_dir = run_dir / CHECKPOINTS_DIR
-    previous = _read_run_key(run_dir / RUN_KEY_FILE)
-    found = [] if previous is not None and previous.key == key else list_checkpoints(ckpt_dir)
-    taken: StaleCheckpoints | None = None
-    if found:
-        if previous is None:
-            changed = [f"unknown: no {RUN_KEY_FILE} beside them names what they were trained from"]
-        elif previous.parts is None:
-            changed = [f"unknown: {previous.unknown}"]
-        else:
-            changed = key_changes(previous.parts, plain) or [f"{RUN_KEY_FILE}: its digest does not match its parts"]
-        prefix = "unknown" if previous is None or previous.key is None else previous.key[:12]
-        if stale == "refuse":
-            names = found[0].path.name + ("" if len(found) == 1 else f" .. {found[-1].path.name}")
-            raise StaleCheckpointsError(
-                f"{ckpt_dir}: {len(found)} checkpoint(s) ({names}) were trained under another run key; changed: "
-                f"{'; '.join(changed)}. They are kept, not resumed. To resume them, restore the recipe, data and "
-                f"code they were trained from; to start over, run again with {STALE_CHECKPOINTS_ENV}=archive "
-                f"(moves them to {run_dir / STALE_DIR / prefix}/) or {STALE_CHECKPOINTS_ENV}=discard (deletes them)"
-            )
-        taken = _set_aside(run_dir, found, changed, stale, prefix)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(run_dir / RUN_KEY_FILE, canonical_json({"key": key, "parts": plain}) + b"\n")
-    return taken
-
-
-@dataclasses.dataclass(frozen=True)
-class _StoredKey:
-    key: str | None
-    parts: dict[str, Any] | None
-    unknown: str
-    """Why ``parts`` is ``None``."""
-
-
-def _read_run_key(path: Path) -> _StoredKey | None:
-    """The run key stored in ``path`` (``None``: there is none); a regular file only (a FIFO would hang here)."""
-    if not path.exists():
-        return None
-    raw = read_regular(path, max_bytes=MAX_STATE_BYTES, what="run key", fix="move it aside or delete it")
-    try:
-        doc = loads_strict(raw, where=str(path), max_bytes=MAX_STATE_BYTES)
-    except StrictJSONError as exc:
-        return _StoredKey(key=None, parts=None, unknown=f"{RUN_KEY_FILE} is unreadable ({exc})")
-    key = doc.get("key") if isinstance(doc, dict) else None
-    key = key if isinstance(key, str) else None
-    parts = doc.get("parts") if isinstance(doc, dict) else None
-    if isinstance(parts, dict):
-        return _StoredKey(key=key, parts=parts, unknown="")
-    if key is not None:
-        older = f"{RUN_KEY_FILE} was written by an older flowpin: it holds the key's digest, not its parts"
-        return _StoredKey(key=key, parts=None, unknown=older)
-    return _StoredKey(key=None, parts=None, unknown=f"{RUN_KEY_FILE} holds no run key")
-
-
-def _set_aside(
-    run_dir: Path, found: Sequence[CheckpointRef], changed: Sequence[str], choice: str, prefix: str
-) -> StaleCheckpoints:
-    """Archive (move to ``stale/<prefix>/``) or discard the checkpoints directory, with the log and key file
-    of the run that wrote it."""
-    pieces = [run_dir / CHECKPOINTS_DIR, run_dir / METRICS_FILE, run_dir / RUN_KEY_FILE]
-    archive: str | None = None
-    if choice == "archive":
-        target = run_dir / STALE_DIR / prefix
-        n = 1
-        while target.exists():
-            n += 1
-            target = run_dir / STALE_DIR / f"{prefix}-{n}"
-        target.mkdir(parents=True)
-        for piece in pieces:
-            if piece.exists():
-                os.replace(piece, target / piece.name)
-        archive = target.relative_to(run_dir).as_posix()
-    else:
-        shutil.rmtree(pieces[0])
-        for piece in pieces[1:]:
-            piece.unlink(missing_ok=True)
-    return StaleCheckpoints(
-        choice=choice, checkpoints=tuple(c.path.name for c in found), changed=tuple(changed), archive=archive
-    )
-
-
-def key_changes(old: Mapping[str, Any], new: Mapping[str, Any], *, limit: int = 12) -> list[str]:
-    """What differs between two run keys' parts, one phrase each, at most ``limit`` (then ``N more``).
-
-    ``code: <path> changed`` (or ``added``, ``removed``) for each code file, then ``<dotted key>: <old> -> <new>``
-    for every other leaf, in key order; long values are shortened.
-    """
-    changes: list[str] = []
-    old_code, new_code = old.get("code"), new.get("code")
-    if isinstance(old_code, Mapping) and isinstance(new_code, Mapping):
-        for path in sorted(set(old_code) | set(new_code)):
-            if path not in old_code:
-                changes.append(f"code: {path} added")
-            elif path not in new_code:
-                changes.append(f"code: {path} removed")
-            elif old_code[path] != new_code[path]:
-                changes.append(f"code: {path} changed")
-    elif old_code != new_code:
-        changes.append("code: changed")
-    before = _leaves({k: v for k, v in old.items() if k != "code"})
-    after = _leaves({k: v for k, v in new.items() if k != "code"})
-    for name in sorted(set(before) | set(after)):
-        if before.get(name, _ABSENT) != after.get(name, _ABSENT):
-            changes.append(f"{name}: {_shown(before.get(name, _ABSENT))} -> {_shown(after.get(name, _ABSENT))}")
-    if len(changes) > limit:
-        changes = [*changes[:limit], f"{len(changes) - limit} more"]
-    return changes
-
-
-_ABSENT = object()
-
-
-def _leaves(value: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, item in value.items():
-        if isinstance(item, Mapping) and item:
-            out.update(_leaves(item, f"{prefix}{name}."))
-        else:
-            out[f"{prefix}{name}"] = item
-    return out
-
-
-def _shown(value: Any) -> str:
-    if value is _ABSENT:
-        return "(none)"
-    text = json.dumps(value, sort_keys=True, ensure_ascii=False)
-    return text if len(text) <= 40 else text[:36] + "..."
-
-
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The ``metrics`` events of a run's ``metrics.jsonl``, one per step (after a resume, the last logged)."""
     from flowpin.tracking import read_jsonl
 
     rows = [r for r in read_jsonl(path) if r.get("event") == "metrics"]
@@ -612,53 +331,3 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     for row in rows:  # after a resume the log repeats steps since the last checkpoint: keep the last
         by_step[int(row["step"])] = row
     return [by_step[s] for s in sorted(by_step)]
-
-
-def fork_training(
-    cfg: TrainingStageConfig,
-    model_cfg: ModelConfig,
-    *,
-    checkpoint: Path,
-    data_dir: Path,
-    data_digest: str,
-    run_dir: Path,
-    dist: DistInfo,
-) -> TrainingResult:
-    """Continue from ``checkpoint`` (weights, optimizer, RNG, data position) under ``cfg`` into ``run_dir``.
-
-    With the parent's recipe unchanged this reproduces the parent's later checkpoints bit for bit (the
-    loop continues the same data order from the checkpoint's position); with overrides it is a new
-    branch whose checkpoints record the parent checkpoint.
-    """
-    from flowpin.train.loop import build_optimizer
-
-    data, model_cfg = _prepare(model_cfg, data_dir)
-    check_precision(model_cfg, dist.device)
-    determinism = set_deterministic(cfg.loop.seed, cpu_threads=cfg.threads)
-    if (run_dir / CHECKPOINTS_DIR).exists() and list_checkpoints(run_dir / CHECKPOINTS_DIR):
-        raise RecipeError(f"fork target {run_dir} already holds checkpoints; fork into a new directory")
-    model = build_model(model_cfg, device=dist.device, seed=cfg.loop.seed)
-    optimizer = build_optimizer(model, cfg.loop.optim)
-    state = load_checkpoint(checkpoint, model=model, optimizer=optimizer)
-    order = order_for(data, order_seed=cfg.order_seed, batch_size=cfg.loop.batch_size, dataset_digest=data_digest)
-    (run_dir / CHECKPOINTS_DIR).mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(run_dir / CHECKPOINTS_DIR / MODEL_CONFIG, canonical_json(to_plain(model_cfg)) + b"\n")
-    result = train_loop(
-        model,
-        cfg.loop,
-        dist=dist,
-        grad_sync=grad_sync_for(model, cfg.data_parallel),
-        batches=ordered_batches(data, order),
-        loss_fn=lm_loss(int(data.index["pad_id"])),
-        run_dir=run_dir,
-        optimizer=optimizer,
-        start_state=state,
-    )
-    report = {
-        "forked_from": {"checkpoint": checkpoint.name, "step": state.step},
-        "determinism": determinism,
-        "determinism_changes": list(result.determinism_changes),
-        "steps": result.state.step,
-        "checkpoints": [c.path.name for c in result.checkpoints],
-    }
-    return TrainingResult(checkpoints=result.checkpoints, report=report)

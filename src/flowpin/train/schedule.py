@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from flowpin.errors import RecipeError
+from flowpin.errors import InternalError, RecipeError
 from flowpin.recipe import check_choice, check_float, check_int
 
 DECAYS = ("cosine", "linear", "constant")
@@ -70,7 +70,7 @@ class ScheduleConfig:
 def lr_at(cfg: ScheduleConfig, step: int) -> float:
     """The learning rate of optimizer step ``step`` (0-based) under ``cfg``; pure and stateless."""
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be a non-negative int, got {step!r}")
+        raise InternalError(f"step must be a non-negative int, got {step!r}")
     warmup, total = cfg.warmup_steps, cfg.total_steps
     peak, low = float(cfg.peak_lr), float(cfg.min_lr)
     if step < warmup:

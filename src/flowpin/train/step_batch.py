@@ -32,7 +32,7 @@ import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flowpin.constants import MANIFEST_DIR, RUN_MANIFEST
+from flowpin.constants import CHECKPOINT_NAME, MANIFEST_DIR, RUN_MANIFEST
 from flowpin.data.order import BatchTarget, batch_target, dataset_dir_target, manifest_dataset, order_digest
 from flowpin.display import safe
 from flowpin.errors import DataOrderError, FlowpinError
@@ -149,7 +149,7 @@ def resolve_target(path: Path, root: Path, *, data: Path | None = None) -> Train
 def manifest_target(m: Manifest, *, keyid: str, root: Path) -> TrainingTarget:
     """The training run a verified training manifest records (signature checked by the caller)."""
     from flowpin.paths import resolve_inside
-    from flowpin.train.checkpoint import CHECKPOINT_DIR, STATE_FILE
+    from flowpin.train.checkpoint import STATE_FILE
 
     plan = _training_plan(m)
     if plan is None:
@@ -158,7 +158,7 @@ def manifest_target(m: Manifest, *, keyid: str, root: Path) -> TrainingTarget:
     dataset = _pinned_dataset(m, data_name, root)
     checkpoints = []
     for subject in m.subjects:
-        match = CHECKPOINT_DIR.fullmatch(subject["name"].rsplit("/", 1)[-1])
+        match = CHECKPOINT_NAME.fullmatch(subject["name"].rsplit("/", 1)[-1])
         if match is None:
             continue
         files = entry_files(subject)

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from flowpin.environment import probe_transformer_engine
-from flowpin.errors import FlowpinError, PrecisionError, RecipeError
+from flowpin.errors import FlowpinError, InternalError, PrecisionError, RecipeError
 from flowpin.recipe import check_choice, check_float, check_int
 
 if TYPE_CHECKING:
@@ -365,7 +365,7 @@ def effective_precision(model: torch.nn.Module) -> dict[str, Any]:
 
 def _check_device(device: str) -> None:
     if device not in DEVICES:
-        raise ValueError(f"device {device!r} is not one of {', '.join(DEVICES)}")
+        raise InternalError(f"device {device!r} is not one of {', '.join(DEVICES)}")
 
 
 def to_transformer_config(cfg: ModelConfig, *, device: str) -> TransformerConfig:

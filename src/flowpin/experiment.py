@@ -1,4 +1,4 @@
-"""``dvc exp run -S`` on this flow: Hydra overrides of one stage's recipe, as set-params DVC can apply.
+"""DVC experiments of this flow (``flowpin exp``): Hydra overrides of one stage's recipe, as set-params DVC applies.
 
 Every stage composes its own recipe at run time (``@hydra.main`` over ``params/<stage>.yaml`` and its
 config groups), and ``dvc.yaml`` lists ``params/<stage>.yaml`` among the stage's ``params``. So an
@@ -28,20 +28,18 @@ unprefixed ``-S`` would yield an experiment that reruns nothing and differs from
 an unread file. Hence ``.dvc/config`` pins ``hydra.enabled = false`` and :func:`plan_experiment` refuses
 to plan while it is on (``docs/experiments.md``).
 
-``python -m flowpin.dvcexp STAGE OVERRIDE... [--name N] [--temp | --queue] [--dry-run]`` prints the
-``dvc exp run`` command line and runs it. With ``--temp``/``--queue`` the run happens in a copy of the
-repository that lacks the gitignored signing key: ``-C .flowpin/keys`` copies it in (unless
-``FLOWPIN_SIGNING_KEY`` names one).
+``flowpin exp STAGE OVERRIDE... [--name N] [--temp | --queue] [--dry-run]`` (:mod:`flowpin.cli`) prints the
+``dvc exp run`` command line (:meth:`ExpPlan.argv`) and runs it (:func:`run_experiment`). With
+``--temp``/``--queue`` the run happens in a copy of the repository that lacks the gitignored signing key:
+``-C .flowpin/keys`` copies it in (unless ``FLOWPIN_SIGNING_KEY`` names one). The flow's stages and their
+params files come from :mod:`flowpin.dvcfile`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import shlex
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -49,8 +47,8 @@ from typing import Any
 
 import yaml
 
-from flowpin.errors import FlowpinError, RecipeError
-from flowpin.paths import find_root
+from flowpin.dvcfile import DVC_YAML, read_flow
+from flowpin.errors import InternalError, RecipeError
 from flowpin.settings import Settings
 
 PARAMS_DIR = "params"
@@ -112,14 +110,12 @@ def plan_experiment(stage: str, overrides: Sequence[str], *, root: Path) -> ExpP
 
 
 def _check_stage(root: Path, stage: str, params_file: str) -> None:
-    dvc_yaml = root / "dvc.yaml"
-    try:
-        stages = (yaml.safe_load(dvc_yaml.read_text("utf-8")) or {}).get("stages") or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise RecipeError(f"{dvc_yaml}: cannot read the flow ({exc}); run from the project root") from exc
+    stages = read_flow(root)  # a malformed dvc.yaml: DvcFileError, a RecipeError
+    if stages is None:
+        raise RecipeError(f"{root / DVC_YAML}: no such file, so no flow to experiment on; run from the project root")
     if stage not in stages:
         raise RecipeError(f"stage {stage!r}: not in dvc.yaml; one of {', '.join(sorted(stages))}")
-    params = [p if isinstance(p, str) else next(iter(p)) for p in stages[stage].get("params") or []]
+    params = stages[stage].params
     if params_file not in params:
         raise RecipeError(
             f"stage {stage}: {params_file} is not among its params in dvc.yaml ({', '.join(params) or 'none'}); "
@@ -224,7 +220,8 @@ def _compose(config_dir: Path, name: str, overrides: Sequence[str]) -> dict[str,
         plain = OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as exc:
         raise RecipeError(f"{name}: {' '.join(overrides) or 'recipe'} does not compose: {exc}") from exc
-    assert isinstance(plain, dict)
+    if not isinstance(plain, dict):
+        raise InternalError(f"{name}: Hydra composed a {type(plain).__name__}, not a mapping")
     return {str(k): v for k, v in plain.items()}
 
 
@@ -234,7 +231,7 @@ def _check_same_recipe(root: Path, stage: str, overrides: Sequence[str], transla
     from omegaconf.errors import OmegaConfBaseException
 
     wanted = _compose(root / PARAMS_DIR, stage, overrides)
-    with tempfile.TemporaryDirectory(prefix="flowpin-dvcexp-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="flowpin-exp-") as tmp:
         params = Path(tmp) / PARAMS_DIR
         shutil.copytree(root / PARAMS_DIR, params)
         try:
@@ -256,37 +253,13 @@ def _differing(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".") or "recipe"]
 
 
-# --- command line --------------------------------------------------------------------------------
+# --- running it ----------------------------------------------------------------------------------------
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m flowpin.dvcexp",
-        description="Run one stage as a DVC experiment under Hydra overrides (checked, then `dvc exp run -S`).",
-    )
-    parser.add_argument("stage", help="a stage of dvc.yaml whose recipe is params/<stage>.yaml")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for the stage script")
-    parser.add_argument("--name", "-n", help="experiment name")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--temp", action="store_true", help="run in a temporary copy of the repository")
-    mode.add_argument("--queue", action="store_true", help="queue it (sweeps: one experiment per combination)")
-    parser.add_argument("--dry-run", action="store_true", help="print the dvc command line, run nothing")
-    args = parser.parse_args(argv)
-    try:
-        root = find_root()
-        plan = plan_experiment(args.stage, args.overrides, root=root)
-        cmd = plan.argv(name=args.name, temp=args.temp, queue=args.queue)
-    except FlowpinError as exc:
-        print(f"flowpin.dvcexp: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
-    print(shlex.join(cmd), flush=True)
-    if args.dry_run:
-        return 0
-    return subprocess.run(cmd, cwd=root, check=False).returncode
+def run_experiment(argv: Sequence[str], *, root: Path) -> int:
+    """Run the ``dvc exp run`` command line :meth:`ExpPlan.argv` made, in ``root``; returns its exit status
+    (its output goes to this process's stdout and stderr)."""
+    return subprocess.run(list(argv), cwd=root, check=False).returncode
 
 
-__all__ = ["ExpPlan", "main", "plan_experiment"]
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+__all__ = ["ExpPlan", "plan_experiment", "run_experiment"]
