@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-from conftest import Project, flowpin_commands
 from flowpin.canonical import canonical_json
 from flowpin.cli import COMMANDS, main
 from flowpin.errors import EXIT_INPUT, EXIT_INTERNAL, IntegrityError, InternalError, RecipeError, exit_code
@@ -24,6 +23,7 @@ from flowpin.manifest.record import record
 from flowpin.manifest.statement import load_manifest, write_manifest
 from flowpin.settings import VARIABLES
 from flowpin.signing import init_key
+from helpers import Project, flowpin_commands
 
 
 @pytest.fixture

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, REPO, checked, make_project, run_in
 from flowpin.errors import PrecisionError, RecipeError
 from flowpin.manifest.statement import load_manifest
 from flowpin.recipe import StagePaths, to_config
+from helpers import BIN, REPO, checked, make_project, run_in
 
 DVC = str(BIN / "dvc")
 FLOWPIN = str(BIN / "flowpin")

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
 from flowpin.dvcfile import (
     DVC_LOCK,
     DVC_YAML,
@@ -20,6 +19,7 @@ from flowpin.dvcfile import (
     write_flow,
 )
 from flowpin.errors import DvcFileError, ManifestError, RecipeError
+from helpers import REPO
 
 
 def _flow(tmp_path: Path, text: str) -> Path:

@@ -34,7 +34,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, FAULTS, checked, make_project, scratch_env
 from flowpin.data.shards import read_dataset, read_index
 from flowpin.errors import FailpointError
 from flowpin.failpoints import NAMES, Failpoint, failpoint, parse
@@ -42,6 +41,7 @@ from flowpin.hashing import Hasher
 from flowpin.manifest.statement import load_manifest
 from flowpin.manifest.verify import find_manifests, verify_manifest
 from flowpin.signing import load_signer, load_trust_store
+from helpers import BIN, FAULTS, checked, make_project, scratch_env
 
 DVC = str(BIN / "dvc")
 FLOWPIN = str(BIN / "flowpin")

@@ -36,7 +36,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from hypothesis import given, is_hypothesis_test, settings
 from hypothesis import strategies as st
 
-from conftest import REPO, Project
 from flowpin.canonical import MAX_DEPTH, canonical_json
 from flowpin.errors import (
     ArtifactMissingError,
@@ -55,6 +54,7 @@ from flowpin.manifest.resolve import python_package_root, python_package_uri
 from flowpin.manifest.statement import parse_manifest_bytes
 from flowpin.manifest.verify import verify_manifest
 from flowpin.signing import PAYLOAD_TYPE, Signer, decode_b64, init_key, keyid_of, load_trust_store, pae, verify_envelope
+from helpers import REPO, Project
 
 T = TypeVar("T")
 

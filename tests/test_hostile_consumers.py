@@ -23,7 +23,6 @@ from typing import Any
 
 import pytest
 
-from conftest import Project
 from flowpin.canonical import canonical_json
 from flowpin.cli import main
 from flowpin.display import safe
@@ -33,6 +32,7 @@ from flowpin.manifest.digests import subjects_key
 from flowpin.manifest.record import record
 from flowpin.manifest.statement import load_manifest
 from flowpin.signing import PAYLOAD_TYPE, Signer, init_key
+from helpers import Project
 
 FLOWPIN = str(Path(sys.executable).parent / "flowpin")
 FIX_KEY = "add the signer's public key to keys/"

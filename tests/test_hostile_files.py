@@ -26,7 +26,6 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import Project, one_step_state
 from flowpin.canonical import canonical_json
 from flowpin.constants import CHECKPOINTS_DIR, INDEX_NAME, MANIFEST_DIR
 from flowpin.data.shards import write_dataset
@@ -51,6 +50,7 @@ from flowpin.recipe import to_config
 from flowpin.replay.release import RELEASE_FILE, RELEASE_PAYLOAD_TYPE, import_release
 from flowpin.safeio import open_regular, read_regular
 from flowpin.train.checkpoint import load_checkpoint, save_checkpoint
+from helpers import Project, one_step_state
 
 REPO = Path(__file__).resolve().parents[1]
 FLOWPIN = str(Path(sys.executable).parent / "flowpin")

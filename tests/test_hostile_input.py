@@ -41,7 +41,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from torch import nn
 
-from conftest import Project, one_step_state
 from flowpin.canonical import canonical_json
 from flowpin.constants import INDEX_NAME
 from flowpin.data.dedup import DedupConfig
@@ -76,6 +75,7 @@ from flowpin.recipe import to_config
 from flowpin.signing import PAYLOAD_TYPE, init_key, keyid_of, load_signer, load_trust_store, pae
 from flowpin.stage import stage_run
 from flowpin.train.checkpoint import load_checkpoint, save_checkpoint
+from helpers import Project, one_step_state
 
 REPO = Path(__file__).resolve().parents[1]
 FLOWPIN = str(Path(sys.executable).parent / "flowpin")

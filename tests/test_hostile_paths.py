@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, make_project, scratch_env
 from flowpin.errors import PathError
 from flowpin.manifest.statement import load_manifest
 from flowpin.paths import check_output_path
 from flowpin.recipe import StageInput, StagePaths, user_hydra_overrides
 from flowpin.stage import check_stage_paths
+from helpers import BIN, make_project, scratch_env
 
 TINY = [
     "synth.arithmetic.train=20",

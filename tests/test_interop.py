@@ -18,10 +18,10 @@ from securesystemslib.dsse import Envelope
 from securesystemslib.exceptions import VerificationError
 from securesystemslib.signer import CryptoSigner, SSlibKey
 
-from conftest import Project
 from flowpin.canonical import canonical_json
 from flowpin.errors import BadSignatureError
 from flowpin.signing import PAYLOAD_TYPE, keyid_of, trust_public_key, verify_envelope
+from helpers import Project
 
 
 def sslib_key(private: Ed25519PrivateKey, keyid: str) -> SSlibKey:

@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from conftest import one_step_state
+from helpers import one_step_state
 
 REPO = Path(__file__).resolve().parents[1]
 SCANNED = ("src", "stages", "benchmarks")

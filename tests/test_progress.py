@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 import flowpin.progress as progress_mod
-from conftest import Project
 from flowpin.cli import main as flowpin_main
 from flowpin.hashing import Hasher, reporting_progress
 from flowpin.manifest.statement import load_manifest
@@ -29,6 +28,7 @@ from flowpin.progress import (
     step_progress,
     track,
 )
+from helpers import Project
 
 
 class _Terminal(io.StringIO):

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, checked, flowpin_commands, make_project
 from flowpin.hashing import hash_bytes, hash_file
 from flowpin.manifest.statement import load_manifest
 from flowpin.replay.rebuild import GitHistory, pinned_code
+from helpers import REPO, checked, flowpin_commands, make_project
 from test_sweep import PROBE_RECIPE, PROBE_STAGE
 
 ACTIVATE = "source .venv/bin/activate"

@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import Project
 from flowpin.data.shards import write_dataset
 from flowpin.manifest.record import record
 from flowpin.manifest.statement import load_manifest
 from flowpin.stage import stage_name
 from flowpin.train.launcher import process_rank
+from helpers import Project
 
 REPO = Path(__file__).resolve().parents[1]
 

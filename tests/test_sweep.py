@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import BIN, REPO, checked, make_project, run_in, scratch_env
 from flowpin.cli import main
 from flowpin.errors import RecipeError
 from flowpin.manifest.diff import Change, diff_manifests
@@ -39,6 +38,7 @@ from flowpin.sweep import (
     sweep_progress,
     unique_suffix,
 )
+from helpers import BIN, REPO, checked, make_project, run_in, scratch_env
 
 PROBE_RECIPE = """\
 defaults:

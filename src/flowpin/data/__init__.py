@@ -23,5 +23,5 @@ Formats and orders every stage relies on:
 * :mod:`.order` -- the exact batch at any training step over a tokenized dataset, and what it holds.
 
 Imports only point one way: ``tokenize`` imports ``order``, which imports ``tokenized``, which imports
-``tokenizer``; ``packing`` and ``shards`` import no other data module. No cycle (``tests/test_tokenized.py``).
+``tokenizer``; ``packing`` and ``shards`` import no other data module. No cycle (``tests/data/test_tokenized.py``).
 """

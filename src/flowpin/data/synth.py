@@ -477,7 +477,7 @@ class WordTemplate:
 # Compact on purpose: every numeric variable is mentioned early in the prompt and again at the start of
 # the solution, with at most 12 words between two mentions, so every 13-word window of a problem's text
 # holds all of its numbers. Two problems with different keys then share no 13-gram of the same template,
-# and the decontaminate stage finds train and held-out disjoint at its default n (see tests/test_synth.py).
+# and the decontaminate stage finds train and held-out disjoint at its default n (see tests/data/test_synth.py).
 TEMPLATES: dict[str, WordTemplate] = {
     "buy_groups": WordTemplate(
         text="{name} has {a} {items} and buys {b} bags of {c} more. How many {items} now?",

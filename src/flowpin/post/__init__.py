@@ -13,5 +13,8 @@ share lives in one place each:
 * :mod:`flowpin.post.verifiers` -- the one grader (RLVR rewards, held-out and eval pass@1);
 * :mod:`flowpin.post.lm` -- log-probabilities and seeded generation with the megatron GPT.
 
-:mod:`flowpin.post.eval` is the eval stage (stage 12).
+:mod:`flowpin.post.eval` is the eval stage (stage 12); it composes :mod:`~flowpin.post.eval_config` (the recipe),
+:mod:`~flowpin.post.eval_inputs` (checkpoints, held-out sets, the decontamination report and their checks),
+:mod:`~flowpin.post.eval_metrics` (bits per byte, greedy pass@1) and :mod:`~flowpin.post.eval_report` (the
+table, markdown and report), in that import order.
 """

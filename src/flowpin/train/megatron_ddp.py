@@ -10,7 +10,7 @@ Two engines reduce gradients across data-parallel ranks:
   ``param.grad`` at its ``main_grad`` and clips and steps as always -- so checkpoints keep their format
   (the loop still trains the bare module; the wrapper only adds hooks and buffers).
 
-Measured (tests/test_megatron_ddp.py, tests/test_data_parallel.py): with fp32 parameters the two engines
+Measured (tests/train/test_megatron_ddp.py, tests/train/test_data_parallel.py): with fp32 parameters the two engines
 give bitwise-identical checkpoints at world size 1 (copy into a zeroed buffer, scale by 1.0) and at world
 size 2 (halving is exact, and a sum of two is commutative); the engine is recorded with the determinism
 settings all the same, because with more ranks or bf16 gradients it can change the bits.
