@@ -53,7 +53,7 @@ from omegaconf import DictConfig
 
 from flowpin.stage import stage_run
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -368,7 +368,7 @@ TOY_STAGE = textwrap.dedent(
 
     from flowpin.stage import stage_run
 
-    ROOT = Path(__file__).resolve().parents[2]
+    ROOT = Path(__file__).resolve().parents[1]
 
 
     @dataclasses.dataclass(frozen=True, kw_only=True)
