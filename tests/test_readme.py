@@ -33,8 +33,7 @@ import pytest
 from flowpin.hashing import hash_bytes, hash_file
 from flowpin.manifest.statement import load_manifest
 from flowpin.replay.rebuild import GitHistory, pinned_code
-from helpers import REPO, checked, flowpin_commands, make_project
-from test_sweep import PROBE_RECIPE, PROBE_STAGE
+from helpers import PROBE_RECIPE, PROBE_STAGE, REPO, checked, flowpin_commands, make_project
 
 ACTIVATE = "source .venv/bin/activate"
 """The README's activation step, right after the two commands: the only set-up before every command here."""

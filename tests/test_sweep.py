@@ -38,60 +38,7 @@ from flowpin.sweep import (
     sweep_progress,
     unique_suffix,
 )
-from helpers import BIN, REPO, checked, make_project, run_in, scratch_env
-
-PROBE_RECIPE = """\
-defaults:
-  - common/hydra
-  - _self_
-
-paths:
-  out: out/probe
-  report: reports/probe.json
-  manifest: manifests/probe.json
-
-probe:
-  lr: 0.1
-  width: 4
-  fail: false
-"""
-
-PROBE_STAGE = '''\
-"""A stage that trains nothing: one file depends on probe.lr, one does not; a report with a final loss."""
-
-from __future__ import annotations
-
-import dataclasses
-from pathlib import Path
-
-import hydra
-from omegaconf import DictConfig
-
-from flowpin.stage import stage_run
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Probe:
-    lr: float
-    width: int
-    fail: bool = False
-
-
-@hydra.main(config_path="../params", config_name="probe", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    with stage_run("probe", cfg, Probe, root=ROOT) as run:
-        if run.recipe.fail:
-            raise RuntimeError("probe asked to fail")
-        (run.out_dir / "weights.txt").write_text(f"{run.recipe.lr * run.recipe.width}\\n")
-        (run.out_dir / "shape.txt").write_text(f"width {run.recipe.width}\\n")
-        run.report = {"loss": {"last": 1.0 / run.recipe.lr}, "steps": run.recipe.width}
-
-
-if __name__ == "__main__":
-    main()
-'''
+from helpers import BIN, PROBE_RECIPE, PROBE_STAGE, REPO, checked, make_project, run_in, scratch_env
 
 JOBLIB = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
 

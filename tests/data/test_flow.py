@@ -272,7 +272,7 @@ def test_an_outside_verifier_rederives_every_digest_of_the_replayed_flow(flow: P
     """Issue #13 item 14 on the real flow: hashlib + zstandard + rfc8785 re-derive every subject and dependency
     digest of every data-stage manifest (file sets outside the repository -- the stdlib ingest reads -- are left to
     flowpin verify)."""
-    from test_interop_digests import rederive, statement_of
+    from outside_verifier import rederive, statement_of
 
     statements = {f"manifests/{s}.json": statement_of(flow / MANIFEST_DIR / f"{s}.json") for s in DATA_STAGES}
     checked_digests = 0
