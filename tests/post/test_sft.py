@@ -58,7 +58,7 @@ def test_response_loss_is_the_mean_cross_entropy_of_the_response_tokens_only(voc
             if mask[row, t + 1]:
                 terms.append(-F.log_softmax(model.table[t], dim=-1)[ids[row, t + 1]])
     assert metrics["response_tokens"] == len(terms) == int(mask.sum())
-    assert math.isclose(float(loss.detach()), float(torch.stack(terms).mean()), rel_tol=1e-6)
+    assert math.isclose(float(loss.detach()), float(torch.stack(terms).mean().detach()), rel_tol=1e-6)
 
 
 def test_prompt_and_padding_logits_do_not_change_the_loss(vocab: Vocab, tasks: list[Task]) -> None:
