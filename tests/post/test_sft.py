@@ -58,7 +58,7 @@ def test_response_loss_is_the_mean_cross_entropy_of_the_response_tokens_only(voc
             if mask[row, t + 1]:
                 terms.append(-F.log_softmax(model.table[t], dim=-1)[ids[row, t + 1]])
     assert metrics["response_tokens"] == len(terms) == int(mask.sum())
-    assert math.isclose(float(loss.detach()), float(torch.stack(terms).mean().detach()), rel_tol=1e-6)
+    assert math.isclose(loss.item(), torch.stack(terms).mean().item(), rel_tol=1e-6)
 
 
 def test_prompt_and_padding_logits_do_not_change_the_loss(vocab: Vocab, tasks: list[Task]) -> None:
@@ -102,7 +102,7 @@ def test_response_loss_on_the_megatron_gpt_matches_its_logits(megatron: None, vo
     ids, mask = examples[:, 0], examples[:, 1]
     logp = F.log_softmax(logits(model, ids[:, :-1]).float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
     expected = -(logp * mask[:, 1:]).sum() / mask[:, 1:].sum()
-    assert math.isclose(float(loss), float(expected), rel_tol=1e-5)
+    assert math.isclose(loss.item(), expected.item(), rel_tol=1e-5)
 
 
 # --- examples and batches -------------------------------------------------------------------------
@@ -184,7 +184,7 @@ def test_heldout_eval_grades_greedy_answers_per_kind(
     assert all(k["cfg"].temperature == 0 and k["cfg"].max_new_tokens == 9 for k in seen)  # greedy
     assert all(vocab.eos_id in k["stop_ids"] and set(vocab.newline_ids()) <= set(k["stop_ids"]) for k in seen)
     expected = response_loss(model, solution_examples(tasks[:3], vocab, seq_len=64))[0]  # solutions, teacher-forced
-    assert math.isclose(arithmetic["response_loss"], float(expected), rel_tol=1e-5)
+    assert math.isclose(arithmetic["response_loss"], expected.item(), rel_tol=1e-5)
     assert model.training  # the eval put the model back as it found it
     with pytest.raises(DataError, match="no 'word_problem' task"):
         heldout_eval(model, tasks[:4], vocab, cfg, max_len=64)
