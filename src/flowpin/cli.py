@@ -380,6 +380,7 @@ def _cmd_fork(args: argparse.Namespace) -> int:
 
 
 def _cmd_rebuild(args: argparse.Namespace) -> int:
+    from flowpin.hashing import parallel_workers
     from flowpin.replay.rebuild import (
         RebuildOptions,
         exit_status,
@@ -395,7 +396,10 @@ def _cmd_rebuild(args: argparse.Namespace) -> int:
     if not paths:
         raise FlowpinError("nothing to rebuild: name manifest files or pass --all (rebuilds manifests/*.json)")
     options = RebuildOptions(
-        workdir=Path(args.workdir) if args.workdir else None, keep=args.keep, allow_code_drift=args.allow_code_drift
+        workdir=Path(args.workdir) if args.workdir else None,
+        keep=args.keep,
+        allow_code_drift=args.allow_code_drift,
+        hash_workers=parallel_workers(),  # a command that only hashes here: every core (flowpin.hashing.pool)
     )
     results = []
     t0 = time.monotonic()

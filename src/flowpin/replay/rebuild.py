@@ -117,6 +117,9 @@ class RebuildOptions:
     """Keep the temporary workspace (its path is in the result)."""
     allow_code_drift: bool = False
     """Rebuild with the checkout's file where pinned code/config cannot be found; reported as a cause."""
+    hash_workers: int = 1
+    """Processes that hash the pinned inputs (:mod:`flowpin.hashing.pool`); ``flowpin rebuild`` passes
+    :func:`~flowpin.hashing.pool.parallel_workers`, a library caller with torch loaded keeps ``1``."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -310,7 +313,9 @@ def rebuild_manifest(path: Path, *, root: Path, options: RebuildOptions = Rebuil
     workspace, temporary = _open_workspace(root, options, original.stage)
     keep = options.keep or not temporary
     try:
-        drifted = _populate(workspace, original, root, result, allow_drift=options.allow_code_drift)
+        drifted = _populate(
+            workspace, original, root, result, allow_drift=options.allow_code_drift, hash_workers=options.hash_workers
+        )
         rebuilt_path = workspace / _manifest_name(original)
         t_stage = time.monotonic()
         _run_stage(workspace, [sys.executable, *result.command[1:]], _replayed_env(original, workspace))
@@ -419,7 +424,9 @@ def _open_workspace(root: Path, options: RebuildOptions, stage: str) -> tuple[Pa
     return ws, False
 
 
-def _populate(ws: Path, m: Manifest, root: Path, result: RebuildResult, *, allow_drift: bool) -> dict[str, str]:
+def _populate(
+    ws: Path, m: Manifest, root: Path, result: RebuildResult, *, allow_drift: bool, hash_workers: int
+) -> dict[str, str]:
     """Fill the workspace; returns the drifted code/config names → the digest of the file used instead."""
     for tree in _PROJECT_TREES:
         if (root / tree).is_dir():
@@ -433,8 +440,8 @@ def _populate(ws: Path, m: Manifest, root: Path, result: RebuildResult, *, allow
     drifted = _source_code(ws, m, root, result, allow_drift=allow_drift)
     _write_dvc_yaml(ws, m, root, result.command)
     _copy_parents(ws, m, root)
-    _copy_inputs(ws, m, root)
-    _check_external_filesets(m, root)
+    _copy_inputs(ws, m, root, hash_workers=hash_workers)
+    _check_external_filesets(m, root, hash_workers=hash_workers)
     _copy_trust_store(ws, root)
     init_key(ws, key_path=ws / ".flowpin" / "keys" / "signing.key")
     return drifted
@@ -566,7 +573,7 @@ def _copy_parents(ws: Path, m: Manifest, root: Path) -> None:
         target.write_bytes(data)
 
 
-def _copy_inputs(ws: Path, m: Manifest, root: Path) -> None:
+def _copy_inputs(ws: Path, m: Manifest, root: Path, *, hash_workers: int) -> None:
     """Copy each pinned repository input (only the files it pins) and check the copies' digests."""
     entries = [
         d
@@ -589,7 +596,7 @@ def _copy_inputs(ws: Path, m: Manifest, root: Path) -> None:
         if absent:
             shown = ", ".join(absent[:5]) + (f" (+{len(absent) - 5} more)" if len(absent) > 5 else "")
             problems.append(f"{name}: missing {shown}")
-    hasher = Hasher(ws, m.algorithm, cache=None, workers=os.cpu_count() or 1)  # the stat cache is no evidence
+    hasher = Hasher(ws, m.algorithm, cache=None, workers=hash_workers)  # the stat cache is no evidence
     by_name = {d["name"]: d for d in entries}
     results = hasher.digest_all(list(by_name))
     for name, dep in by_name.items():
@@ -620,7 +627,7 @@ def _input_problem(dep: dict[str, Any], actual: ArtifactDigest | FlowpinError, a
     return f"{algorithm} {actual.digest[:16]}…, pinned {str(expected)[:16]}…{changes}"
 
 
-def _check_external_filesets(m: Manifest, root: Path) -> None:
+def _check_external_filesets(m: Manifest, root: Path, *, hash_workers: int) -> None:
     """File sets outside the repository (the stdlib, installed packages): the stage reads them in place."""
     problems: list[str] = []
     for dep in m.dependencies:
@@ -628,7 +635,7 @@ def _check_external_filesets(m: Manifest, root: Path) -> None:
             continue
         try:
             base = fileset_base(dep, root)
-            hasher = Hasher(root, m.algorithm, cache=None, workers=os.cpu_count() or 1)  # no stat cache: see above
+            hasher = Hasher(root, m.algorithm, cache=None, workers=hash_workers)  # no stat cache: see above
             actual: ArtifactDigest | FlowpinError = hasher.digest_fileset(dep["name"], base, list(entry_files(dep)))
         except FlowpinError as exc:
             actual = exc
