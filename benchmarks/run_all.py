@@ -30,6 +30,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "checkpoint": ([], ["--repeat", "1"]),
     "tracking": ([], ["--steps", "5", "--repeat", "3", "--warmup", "1"]),
     "cpu_isa": (["--repeat", "2"], ["--steps", "3"]),
+    "parallel": ([], ["--steps", "1"]),
 }
 
 

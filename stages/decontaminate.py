@@ -13,9 +13,11 @@ import hydra
 from omegaconf import DictConfig
 
 from flowpin.data.decontaminate import DecontaminateConfig, humaneval_location, run_decontaminate
+from flowpin.recipe_schema import register_schema
 from flowpin.stage import stage_run
 
 ROOT = Path(__file__).resolve().parents[1]
+register_schema("decontaminate")  # the structured config params/*.yaml compose onto (schema/decontaminate)
 
 
 @hydra.main(config_path="../params", config_name="decontaminate", version_base="1.3")

@@ -13,9 +13,11 @@ import hydra
 from omegaconf import DictConfig
 
 from flowpin.data.dedup import DedupConfig, run_dedup
+from flowpin.recipe_schema import register_schema
 from flowpin.stage import stage_run
 
 ROOT = Path(__file__).resolve().parents[1]
+register_schema("dedup")  # the structured config params/*.yaml compose onto (schema/dedup)
 
 
 @hydra.main(config_path="../params", config_name="dedup", version_base="1.3")

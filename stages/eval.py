@@ -18,11 +18,13 @@ from flowpin.post.eval import run_eval
 from flowpin.post.eval_config import DATA_ROLES, EvalConfig
 from flowpin.post.eval_inputs import preflight, resolve_inputs
 from flowpin.post.eval_report import MARKDOWN_NAME
+from flowpin.recipe_schema import register_schema
 from flowpin.stage import stage_run
 from flowpin.tracking.aim import numeric_leaves
 from flowpin.train.distributed import destroy, init_distributed, set_deterministic
 
 ROOT = Path(__file__).resolve().parents[1]
+register_schema("eval")  # the structured config params/*.yaml compose onto (schema/eval)
 
 
 @hydra.main(config_path="../params", config_name="eval", version_base="1.3")

@@ -14,9 +14,11 @@ from omegaconf import DictConfig
 
 from flowpin.data.ingest import IngestConfig, run_ingest
 from flowpin.manifest.resolve import python_stdlib_uri
+from flowpin.recipe_schema import register_schema
 from flowpin.stage import stage_run
 
 ROOT = Path(__file__).resolve().parents[1]
+register_schema("ingest")  # the structured config params/*.yaml compose onto (schema/ingest)
 
 
 @hydra.main(config_path="../params", config_name="ingest", version_base="1.3")

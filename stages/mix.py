@@ -15,9 +15,11 @@ from omegaconf import DictConfig
 
 from flowpin.data.mix import run_mix
 from flowpin.data.mix_config import MixConfig
+from flowpin.recipe_schema import register_schema
 from flowpin.stage import stage_run
 
 ROOT = Path(__file__).resolve().parents[1]
+register_schema("mix")  # the structured config params/*.yaml compose onto (schema/mix)
 
 
 @hydra.main(config_path="../params", config_name="mix", version_base="1.3")

@@ -12,9 +12,11 @@ import hydra
 from omegaconf import DictConfig
 
 from flowpin.post.rlvr import RLVR_STAGE
+from flowpin.recipe_schema import register_schema
 from flowpin.train.entry import run_training_stage
 
 ROOT = Path(__file__).resolve().parents[1]
+register_schema("rlvr")  # the structured config params/*.yaml compose onto (schema/rlvr)
 
 
 @hydra.main(config_path="../params", config_name="rlvr", version_base="1.3")

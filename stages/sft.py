@@ -13,9 +13,11 @@ import hydra
 from omegaconf import DictConfig
 
 from flowpin.post.sft import SFT_STAGE
+from flowpin.recipe_schema import register_schema
 from flowpin.train.entry import run_training_stage
 
 ROOT = Path(__file__).resolve().parents[1]
+register_schema("sft")  # the structured config params/*.yaml compose onto (schema/sft)
 
 
 @hydra.main(config_path="../params", config_name="sft", version_base="1.3")

@@ -12,9 +12,11 @@ import hydra
 from omegaconf import DictConfig
 
 from flowpin.data.synth import SynthConfig, run_synth
+from flowpin.recipe_schema import register_schema
 from flowpin.stage import stage_run
 
 ROOT = Path(__file__).resolve().parents[1]
+register_schema("synth")  # the structured config params/*.yaml compose onto (schema/synth)
 
 
 @hydra.main(config_path="../params", config_name="synth", version_base="1.3")

@@ -25,9 +25,11 @@ from flowpin.data.tokenize import TokenizeConfig, check_tokenizer_source, run_to
 from flowpin.data.tokenized import TOKENIZER_NAME
 from flowpin.data.tokenizer import TOKENIZER_ROLE, tokenizers_single_threaded
 from flowpin.recipe import StagePaths
+from flowpin.recipe_schema import register_schema
 from flowpin.stage import stage_run
 
 ROOT = Path(__file__).resolve().parents[1]
+register_schema("tokenize")  # the structured config params/*.yaml compose onto (schema/tokenize)
 
 
 def _preflight(recipe: TokenizeConfig, paths: StagePaths) -> None:

@@ -15,11 +15,13 @@ import hydra
 from omegaconf import DictConfig
 
 from flowpin.recipe import to_config
+from flowpin.recipe_schema import register_schema
 from flowpin.train.entry import run_training_stage
 from flowpin.train.pretrain import pretrain_stage
 from flowpin.train.transformer import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+register_schema("train")  # the structured config params/*.yaml compose onto (schema/train)
 
 
 @hydra.main(config_path="../params", config_name="pretrain", version_base="1.3")

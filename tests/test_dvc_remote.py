@@ -20,7 +20,7 @@ import pytest
 from flowpin.errors import PrecisionError, RecipeError
 from flowpin.manifest.statement import load_manifest
 from flowpin.recipe import StagePaths, to_config
-from helpers import BIN, REPO, checked, make_project, run_in
+from helpers import BIN, REPO, checked, copy_project, run_in
 
 DVC = str(BIN / "dvc")
 FLOWPIN = str(BIN / "flowpin")
@@ -30,13 +30,11 @@ PROBE = "data/synth/train/index.json"
 
 
 @pytest.fixture(scope="module")
-def origin(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def origin(synth_flow: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(project with `synth` run and committed, its local-directory remote after `dvc push`)."""
     base = tmp_path_factory.mktemp("dvc-remote")
-    root, remote = make_project(base / "origin"), base / "remote"
-    checked(root, "git", "add", "-A")
-    checked(root, "git", "commit", "-qm", "flow")
-    checked(root, DVC, "repro", STAGE)
+    # committed ("flow"), then `dvc repro synth` (conftest.py)
+    root, remote = copy_project(synth_flow, base / "origin"), base / "remote"
     checked(root, DVC, "remote", "add", "-d", "local", str(remote))
     checked(root, "git", "add", "-A")
     checked(root, "git", "commit", "-qm", "synth + remote")
@@ -109,11 +107,13 @@ def test_a_corrupted_remote_object_fails_loudly(origin: tuple[Path, Path], tmp_p
 def test_the_multinode_recipe_composes_into_typed_configs() -> None:
     from hydra import compose, initialize_config_dir
 
+    from flowpin.recipe_schema import register_schema
     from flowpin.train.distributed import GPU_DETERMINISM_ENV
     from flowpin.train.loop import rank_rows
     from flowpin.train.pretrain import TrainingStageConfig
     from flowpin.train.transformer import ModelConfig, check_precision, estimate_params
 
+    register_schema("train")  # what stages/train.py stores before it composes
     with initialize_config_dir(config_dir=str(REPO / "params"), version_base="1.3"):
         cfg = compose(config_name="pretrain_multinode")
     train = to_config(TrainingStageConfig, cfg.train, where="train")

@@ -402,6 +402,9 @@ def test_the_reference_flow_pins_the_cpu_kernels_for_every_stage() -> None:
     """params/common/hydra.yaml sets the pins in hydra.job.env_set, which every recipe composes."""
     from hydra import compose, initialize_config_dir
 
+    from flowpin.recipe_schema import register_schemas
+
+    register_schemas(("tokenize", "train", "sft", "eval"))  # as each stage script does before it composes
     params = Path(__file__).resolve().parents[1] / "params"
     with initialize_config_dir(config_dir=str(params), version_base="1.3"):
         for name in ("tokenize", "pretrain", "sft", "eval"):

@@ -20,7 +20,7 @@ from flowpin.cli import main
 from flowpin.errors import RecipeError
 from flowpin.experiment import plan_experiment
 from flowpin.manifest.statement import load_manifest
-from helpers import BIN, REPO, checked, make_project, run_in
+from helpers import BIN, REPO, checked, copy_project, run_in
 
 DVC = str(BIN / "dvc")
 FLOWPIN = str(BIN / "flowpin")
@@ -35,7 +35,7 @@ def test_values_group_choices_and_group_keys_become_file_overrides() -> None:
     )
     assert plan.set_params == (
         "params/pretrain.yaml:train.loop.steps=10",
-        "params/pretrain.yaml:defaults.1.model=tiny_wide",  # the defaults-list entry, the only form DVC can edit
+        "params/pretrain.yaml:defaults.2.model=tiny_wide",  # the defaults-list entry, the only form DVC can edit
         "params/pretrain.yaml:train.loop.optim.schedule.peak_lr=1e-3",
     )
     assert plan.argv(name="short") == [
@@ -165,11 +165,8 @@ def test_an_edit_that_would_compose_another_recipe_is_refused(tmp_path: Path) ->
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = make_project(tmp_path_factory.mktemp("dvc-exp") / "p")
-    checked(root, "git", "add", "-A")
-    checked(root, "git", "commit", "-qm", "flow")
-    checked(root, DVC, "repro", "synth")
+def project(synth_flow: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = copy_project(synth_flow, tmp_path_factory.mktemp("dvc-exp") / "p")  # committed, `dvc repro synth` run
     checked(root, "git", "add", "-A")
     checked(root, "git", "commit", "-qm", "synth baseline")
     return root

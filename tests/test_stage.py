@@ -119,12 +119,14 @@ def test_a_stage_that_swaps_its_output_in_refuses_a_torchrun_world(
 
     from flowpin.data.dedup import DedupConfig
     from flowpin.errors import FlowpinError
+    from flowpin.recipe_schema import register_schema
     from flowpin.stage import stage_run
 
     # not inside a Hydra app (an earlier test of this worker may have left Hydra's run config behind)
     monkeypatch.setattr(HydraConfig.instance(), "cfg", None)
     root = project.root
     shutil.copytree(REPO / "params", root / "params")
+    register_schema("dedup")  # as stages/dedup.py does before it composes
     with initialize_config_dir(config_dir=str(root / "params"), version_base="1.3"):
         cfg = compose("dedup")
     for rank in ("0", "1"):

@@ -90,6 +90,12 @@ COMMANDS: tuple[Command, ...] = (
         exits="0 described",
     ),
     Command(
+        name="plan",
+        summary="per-GPU memory and per-step communication of a training recipe's layout on N GPUs",
+        exits="0 the plan fits the GPUs' memory (less a 10% margin)",
+        refused="the plan does not fit (PlanError: each part's GiB and what to change), or an input error",
+    ),
+    Command(
         name="fork",
         summary="continue a training stage from its checkpoint at a step, under overrides",
         exits="0 the fork trained and its manifest is recorded",
@@ -370,6 +376,27 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from flowpin.train.plan import check_fits, plan_recipe, render_plan
+
+    recipe = Path(args.recipe)
+    config_dir = recipe.parent if recipe.suffix == ".yaml" else find_root() / "params"
+    name = recipe.stem if recipe.suffix == ".yaml" else args.recipe
+    plan = plan_recipe(config_dir, name, args.overrides, gpus=args.gpus)
+    print(render_plan(plan, args.gpu_memory))
+    check_fits(plan, args.gpu_memory)  # PlanError: exit 2, with the numbers
+    return EXIT_OK
+
+
+def _memory_arg(value: str) -> int:
+    from flowpin.train.plan import parse_memory
+
+    try:
+        return parse_memory(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def _cmd_fork(args: argparse.Namespace) -> int:
     from flowpin.replay.fork import fork
 
@@ -412,9 +439,10 @@ def _cmd_rebuild(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
+    from flowpin.hashing import parallel_workers
     from flowpin.sweep import manifest_verifier, read_sweep, render_sweep
 
-    with manifest_verifier(find_root()) as verify:
+    with manifest_verifier(find_root(), hash_workers=parallel_workers()) as verify:
         table = read_sweep(Path(args.sweep_dir), verify=verify, metrics=args.metric or None)
     print(json.dumps(table.as_dict(), indent=2, sort_keys=True) if args.json else render_sweep(table))
     return EXIT_OK if table.ok else EXIT_FAILED
@@ -446,9 +474,11 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
 
 def _cmd_release_export(args: argparse.Namespace) -> int:
+    from flowpin.hashing import parallel_workers
     from flowpin.replay.release import export_release, render_export
 
-    print(render_export(export_release(find_root(), Path(args.dir), force=args.force)))
+    root = find_root()
+    print(render_export(export_release(root, Path(args.dir), force=args.force, hash_workers=parallel_workers())))
     return EXIT_OK
 
 
@@ -581,6 +611,26 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="full samples (untruncated text, rank of each) as JSON")
     b.set_defaults(func=_cmd_batch)
 
+    pl = _add(sub, "plan")
+    pl.description = (
+        f"{pl.description} Composes params/RECIPE.yaml with the overrides (a recipe with a model group and a "
+        "train block: train.layout, train.data_parallel, train.loop.batch_size) and plans megatron-core's mixed "
+        "precision on N GPUs: weights, fp32 main weights, grad buffer, Adam state, activations (Korthikanti et "
+        "al. 2022, with the layout's recompute) and logits per GPU, and the bytes each GPU sends per step. The "
+        "training engine trains only the default layout until issue 16 lands. See docs/parallel.md."
+    )
+    pl.add_argument("recipe", help="a recipe name in params/ (pretrain_olmo3_7b) or a path to one (.yaml)")
+    pl.add_argument("--gpus", type=int, default=8, help="GPUs of the launch (default 8: one node)")
+    pl.add_argument(
+        "--gpu-memory",
+        type=_memory_arg,
+        default=80 * 2**30,
+        metavar="SIZE",
+        help="memory of each GPU: 80GiB (default), 80GB, 141GB (GB = 10^9 bytes, GiB = 2^30)",
+    )
+    pl.add_argument("overrides", nargs="*", help="Hydra overrides (e.g. train.layout.tensor=2)")
+    pl.set_defaults(func=_cmd_plan)
+
     f = _add(sub, "fork")
     f.add_argument("manifest", help="the training stage's manifest (e.g. manifests/pretrain.json)")
     f.add_argument("--step", type=int, required=True, help="the checkpoint step to continue from")
@@ -673,7 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_TAKES_OVERRIDES = ("fork", "exp")
+_TAKES_OVERRIDES = ("fork", "exp", "plan")
 """Commands whose trailing Hydra overrides (``key=value``) may follow their options."""
 
 

@@ -329,6 +329,11 @@ class NumericsPinError(PrecisionError):
     """The CPU kernels in use are not the instruction set the run pins (``ATEN_CPU_CAPABILITY``)."""
 
 
+class PlanError(RecipeError):
+    """A launch's memory plan (``flowpin plan``) does not fit its GPUs: the message holds the per-GPU bytes
+    of each part, the GPU memory and the margin, and what to change (layout, micro-batch, recompute, GPUs)."""
+
+
 class CompatibilityError(FlowpinError):
     """An installed library differs from the version whose internals flowpin reviewed and patches."""
 

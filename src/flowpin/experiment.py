@@ -12,7 +12,7 @@ the experiment's ref. :func:`plan_experiment` turns the overrides you would give
 
 * a value the primary file holds: ``params/pretrain.yaml:train.loop.steps=10``;
 * a config-group choice (``model=tiny_wide``) becomes the defaults-list entry DVC can edit:
-  ``params/pretrain.yaml:defaults.1.model=tiny_wide``;
+  ``params/pretrain.yaml:defaults.2.model=tiny_wide``;
 * a value that comes from a group (``model.hidden_size=256``) is added to the primary file
   (``+model.hidden_size=256``), which overrides the group exactly as the command line does (``_self_``
   comes after the groups in every primary config);
@@ -209,17 +209,16 @@ def _load_yaml(path: Path) -> dict[str, Any]:
 
 
 def _compose(config_dir: Path, name: str, overrides: Sequence[str]) -> dict[str, Any]:
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    from flowpin.recipe_schema import compose_recipe
+
+    cfg = compose_recipe(config_dir, name, overrides)
     try:
-        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-            cfg = compose(config_name=name, overrides=list(overrides))
         plain = OmegaConf.to_container(cfg, resolve=True)
-    except (HydraException, OmegaConfBaseException) as exc:
-        raise RecipeError(f"{name}: {' '.join(overrides) or 'recipe'} does not compose: {exc}") from exc
+    except OmegaConfBaseException as exc:
+        raise RecipeError(f"{name}: {' '.join(overrides) or 'recipe'} does not resolve: {exc}") from exc
     if not isinstance(plain, dict):
         raise InternalError(f"{name}: Hydra composed a {type(plain).__name__}, not a mapping")
     return {str(k): v for k, v in plain.items()}

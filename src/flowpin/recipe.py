@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from flowpin.errors import InternalError, PathError, RecipeError
+from flowpin.frozen import FrozenDict
 from flowpin.paths import check_output_path, find_root
 
 T = TypeVar("T")
@@ -92,12 +93,13 @@ def _build(tp: Any, value: Any, where: str) -> Any:
             raise RecipeError(f"{where}: expected a list, got {type(value).__name__} {value!r}; {FIX}")
         (item_tp, *_rest) = typing.get_args(tp) or (Any,)
         items = [_build(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
+        return items if origin is list else tuple(items)  # a Sequence field gets the immutable one
     if origin in (dict, collections.abc.Mapping):
         if not isinstance(value, Mapping):
             raise RecipeError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}; {FIX}")
         key_tp, val_tp = typing.get_args(tp) or (Any, Any)
-        return {_build(key_tp, k, where): _build(val_tp, v, f"{where}.{k}") for k, v in value.items()}
+        built = {_build(key_tp, k, where): _build(val_tp, v, f"{where}.{k}") for k, v in value.items()}
+        return built if origin is dict else FrozenDict(built)  # a Mapping field: immutable, hashable
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
@@ -332,7 +334,7 @@ INPUT_KINDS = ("dataset", "checkpoint")
 class StagePaths:
     """Where a stage reads and writes (repository-relative); the ``paths`` block of its primary config."""
 
-    inputs: dict[str, StageInput] = dataclasses.field(default_factory=dict)
+    inputs: Mapping[str, StageInput] = dataclasses.field(default_factory=FrozenDict)
     """Upstream datasets by role (e.g. ``corpus``, ``heldout``)."""
 
     out: str
@@ -341,3 +343,7 @@ class StagePaths:
     """The stage's JSON report, a DVC metrics file and a manifest byproduct."""
     manifest: str
     """The signed manifest, committed to git."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.inputs, FrozenDict):  # built in code (a fork's, a test's): frozen all the same
+            object.__setattr__(self, "inputs", FrozenDict(self.inputs))

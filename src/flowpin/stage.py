@@ -194,10 +194,10 @@ def stage_run(
     """Run one stage: see the module docstring and :func:`_stage_run` for the arguments.
 
     In a single Hydra run (a stage script on the command line, or under ``dvc repro``) a
-    :class:`~flowpin.errors.FlowpinError` is reported as ``flowpin: <Error>: <message>`` on stderr and the
-    process exits with status 1, as Hydra would, but without a traceback: the message already names what,
-    where and how to fix it. Anywhere else (sweep jobs, ``flowpin fork``, tests calling this directly) it
-    propagates.
+    :class:`~flowpin.errors.FlowpinError` is reported as ``flowpin: <Error>: <message>`` on stderr, without a
+    traceback (the message already names what, where and how to fix it), and the process exits with the
+    status :func:`flowpin.errors.exit_code` gives it, as the CLI does (2; 70 for an internal error). Anywhere
+    else (sweep jobs, ``flowpin fork``, tests calling this directly) it propagates.
     """
     try:
         with _stage_run(

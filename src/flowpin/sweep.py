@@ -418,16 +418,16 @@ Verifier = Callable[[Path], str | None]
 
 
 @contextlib.contextmanager
-def manifest_verifier(root: Path) -> Iterator[Verifier]:
+def manifest_verifier(root: Path, *, hash_workers: int = 1) -> Iterator[Verifier]:
     """The :data:`Verifier` ``flowpin sweep`` uses: ``flowpin verify``'s checks against ``root``'s trust store,
-    through the stat cache (closed on exit)."""
+    through the stat cache (closed on exit), hashing in ``hash_workers`` processes (the caller's choice)."""
     from flowpin.hashing import DEFAULT_ALGORITHM, Hasher, default_cache
     from flowpin.manifest.verify import verify_manifest
     from flowpin.signing import load_trust_store
 
     trusted = load_trust_store(root)
     cache = default_cache(root)
-    hasher = Hasher(root, DEFAULT_ALGORITHM, cache=cache)
+    hasher = Hasher(root, DEFAULT_ALGORITHM, cache=cache, workers=hash_workers)
 
     def verify(path: Path) -> str | None:
         report = verify_manifest(path, root=root, trusted=trusted, hasher=hasher)

@@ -67,8 +67,8 @@ def code_source(**kw: Any) -> SourceConfig:
         "name": "stdlib",
         "kind": "python_stdlib",
         "license": "PSF-2.0",
-        "include": ["**/*.py"],
-        "exclude": ["**/tests/**", "pydoc_data/**"],
+        "include": ("**/*.py",),
+        "exclude": ("**/tests/**", "pydoc_data/**"),
     }
     args.update(kw)
     return SourceConfig(**args)
@@ -84,7 +84,7 @@ def make_cfg(sources: list[SourceConfig] | None = None, *, seed: int = 7, per: i
     lim: dict[str, Any] = {"max_doc_bytes": 1 << 20, "on_oversize": "error", "on_decode_error": "error"}
     lim.update(limits)
     return IngestConfig(
-        sources=[code_source(), topics_source()] if sources is None else sources,
+        sources=(code_source(), topics_source()) if sources is None else tuple(sources),
         limits=LimitsConfig(**lim),
         shards=ShardConfig(docs_per_shard=per, zstd_level=5),
         seed=seed,
@@ -198,7 +198,7 @@ GOLDEN_INDEX_SHA256 = "6f753da22b2bf28762aaabd0ba5d38a1e9ecd960ba131f91c8edfbb07
 
 def test_glob_semantics(tmp_path: Path) -> None:
     root = make_stdlib(tmp_path / "lib")
-    ingest(make_cfg([code_source(include=["*.py", "json/**"], exclude=["pydoc_data/*"])]), root, tmp_path / "out")
+    ingest(make_cfg([code_source(include=("*.py", "json/**"), exclude=("pydoc_data/*",))]), root, tmp_path / "out")
     assert ids(tmp_path / "out") == [
         "stdlib/abc.py",
         "stdlib/json/__init__.py",
@@ -216,12 +216,12 @@ def test_glob_semantics(tmp_path: Path) -> None:
 
 def test_site_packages_is_never_walked(tmp_path: Path) -> None:
     root = make_stdlib(tmp_path / "lib")
-    result = ingest(make_cfg([code_source(include=["**"], exclude=[])]), root, tmp_path / "out")
+    result = ingest(make_cfg([code_source(include=("**",), exclude=())]), root, tmp_path / "out")
     assert "stdlib/pydoc_data/topics.py" in ids(tmp_path / "out")
     assert not any("site-packages" in i for i in ids(tmp_path / "out"))
     assert not any("site-packages" in p for p in result.inputs_read)
     with pytest.raises(RecipeError, match=r"ingest\.sources\[0\]\.include\[0\]"):
-        ingest(make_cfg([code_source(include=["site-packages/**"])]), root, tmp_path / "out2")
+        ingest(make_cfg([code_source(include=("site-packages/**",))]), root, tmp_path / "out2")
 
 
 def test_max_docs_subset_is_seeded_sorted_and_stable(tmp_path: Path) -> None:
@@ -284,7 +284,7 @@ def test_malformed_topics_file(tmp_path: Path, source: str) -> None:
 
 def test_empty_corpus(tmp_path: Path) -> None:
     root = make_stdlib(tmp_path / "lib")
-    cfg = make_cfg([code_source(include=["*.py"], exclude=["*.py"])])
+    cfg = make_cfg([code_source(include=("*.py",), exclude=("*.py",))])
     with pytest.raises(EmptyCorpusError, match=r"ingest\.sources.*matched 0, selected 0"):
         ingest(cfg, root, tmp_path / "out")
 
@@ -351,7 +351,7 @@ def test_max_total_bytes(tmp_path: Path) -> None:
 
 def test_include_matching_nothing(tmp_path: Path) -> None:
     root = make_stdlib(tmp_path / "lib")
-    cfg = make_cfg([code_source(include=["json/**", "jsn/**"])])
+    cfg = make_cfg([code_source(include=("json/**", "jsn/**"))])
     with pytest.raises(RecipeError, match=r"ingest\.sources\[0\]\.include\[1\]: 'jsn/\*\*' matches no \.py"):
         ingest(cfg, root, tmp_path / "out")
 
@@ -389,11 +389,11 @@ def test_bad_limits(change: dict[str, Any], key: str) -> None:
         ([], r"ingest\.sources: list at least one"),
         ([code_source(), code_source()], r"ingest\.sources\[1\]\.name: 'stdlib' is already"),
         ([code_source(name="a/b")], r"ingest\.sources\[0\]\.name"),
-        ([code_source(include=[])], r"ingest\.sources\[0\]\.include: a python_stdlib source needs"),
-        ([code_source(include=["../x.py"])], r"ingest\.sources\[0\]\.include\[0\]"),
-        ([code_source(include=["/abs/*.py"])], r"ingest\.sources\[0\]\.include\[0\]"),
-        ([code_source(exclude=["a**"])], r"ingest\.sources\[0\]\.exclude\[0\]"),
-        ([topics_source(include=["*.py"])], r"ingest\.sources\[0\]\.include/exclude"),
+        ([code_source(include=())], r"ingest\.sources\[0\]\.include: a python_stdlib source needs"),
+        ([code_source(include=("../x.py",))], r"ingest\.sources\[0\]\.include\[0\]"),
+        ([code_source(include=("/abs/*.py",))], r"ingest\.sources\[0\]\.include\[0\]"),
+        ([code_source(exclude=("a**",))], r"ingest\.sources\[0\]\.exclude\[0\]"),
+        ([topics_source(include=("*.py",))], r"ingest\.sources\[0\]\.include/exclude"),
         ([topics_source(max_docs=0)], r"ingest\.sources\[0\]\.max_docs"),
     ],
 )
@@ -405,7 +405,7 @@ def test_bad_sources(sources: list[SourceConfig], key: str) -> None:
 def test_bad_shards_and_seed() -> None:
     with pytest.raises(RecipeError, match=r"ingest\.shards\.zstd_level"):
         IngestConfig(
-            sources=[code_source()],
+            sources=(code_source(),),
             limits=LimitsConfig(max_doc_bytes=10, on_oversize="error", on_decode_error="error"),
             shards=ShardConfig(docs_per_shard=10, zstd_level=30),
             seed=1,
@@ -439,6 +439,9 @@ def test_recipe_loads_into_typed_config(name: str) -> None:
 def test_recipe_composes_with_hydra() -> None:
     from hydra import compose, initialize_config_dir
 
+    from flowpin.recipe_schema import register_schema
+
+    register_schema("ingest")  # as stages/ingest.py does before it composes
     with initialize_config_dir(config_dir=str(PARAMS), version_base=None):
         composed = compose(config_name="ingest")
     cfg = to_config(IngestConfig, composed.ingest, where="ingest")
@@ -465,7 +468,7 @@ def test_recipe_bad_value_raises() -> None:
 
 def test_real_stdlib_small(tmp_path: Path) -> None:
     root = default_stdlib_root()
-    cfg = make_cfg([code_source(include=["json/**"], exclude=[]), topics_source(max_docs=3)], per=4)
+    cfg = make_cfg([code_source(include=("json/**",), exclude=()), topics_source(max_docs=3)], per=4)
     result = run_ingest(cfg, tmp_path, stdlib_root=None)
     assert result.stdlib_root == root
     records = read_all(tmp_path)

@@ -158,7 +158,7 @@ def test_later_stage_recipes_build(name: str) -> None:
     cfg = to_config(MixConfig, node.mix, where="mix")
     reference = to_config(MixConfig, OmegaConf.load(PARAMS / "mix.yaml").mix, where="mix")
     assert cfg.quality.tiers == reference.quality.tiers and cfg.quality.features == reference.quality.features
-    rules = [r for r in cfg.topics.rules if r.min_bytes is None]
+    rules = tuple(r for r in cfg.topics.rules if r.min_bytes is None)
     assert rules == reference.topics.rules  # the pretraining classifier, plus (long-context) a length rule
     assert 500_000 <= cfg.upsampling.token_budget <= 1_000_000
     shares = cfg.upsampling.target_shares

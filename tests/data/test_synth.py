@@ -269,7 +269,7 @@ def test_reference_recipe_train_shares_no_13_gram_with_heldout() -> None:
 def test_params_file_builds_the_config() -> None:
     cfg = to_config(SynthConfig, OmegaConf.load(PARAMS / "synth.yaml").synth, where="synth")
     assert cfg.arithmetic.train > 1000 and cfg.word_problem.heldout > 0
-    assert cfg.arithmetic.operators == ["+", "-", "*", "/"]
+    assert cfg.arithmetic.operators == ("+", "-", "*", "/")
 
 
 def test_unknown_key_names_the_key() -> None:

@@ -320,7 +320,7 @@ def test_forged_cache_row_does_not_fool_release_export(forged: Path) -> None:
     from flowpin.replay.release import _check_manifests
 
     with pytest.raises(ReleaseIncoherentError, match=r"manifests/train\.json: .*model\.bin"):
-        _check_manifests(forged, ["manifests/train.json"], load_trust_store(forged))
+        _check_manifests(forged, ["manifests/train.json"], load_trust_store(forged), hash_workers=1)
 
 
 def test_forged_cache_row_does_not_fool_release_import_verify(

@@ -66,12 +66,12 @@ def test_fork_composes_the_config_the_parent_records(project: Project, monkeypat
     path = parent(project, VARIANT)
     seen: list[tuple[str, list[str]]] = []
 
-    def compose(*, config_name: str, overrides: list[str], return_hydra_config: bool = False) -> Any:
-        assert return_hydra_config  # the fork applies the recipe's hydra.job.env_set (the CPU kernel pins)
-        seen.append((config_name, list(overrides)))
+    def compose(config_dir: Path, name: str, overrides: list[str], *, with_hydra: bool = False) -> Any:
+        assert with_hydra  # the fork applies the recipe's hydra.job.env_set (the CPU kernel pins)
+        seen.append((name, list(overrides)))
         raise Composed
 
-    monkeypatch.setattr(fork_module, "compose", compose)
+    monkeypatch.setattr(fork_module, "compose_recipe", compose)
     before = snapshot(project.root)
     with pytest.raises(Composed):
         fork(path, step=2, overrides=["train.loop.steps=4"], root=project.root)

@@ -13,7 +13,7 @@ from flowpin.errors import RecipeError
 from flowpin.recipe import to_config
 from flowpin.runtime import prepare_environment
 from flowpin.train import megatron_cpu
-from flowpin.train.megatron_ddp import DataParallelConfig, MegatronGradSync, ddp_config
+from flowpin.train.megatron_ddp import DataParallelConfig, MegatronGradSync, ddp_config, refuse_untrained_optimizer
 from flowpin.train.pretrain import TrainingStageConfig
 from flowpin.train.transformer import ModelConfig, build_model
 
@@ -22,7 +22,6 @@ from flowpin.train.transformer import ModelConfig, build_model
     ("fields", "message"),
     [
         ({"engine": "fsdp"}, "train.data_parallel.engine"),
-        ({"engine": "megatron", "use_distributed_optimizer": True}, "distributed optimizer is not supported"),
         ({"engine": "flowpin", "overlap_grad_reduce": True}, "megatron DDP settings"),
         ({"engine": "flowpin", "bucket_size": 1000}, "megatron DDP settings"),
         ({"engine": "megatron", "bucket_size": 0}, "train.data_parallel.bucket_size"),
@@ -56,6 +55,15 @@ def test_megatron_config_mapping() -> None:
     }
     with pytest.raises(RecipeError, match="no megatron DDP config"):
         ddp_config(DataParallelConfig())
+
+
+def test_the_engine_refuses_the_distributed_optimizer_it_does_not_train_yet() -> None:
+    """A valid recipe value (``flowpin plan`` plans it), refused wherever the engine would build its gradients."""
+    cfg = DataParallelConfig(engine="megatron", use_distributed_optimizer=True)
+    for refuse in (refuse_untrained_optimizer, ddp_config):
+        with pytest.raises(RecipeError, match="does not train it yet"):
+            refuse(cfg)
+    refuse_untrained_optimizer(DataParallelConfig(engine="megatron"))
 
 
 def test_megatron_ddp_keeps_its_grad_buffers_on_cpu_and_hands_back_reduced_grads() -> None:

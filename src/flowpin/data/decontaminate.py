@@ -110,7 +110,7 @@ class NgramConfig:
     short_eval_policy: str = "skip"
     """An evaluation text with fewer than ``n`` words: ``skip`` it (counted in the report) or use it
     ``whole`` as one shorter n-gram."""
-    also_report: list[int] = dataclasses.field(default_factory=list)
+    also_report: tuple[int, ...] = ()
     """Other n to *report* (documents that would be flagged) without removing anything; e.g. ``[8]``."""
 
     def validate(self, where: str) -> None:
@@ -123,7 +123,7 @@ class NgramConfig:
             raise RecipeError(
                 f"{where}.short_eval_policy: {self.short_eval_policy!r} is not one of {', '.join(SHORT_EVAL_POLICIES)}"
             )
-        if not isinstance(self.also_report, list):
+        if not isinstance(self.also_report, tuple):
             raise RecipeError(f"{where}.also_report: must be a list of n-gram lengths")
         for j, n in enumerate(self.also_report):
             check_int(n, f"{where}.also_report[{j}]", minimum=1, maximum=MAX_N)
@@ -167,7 +167,7 @@ class ReportConfig:
 class DecontaminateConfig:
     """The decontaminate recipe (``decontaminate`` in ``params/decontaminate.yaml``). Validated on construction."""
 
-    evals: list[EvalSetConfig]
+    evals: tuple[EvalSetConfig, ...]
     """Evaluation sets to decontaminate against; at least one, names unique."""
     ngram: NgramConfig
     """N-gram detection."""
@@ -183,7 +183,7 @@ class DecontaminateConfig:
 
     def validate(self, where: str = "decontaminate") -> None:
         """Raise :class:`RecipeError` naming the first invalid key (``decontaminate.ngram.n`` ...)."""
-        if not isinstance(self.evals, list) or not self.evals:
+        if not isinstance(self.evals, tuple) or not self.evals:
             raise RecipeError(f"{where}.evals: list at least one evaluation set ({{name, kind}})")
         seen: dict[str, int] = {}
         for i, ev in enumerate(self.evals):

@@ -80,11 +80,11 @@ class SourceConfig:
     """``python_stdlib`` (``.py`` files chosen by globs) or ``pydoc_topics`` (one doc per pydoc topic)."""
     license: str
     """License note recorded in every document of this source, e.g. ``PSF-2.0``."""
-    include: list[str] = dataclasses.field(default_factory=list)
+    include: tuple[str, ...] = ()
     """python_stdlib only: globs over stdlib-relative POSIX paths. ``*``/``?``/``[..]`` stay within one
     path segment, a whole ``**`` segment spans any number of them (``json/**``, ``**/*.py``, ``*.py`` =
     top level only). Every pattern must match at least one ``.py`` file."""
-    exclude: list[str] = dataclasses.field(default_factory=list)
+    exclude: tuple[str, ...] = ()
     """python_stdlib only: globs (same syntax); a file matching any of them is not selected."""
     max_docs: int | None = None
     """If more documents match, keep a random subset of this size (seeded by ``ingest.seed`` and the
@@ -101,7 +101,7 @@ class SourceConfig:
         check_choice(self.kind, KINDS, f"{where}.kind")
         check_str(self.license, f"{where}.license")
         for key, patterns in (("include", self.include), ("exclude", self.exclude)):
-            if not isinstance(patterns, list):
+            if not isinstance(patterns, tuple):
                 raise RecipeError(f"{where}.{key}: must be a list of glob patterns")
             for j, pattern in enumerate(patterns):
                 check_str(pattern, f"{where}.{key}[{j}]")
@@ -148,7 +148,7 @@ class LimitsConfig:
 class IngestConfig:
     """The ingest recipe (``ingest`` in ``params/ingest.yaml``). Validated on construction."""
 
-    sources: list[SourceConfig]
+    sources: tuple[SourceConfig, ...]
     """Sources in output order; at least one, names unique."""
     limits: LimitsConfig
     """Per-document and total size caps and what to do with documents that break them."""
@@ -162,7 +162,7 @@ class IngestConfig:
 
     def validate(self, where: str = "ingest") -> None:
         """Raise :class:`RecipeError` naming the first invalid key (``ingest.limits.on_oversize`` ...)."""
-        if not isinstance(self.sources, list) or not self.sources:
+        if not isinstance(self.sources, tuple) or not self.sources:
             raise RecipeError(f"{where}.sources: list at least one source")
         seen: dict[str, int] = {}
         for i, source in enumerate(self.sources):

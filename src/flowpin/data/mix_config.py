@@ -14,9 +14,11 @@ import dataclasses
 import itertools
 import math
 import re
+from collections.abc import Mapping
 
 from flowpin.data.shards import ShardConfig
 from flowpin.errors import RecipeError, UnknownTopicError
+from flowpin.frozen import FrozenDict
 from flowpin.recipe import check_float, check_int
 
 FACTOR_CAP = 16.0
@@ -89,7 +91,7 @@ class TopicRule:
 class TopicsConfig:
     """The topic classifier (``mix.topics``)."""
 
-    rules: list[TopicRule]
+    rules: tuple[TopicRule, ...]
     """Rules in priority order; the first match wins."""
     default_topic: str
     """Topic of a document no rule matches."""
@@ -105,7 +107,7 @@ class FeatureConfig:
 
     weight: float
     """Weight in the score's weighted mean (>= 0; 0 ignores the feature)."""
-    band: list[float]
+    band: tuple[float, ...]
     """Trapezoid ``[zero_below, full_from, full_to, zero_above]`` (non-decreasing) mapping the raw value to
     [0, 1]: 0 at or below ``zero_below``, rising linearly to 1 at ``full_from``, 1 up to ``full_to``,
     falling linearly to 0 at ``zero_above`` and beyond. Equal neighbours make a step."""
@@ -156,13 +158,13 @@ class QualityConfig:
 
     features: FeaturesConfig
     """Weight and band of every feature."""
-    tiers: list[TierConfig]
+    tiers: tuple[TierConfig, ...]
     """Tiers, best first; a document gets the first tier whose ``min_score`` its score reaches."""
     long_line_chars: int
     """A non-blank line longer than this many characters counts for ``long_line_fraction``."""
     duplicate_min_chars: int
     """Stripped lines shorter than this are ignored by ``duplicate_line_fraction`` (``else:``, ``)``...)."""
-    topic_weights: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    topic_weights: Mapping[str, Mapping[str, float]] = dataclasses.field(default_factory=FrozenDict)
     """Per-topic weight overrides: ``{topic: {feature: weight}}``; unlisted features keep their weight."""
 
     def weights(self, topic: str) -> dict[str, float]:
@@ -179,16 +181,16 @@ class UpsamplingConfig:
     """Target number of (estimated) tokens in the mix, repeats included."""
     bytes_per_token: float
     """Estimated UTF-8 bytes per token until the tokenizer exists (BPE on English/code: ~3-4.5)."""
-    topic_bytes_per_token: dict[str, float] = dataclasses.field(default_factory=dict)
+    topic_bytes_per_token: Mapping[str, float] = dataclasses.field(default_factory=FrozenDict)
     """Per-topic overrides of ``bytes_per_token`` (``{topic: ratio}``), e.g. measured with an existing
     tokenizer: short numeric documents (math) give far fewer bytes per token than prose, so one ratio
     skews ``target_shares`` in real tokens. Unlisted topics use ``bytes_per_token``."""
-    tier_max_factors: dict[str, float]
+    tier_max_factors: Mapping[str, float]
     """Repetition cap of every tier, by tier name: non-increasing from best to worst, each in
     ``[0, max_factor]``; 0 drops the tier, a cap below 1 keeps at most that fraction of it."""
     max_factor: float = 7.0
     """Ceiling on every tier cap, in [1, 16] (OLMo 3 repeats its top tier up to 7x)."""
-    target_shares: dict[str, float] | None = None
+    target_shares: Mapping[str, float] | None = None
     """Optional target share of the budget per topic (must name every topic the classifier produces and
     sum to 1; 0 drops a topic). ``None``: topics keep their natural proportions."""
 
@@ -235,10 +237,10 @@ def _validate_quality(quality: QualityConfig, produced: set[str], where: str) ->
         band = feature.band
         if len(band) != 4 or not all(math.isfinite(b) for b in band):
             raise RecipeError(
-                f"{key}.band: {band!r} must be 4 finite numbers [zero_below, full_from, full_to, zero_above]"
+                f"{key}.band: {list(band)!r} must be 4 finite numbers [zero_below, full_from, full_to, zero_above]"
             )
         if any(a > b for a, b in itertools.pairwise(band)):
-            raise RecipeError(f"{key}.band: {band!r} must be non-decreasing")
+            raise RecipeError(f"{key}.band: {list(band)!r} must be non-decreasing")
     for topic, overrides in quality.topic_weights.items():
         if topic not in produced:
             raise UnknownTopicError(

@@ -32,6 +32,7 @@ from typing import Any, Protocol, TypeAlias
 
 from flowpin.data.shards import ShardConfig, ShardInfo, read_dataset, write_dataset
 from flowpin.errors import DataError, RecipeError
+from flowpin.frozen import FrozenDict
 from flowpin.recipe import check_int
 
 SPLITS = ("heldout", "train")
@@ -311,7 +312,7 @@ class ArithmeticConfig:
     """Range every literal is drawn from (min >= 0; no unary minus)."""
     operations: RangeConfig
     """How many binary operators a problem has, drawn uniformly from this range (1..8)."""
-    operators: list[str]
+    operators: tuple[str, ...]
     """Operators to draw from, a subset of ``+ - * /``. A ``/`` always has a literal divisor that divides
     its left side exactly."""
     allow_negative: bool = False
@@ -325,16 +326,16 @@ class ArithmeticConfig:
         check_int(self.heldout, f"{where}.heldout", minimum=0)
         self.operands.validate(f"{where}.operands", lowest=0)
         self.operations.validate(f"{where}.operations", lowest=1, highest=MAX_OPERATIONS)
-        if not isinstance(self.operators, list) or not self.operators:
+        if not isinstance(self.operators, tuple) or not self.operators:
             raise RecipeError(f"{where}.operators: list at least one of {' '.join(OPERATORS)}")
         for j, op in enumerate(self.operators):
             if op not in OPERATORS:
                 raise RecipeError(f"{where}.operators[{j}]: {op!r} is not one of {' '.join(OPERATORS)}")
         if len(set(self.operators)) != len(self.operators):
-            raise RecipeError(f"{where}.operators: {self.operators} lists an operator twice")
+            raise RecipeError(f"{where}.operators: {list(self.operators)} lists an operator twice")
         if self.max_value is not None:
             check_int(self.max_value, f"{where}.max_value", minimum=max(self.operands.max, 1))
-        if self.operators == ["/"] and self.operands.max == 0:
+        if self.operators == ("/",) and self.operands.max == 0:
             raise RecipeError(f"{where}.operands.max: division needs a non-zero divisor; raise it above 0")
 
 
@@ -346,14 +347,14 @@ class WordProblemConfig:
     """Problems in the train split (0 disables the kind there)."""
     heldout: int
     """Problems in the held-out split."""
-    templates: list[str] = dataclasses.field(default_factory=list)
+    templates: tuple[str, ...] = ()
     """Template names to draw from, uniformly (see :data:`TEMPLATES`); empty: all of them."""
 
     def validate(self, where: str) -> None:
         """Raise :class:`RecipeError` naming ``where.<key>`` for the first invalid value."""
         check_int(self.train, f"{where}.train", minimum=0)
         check_int(self.heldout, f"{where}.heldout", minimum=0)
-        if not isinstance(self.templates, list):
+        if not isinstance(self.templates, tuple):
             raise RecipeError(f"{where}.templates: must be a list of template names")
         for j, name in enumerate(self.templates):
             if name not in TEMPLATES:
@@ -482,57 +483,57 @@ TEMPLATES: dict[str, WordTemplate] = {
     "buy_groups": WordTemplate(
         text="{name} has {a} {items} and buys {b} bags of {c} more. How many {items} now?",
         expr=("+", "a", ("*", "b", "c")),
-        ranges={"a": (2, 40), "b": (2, 9), "c": (2, 12)},
+        ranges=FrozenDict({"a": (2, 40), "b": (2, 9), "c": (2, 12)}),
     ),
     "give_away": WordTemplate(
         text="{name} has {a} {items} and gives {b} to {friend}. How many are left?",
         expr=("-", "a", "b"),
-        ranges={"a": (5, 99), "b": (1, 60)},
+        ranges=FrozenDict({"a": (5, 99), "b": (1, 60)}),
     ),
     "share": WordTemplate(
         text="{name} shares {a} {items} equally among {b} friends. How many does each get?",
         expr=("/", "a", "b"),
-        ranges={"a": (4, 120), "b": (2, 12)},
+        ranges=FrozenDict({"a": (4, 120), "b": (2, 12)}),
     ),
     "found_lost": WordTemplate(
         text="{name} had {a} {items}, found {b} more and lost {c}. How many remain?",
         expr=("-", ("+", "a", "b"), "c"),
-        ranges={"a": (3, 60), "b": (1, 40), "c": (1, 50)},
+        ranges=FrozenDict({"a": (3, 60), "b": (1, 40), "c": (1, 50)}),
     ),
     "chairs": WordTemplate(
         text="A hall has {a} rows of {b} chairs; {c} are taken. How many are free?",
         expr=("-", ("*", "a", "b"), "c"),
-        ranges={"a": (2, 15), "b": (3, 20), "c": (1, 150)},
+        ranges=FrozenDict({"a": (2, 15), "b": (3, 20), "c": (1, 150)}),
     ),
     "savings": WordTemplate(
         text="{name} saves {a} dollars a week for {b} weeks, then spends {c}. What is left?",
         expr=("-", ("*", "a", "b"), "c"),
-        ranges={"a": (2, 25), "b": (2, 12), "c": (1, 200)},
+        ranges=FrozenDict({"a": (2, 25), "b": (2, 12), "c": (1, 200)}),
     ),
     "change": WordTemplate(
         text="{name} pays {c} dollars for {b} {items} at {a} dollars each. What is the change?",
         expr=("-", "c", ("*", "b", "a")),
-        ranges={"a": (1, 15), "b": (2, 9), "c": (20, 150)},
+        ranges=FrozenDict({"a": (1, 15), "b": (2, 9), "c": (20, 150)}),
     ),
     "reading": WordTemplate(
         text="{name} reads {a} pages daily for {b} days, then {c} more. How many in all?",
         expr=("+", ("*", "a", "b"), "c"),
-        ranges={"a": (3, 40), "b": (2, 14), "c": (1, 30)},
+        ranges=FrozenDict({"a": (3, 40), "b": (2, 14), "c": (1, 30)}),
     ),
     "boxes_shared": WordTemplate(
         text="{name} splits {a} boxes of {b} {items} evenly among {c} friends. What does each get?",
         expr=("/", ("*", "a", "b"), "c"),
-        ranges={"a": (2, 12), "b": (2, 12), "c": (2, 10)},
+        ranges=FrozenDict({"a": (2, 12), "b": (2, 12), "c": (2, 10)}),
     ),
     "times_as_many": WordTemplate(
         text="{name} has {a} {items}; {friend} has {b} times as many. How many in total?",
         expr=("+", "a", ("*", "a", "b")),
-        ranges={"a": (2, 30), "b": (2, 9)},
+        ranges=FrozenDict({"a": (2, 30), "b": (2, 9)}),
     ),
     "more_than": WordTemplate(
         text="{name} has {a} {items} and {friend} has {b}. How many more does {name} have?",
         expr=("-", "a", "b"),
-        ranges={"a": (10, 99), "b": (1, 80)},
+        ranges=FrozenDict({"a": (10, 99), "b": (1, 80)}),
     ),
 }
 """Word-problem templates by name, in recipe order when ``synth.word_problem.templates`` is empty."""

@@ -102,9 +102,9 @@ def reuse_tokenizer(data_dir: Path, cfg: TokenizerConfig) -> tuple[Tokenizer, by
     tokenizer = data.tokenizer()
     where, at = "tokenize.tokenizer", data_dir / TOKENIZER_NAME
     actual = special_tokens(tokenizer)
-    if actual != cfg.special_tokens:
+    if actual != list(cfg.special_tokens):
         raise RecipeError(
-            f"{where}.special_tokens: {cfg.special_tokens}, but the reused {at} has {actual} (in id order); "
+            f"{where}.special_tokens: {list(cfg.special_tokens)}, but the reused {at} has {actual} (in id order); "
             "list exactly those: a model trained on that vocabulary knows no other"
         )
     for key, wanted, pinned in (

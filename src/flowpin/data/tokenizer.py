@@ -54,7 +54,7 @@ class TokenizerConfig:
     With ``source: input``: optional, the size the reused tokenizer must have."""
     min_frequency: int | None = None
     """A pair is merged only if it occurs at least this often in the training text (>= 1)."""
-    special_tokens: list[str]
+    special_tokens: tuple[str, ...]
     """Special tokens, given ids ``0..k-1`` in this order; must contain ``eos_token`` and ``pad_token``.
     With ``source: input``: exactly the reused tokenizer's special tokens, in id order."""
     eos_token: str = "<|endoftext|>"  # noqa: S105 (a token, not a password)
@@ -74,10 +74,10 @@ class TokenizerConfig:
                 f"{where}.source: {self.source!r} is not one of {', '.join(TOKENIZER_SOURCES)} "
                 f"(train: train one on the corpus; input: reuse paths.inputs.{TOKENIZER_ROLE}'s)"
             )
-        if not isinstance(self.special_tokens, list) or not all(isinstance(t, str) and t for t in self.special_tokens):
+        if not isinstance(self.special_tokens, tuple) or not all(isinstance(t, str) and t for t in self.special_tokens):
             raise RecipeError(f"{where}.special_tokens: must be a list of non-empty strings")
         if len(set(self.special_tokens)) != len(self.special_tokens):
-            raise RecipeError(f"{where}.special_tokens: {self.special_tokens} lists a token twice")
+            raise RecipeError(f"{where}.special_tokens: {list(self.special_tokens)} lists a token twice")
         for key, token in (("eos_token", self.eos_token), ("pad_token", self.pad_token)):
             if token not in self.special_tokens:
                 raise RecipeError(f"{where}.{key}: {token!r} must be one of {where}.special_tokens")

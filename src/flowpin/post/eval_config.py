@@ -26,7 +26,7 @@ _STAGE_NAME = re.compile(r"[a-z][a-z0-9_]*")
 class HeldoutTextConfig:
     """Held-out text for bits-per-byte (``eval.text``)."""
 
-    files: list[str]
+    files: tuple[str, ...]
     """Standard-library files (POSIX paths relative to the stdlib root) the reference corpus did not ingest;
     each is checked against every ingest source record (sha256 and path) before any model runs."""
     window: int = 256
@@ -37,7 +37,7 @@ class HeldoutTextConfig:
 
     def validate(self, where: str) -> None:
         """Raise :class:`RecipeError` naming ``where.<key>`` for the first invalid value."""
-        if not isinstance(self.files, list) or not self.files:
+        if not isinstance(self.files, tuple) or not self.files:
             raise RecipeError(f"{where}.files: list at least one standard-library file (e.g. asyncio/queues.py)")
         for j, name in enumerate(self.files):
             _check_relative(name, f"{where}.files[{j}]", "the stdlib root")
@@ -70,7 +70,7 @@ class TasksConfig:
 class EvalConfig:
     """The eval recipe (``eval`` in ``params/eval.yaml``). Validated on construction."""
 
-    stages: list[str]
+    stages: tuple[str, ...]
     """Stages whose latest checkpoint is evaluated, one table row each, in this order. Each names a
     ``paths.inputs`` role (its checkpoints directory and manifest)."""
     text: HeldoutTextConfig
@@ -93,7 +93,7 @@ class EvalConfig:
 
     def validate(self, where: str = "eval") -> None:
         """Raise :class:`RecipeError` naming the first invalid key (``eval.text.window`` ...)."""
-        if not isinstance(self.stages, list) or not self.stages:
+        if not isinstance(self.stages, tuple) or not self.stages:
             raise RecipeError(f"{where}.stages: list at least one stage whose checkpoints to evaluate")
         for i, stage in enumerate(self.stages):
             if not isinstance(stage, str) or not _STAGE_NAME.fullmatch(stage):
@@ -104,7 +104,7 @@ class EvalConfig:
                     "with checkpoints"
                 )
         if len(set(self.stages)) != len(self.stages):
-            raise RecipeError(f"{where}.stages: {self.stages} lists a stage twice")
+            raise RecipeError(f"{where}.stages: {list(self.stages)} lists a stage twice")
         self.text.validate(f"{where}.text")
         self.tasks.validate(f"{where}.tasks")
         _check_relative(self.decontamination_report, f"{where}.decontamination_report", "the repository root")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,9 +35,11 @@ from flowpin.errors import (
     DecontaminationReportError,
     HeldoutOverlapError,
     RecipeError,
+    StrictJSONError,
     TokenizerError,
 )
 from flowpin.hashing import hash_bytes
+from flowpin.jsonio import loads_strict
 from flowpin.manifest.digests import identity_value, pinned_identity
 from flowpin.manifest.trust import load_verified
 from flowpin.paths import find_root
@@ -215,6 +216,10 @@ class Decontamination:
     table adds the name of the copy it writes (:func:`flowpin.post.eval_report.eval_table`)."""
 
 
+MAX_REPORT_BYTES = 64 * 1024 * 1024
+"""Bound on the decontamination report read (strict JSON; the reference flow's is a few KiB)."""
+
+
 def load_decontamination(
     report: Path,
     *,
@@ -277,9 +282,9 @@ def load_decontamination(
             "differs or is absent); rerun decontaminate on it (dvc repro decontaminate)"
         )
     try:
-        doc = json.loads(raw)
+        doc = loads_strict(raw, where=report_name, max_bytes=MAX_REPORT_BYTES)
         summary = _decontamination_summary(doc, heldout)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (StrictJSONError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise DecontaminationReportError(
             f"eval.decontamination_report: {report_name} is not a decontaminate report ({exc}); rerun decontaminate"
         ) from exc

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from flowpin.canonical import canonical_json
@@ -32,6 +31,7 @@ from flowpin.manifest.record import StageRecorder
 from flowpin.manifest.trust import load_verified, require_digests
 from flowpin.paths import check_output_path, resolve_inside, to_name
 from flowpin.recipe import HydraSources, StagePaths, to_config
+from flowpin.recipe_schema import compose_recipe
 from flowpin.stage import StageInvocation
 from flowpin.train.checkpoint import checkpoint_name, latest_checkpoint
 from flowpin.train.entry import run_training_stage
@@ -64,8 +64,8 @@ def fork(parent_manifest: Path, *, step: int, overrides: list[str], root: Path, 
     all_overrides = [*parent.overrides, *overrides]
     tag = hash_bytes(canonical_json(all_overrides))[:8]
     run_dir_name = out or f"runs/forks/{parent.stage}-step{step}-{tag}"
-    with initialize_config_dir(config_dir=str(resolve_inside(entry.config_dir, root).resolve()), version_base="1.3"):
-        cfg = compose(config_name=entry.config_name, overrides=all_overrides, return_hydra_config=True)
+    config_dir = resolve_inside(entry.config_dir, root)
+    cfg = compose_recipe(config_dir, entry.config_name, all_overrides, with_hydra=True)  # onto its block's schema
     # The CPU kernel pins (hydra.job.env_set: ATEN_CPU_CAPABILITY, MKL_CBWR, ...) that a Hydra run of the stage
     # applies before its first computation; nothing here has computed yet, so they take effect the same way.
     env_set = {str(k): str(v) for k, v in (cfg.hydra.job.env_set or {}).items()}

@@ -150,8 +150,11 @@ def object_name(md5: str) -> str:
 # --- export ---------------------------------------------------------------------------------------
 
 
-def export_release(root: Path, target: Path, *, force: bool = False) -> ExportResult:
-    """Check that the checkout is one coherent release, then write it to ``target`` atomically."""
+def export_release(root: Path, target: Path, *, force: bool = False, hash_workers: int = 1) -> ExportResult:
+    """Check that the checkout is one coherent release, then write it to ``target`` atomically.
+
+    ``hash_workers``: processes that hash the manifests' artifacts as they are verified (the caller's choice,
+    :func:`flowpin.hashing.parallel_workers` for a command that only hashes; 1, in-process, by default)."""
     t0 = time.monotonic()
     target = Path(os.path.abspath(target))
     _check_target(root, target, force=force)
@@ -179,7 +182,7 @@ def export_release(root: Path, target: Path, *, force: bool = False) -> ExportRe
     cache = Path(_run(root, [*_dvc_cmd(), "cache", "dir"], ReleaseIncoherentError).decode().strip())
     objects = _cache_objects(cache, outs)  # before `dvc status`, which would say "not in cache" less precisely
     _check_dvc_status(root, stages)
-    _check_manifests(root, manifests, trusted)
+    _check_manifests(root, manifests, trusted, hash_workers=hash_workers)
     _check_carried(root, manifests, outs, tree.keys())
     unreleased = tuple(sorted(_dvc_yaml_stages(root) - set(stages)))
 
@@ -287,10 +290,12 @@ def _check_dvc_status(root: Path, stages: Sequence[str]) -> None:
         )
 
 
-def _check_manifests(root: Path, manifests: Sequence[str], trusted: dict[str, Ed25519PublicKey]) -> None:
+def _check_manifests(
+    root: Path, manifests: Sequence[str], trusted: dict[str, Ed25519PublicKey], *, hash_workers: int
+) -> None:
     # Every file is read: the stat cache is a local speed-up anyone with write access to .flowpin/ can
     # edit, never evidence for a release (docs/hardening.md, "Trust model: the stat cache").
-    hasher = Hasher(root, DEFAULT_ALGORITHM, cache=None)
+    hasher = Hasher(root, DEFAULT_ALGORITHM, cache=None, workers=hash_workers)
     failures: list[str] = []
     for name in manifests:
         report = verify_manifest(root / name, root=root, trusted=trusted, hasher=hasher)

@@ -21,7 +21,7 @@ it composed. The body:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 
 from flowpin.constants import MODEL_CONFIG
 from flowpin.errors import InternalError
+from flowpin.recipe import StagePaths
 from flowpin.runtime import Runtime, prepare_environment
 from flowpin.stage import StageInvocation, stage_run
 from flowpin.train.run import TrainingResult, run_spec
@@ -62,6 +63,7 @@ def run_training_stage(
         persistent_out=True,
         environment=environment,
         invocation=invocation,
+        preflight=None if stage.preflight is None else _preflight(stage.preflight),
     ) as run:
         if run.runtime is None:
             raise InternalError("run_training_stage: stage_run yielded no prepared process")
@@ -85,3 +87,10 @@ def run_training_stage(
         for line in spec.summary(str(run.paths.manifest), result.report):
             print(line)
     return result
+
+
+def _preflight(check: Callable[[C], None]) -> Callable[[C, StagePaths], None]:
+    def preflight(recipe: C, paths: StagePaths) -> None:
+        check(recipe)
+
+    return preflight

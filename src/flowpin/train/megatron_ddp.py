@@ -50,7 +50,8 @@ class DataParallelConfig:
     bucket_size: int | None = None
     """megatron: elements per bucket (``None``: megatron's default, one bucket without overlap)."""
     use_distributed_optimizer: bool = False
-    """megatron: shard optimizer state across ranks. Refused: not supported yet (see the module docstring)."""
+    """megatron: shard optimizer state (and fp32 main weights) across ranks. ``flowpin plan`` plans it; the engine
+    refuses to train it yet (:func:`refuse_untrained_optimizer`, see the module docstring)."""
 
     def __post_init__(self) -> None:
         check_choice(self.engine, ENGINES, "train.data_parallel.engine")
@@ -63,11 +64,6 @@ class DataParallelConfig:
             raise RecipeError(
                 "train.data_parallel: overlap_grad_reduce and bucket_size are megatron DDP settings; set "
                 "engine: megatron or leave them at false/null"
-            )
-        if self.use_distributed_optimizer:
-            raise RecipeError(
-                "train.data_parallel.use_distributed_optimizer: megatron's distributed optimizer is not supported "
-                "yet (its sharded state has no pickle-free checkpoint path in flowpin); set it to false"
             )
 
     def settings(self) -> dict[str, Any]:
@@ -84,12 +80,24 @@ class DataParallelConfig:
         }
 
 
+def refuse_untrained_optimizer(cfg: DataParallelConfig) -> None:
+    """Refuse ``use_distributed_optimizer``, which the engine does not train yet (a valid recipe value: the
+    planner plans it), with :class:`RecipeError`; never train without it while the recipe says it was used."""
+    if cfg.use_distributed_optimizer:
+        raise RecipeError(
+            "train.data_parallel.use_distributed_optimizer: `flowpin plan` plans megatron's distributed optimizer, "
+            "but the training engine does not train it yet (its sharded state has no pickle-free checkpoint path in "
+            "flowpin until issues 16 and 17 land); set it to false to train"
+        )
+
+
 def ddp_config(cfg: DataParallelConfig) -> Any:
     """megatron-core's ``DistributedDataParallelConfig`` for ``cfg`` (engine ``megatron``)."""
     from megatron.core.distributed import DistributedDataParallelConfig  # type: ignore[import-untyped,unused-ignore]
 
     if cfg.engine != "megatron":
         raise RecipeError(f"train.data_parallel.engine: {cfg.engine!r} has no megatron DDP config")
+    refuse_untrained_optimizer(cfg)
     return DistributedDataParallelConfig(
         grad_reduce_in_fp32=cfg.grad_reduce_in_fp32,
         overlap_grad_reduce=cfg.overlap_grad_reduce,

@@ -10,7 +10,9 @@ checkpoints into a :class:`~flowpin.train.spec.TrainSpec`:
 * weights from ``loop.seed`` (``init: scratch``) or the upstream run's last checkpoint (``init: checkpoint``;
   weights only: a new stage starts a new optimizer and schedule, as OLMo's stages do);
 * the run key's stage parts: loop config, order seed, data digest, data-parallel engine;
-* the probe loss (:func:`probe_loss`: fixed batches far past any run) before and after.
+* the probe loss (:func:`probe_loss`: fixed batches far past any run) before and after;
+* a ``train.layout`` other than data parallel only refused (:func:`refuse_untrained_layout`): ``flowpin plan``
+  plans it, the engine does not train it yet (issue 16).
 
 :func:`fork_spec` (``flowpin fork``, :mod:`flowpin.replay.fork`) continues one of such a run's checkpoints --
 weights, optimizer, RNG streams, data position -- under a possibly changed recipe, into a new run directory;
@@ -31,8 +33,9 @@ from flowpin.data.tokenized import TokenizedDataset, dataset_digest
 from flowpin.errors import RecipeError
 from flowpin.recipe import check_choice, check_int, to_plain
 from flowpin.train.checkpoint import state_digest
+from flowpin.train.layout import LayoutConfig
 from flowpin.train.loop import BatchSource, LossFn, ScalarLossFn, TrainConfig, ordered_batches
-from flowpin.train.megatron_ddp import DataParallelConfig
+from flowpin.train.megatron_ddp import DataParallelConfig, refuse_untrained_optimizer
 from flowpin.train.spec import StageContext, TrainedRun, TrainingStage, TrainSpec
 from flowpin.train.transformer import ModelConfig, effective_precision
 
@@ -51,11 +54,59 @@ class TrainingStageConfig:
     """torch intra-op threads (recorded: a different count can change results bitwise)."""
     data_parallel: DataParallelConfig = dataclasses.field(default_factory=DataParallelConfig)
     """Gradient engine across data-parallel ranks: flowpin's all-reduce or megatron's DDP."""
+    layout: LayoutConfig = dataclasses.field(default_factory=LayoutConfig)
+    """Tensor, pipeline, sequence and context parallel sizes, micro-batches and recompute (``flowpin plan``
+    plans any; the engine trains only the default, data parallel only: :func:`refuse_untrained_layout`)."""
 
     def __post_init__(self) -> None:
         check_int(self.order_seed, "train.order_seed", minimum=0, maximum=2**63 - 1)
         check_choice(self.init, ("scratch", "checkpoint"), "train.init")
         check_int(self.threads, "train.threads", minimum=1, maximum=1024)
+
+
+def _refuse_untrained(cfg: TrainingStageConfig) -> None:
+    """The training stages' preflight: what the engine does not train yet, refused in this process's world
+    (the launcher's: ``torchrun``'s ``WORLD_SIZE``) before the tracker opens or anything is written."""
+    from flowpin.train.launcher import process_rank
+
+    refuse_untrained_layout(cfg, world_size=process_rank()[1])
+    refuse_untrained_optimizer(cfg.data_parallel)
+
+
+def refuse_untrained_layout(cfg: TrainingStageConfig, *, world_size: int) -> None:
+    """Refuse a ``train.layout`` the engine does not train yet: the stage's preflight (:func:`_refuse_untrained`),
+    before any data is read, the run key claimed, the tracker opened or a checkpoint, report or manifest written.
+
+    ``flowpin plan`` accepts any valid layout; the engine trains data parallel only (tensor = pipeline =
+    context = 1, no virtual pipeline, no sequence parallelism, nothing recomputed, the whole per-rank batch in
+    one micro-batch) until issue 16 lands. A run never claims a layout it did not use: anything else raises
+    :class:`RecipeError` naming each such key.
+    """
+    layout = cfg.layout
+    wrong = [
+        f"{name}={value}"
+        for name, value, trained in (
+            ("tensor", layout.tensor, 1),
+            ("pipeline", layout.pipeline, 1),
+            ("context", layout.context, 1),
+            ("virtual_pipeline", layout.virtual_pipeline, None),
+            ("sequence_parallel", layout.sequence_parallel, False),
+            ("recompute", layout.recompute, "none"),
+        )
+        if value != trained
+    ]
+    micro = layout.micro_batch_size
+    batch = cfg.loop.batch_size
+    if micro is not None and (batch % world_size or micro != batch // world_size):
+        per_rank = f"{batch // world_size}" if batch % world_size == 0 else f"{batch}/{world_size}"
+        wrong.append(f"micro_batch_size={micro} (the per-rank batch is {per_rank}: gradient accumulation)")
+    if wrong:
+        raise RecipeError(
+            f"train.layout: {', '.join(wrong)}: `flowpin plan` accepts this layout, but the training engine does "
+            "not train it yet (data parallel only until issue 16 lands); set train.layout back to its defaults "
+            "(tensor, pipeline, context 1, virtual_pipeline null, sequence_parallel false, recompute none, "
+            "micro_batch_size null) to train"
+        )
 
 
 def lm_loss(pad_id: int) -> ScalarLossFn:
@@ -217,7 +268,9 @@ def pretrain_stage(model_cfg: ModelConfig) -> TrainingStage[TrainingStageConfig]
             cfg, model_cfg, data_dir=data_dir, data_digest=dataset_digest(data_dir), init_dir=ctx.inputs.get("init")
         )
 
-    return TrainingStage(block="train", config=TrainingStageConfig, inputs=("data",), build=build)
+    return TrainingStage(
+        block="train", config=TrainingStageConfig, inputs=("data",), build=build, preflight=_refuse_untrained
+    )
 
 
 def fork_stage(model_cfg: ModelConfig, checkpoint: Path) -> TrainingStage[TrainingStageConfig]:
@@ -227,7 +280,9 @@ def fork_stage(model_cfg: ModelConfig, checkpoint: Path) -> TrainingStage[Traini
         data_dir = ctx.inputs["data"]
         return fork_spec(cfg, model_cfg, checkpoint=checkpoint, data_dir=data_dir, data_digest=dataset_digest(data_dir))
 
-    return TrainingStage(block="train", config=TrainingStageConfig, inputs=("data",), build=build)
+    return TrainingStage(
+        block="train", config=TrainingStageConfig, inputs=("data",), build=build, preflight=_refuse_untrained
+    )
 
 
 __all__ = [
@@ -241,4 +296,5 @@ __all__ = [
     "pretrain_spec",
     "pretrain_stage",
     "probe_loss",
+    "refuse_untrained_layout",
 ]

@@ -59,7 +59,7 @@ from flowpin.train.loop import (
     build_optimizer,
     train,
 )
-from flowpin.train.megatron_ddp import DataParallelConfig, MegatronGradSync
+from flowpin.train.megatron_ddp import DataParallelConfig, MegatronGradSync, refuse_untrained_optimizer
 from flowpin.train.run_key import RunClaim, StaleCheckpoints, claim_run_dir, package_code_digests
 from flowpin.train.spec import TrainedRun, TrainSpec
 from flowpin.train.transformer import ModelConfig, build_model, check_precision
@@ -268,6 +268,7 @@ def run_report(
 
 def grad_sync_for(model: torch.nn.Module, cfg: DataParallelConfig) -> GradSync | None:
     """The loop's gradient engine for ``cfg``: ``None`` (flowpin's own reduction) or megatron's DDP."""
+    refuse_untrained_optimizer(cfg)  # whatever the stage checked before: never train without a setting
     return MegatronGradSync(model, cfg) if cfg.engine == "megatron" else None
 
 

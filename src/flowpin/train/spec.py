@@ -154,3 +154,6 @@ class TrainingStage(Generic[C]):
     """The ``paths.inputs`` roles the recipe must name."""
     build: Callable[[C, StageContext], TrainSpec]
     """The spec builder."""
+    preflight: Callable[[C], None] | None = None
+    """Checks of the typed recipe that the config alone cannot make (what the engine trains in this process's
+    world), run by :func:`flowpin.stage.stage_run` on every rank before anything is opened or written."""
