@@ -6,6 +6,7 @@ Fixtures are grouped by the area they serve; add new groups below the existing o
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,15 @@ def _pin_cpu_kernels() -> None:
 
 _pin_cpu_kernels()
 
-from helpers import Project  # noqa: E402  (after the pins: helpers imports flowpin)
+from helpers import (  # noqa: E402  (after the pins: helpers imports flowpin)
+    BIN,
+    DATA_STAGES,
+    POST_UPSTREAM,
+    Project,
+    extend_project,
+    make_project,
+    shared_project,
+)
 
 
 @pytest.fixture
@@ -78,3 +87,55 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
     if FAULTS["injected"]:
         terminalreporter.write_line(f"faults injected: {FAULTS['injected']}, artifacts lost: {FAULTS['lost']}")
+
+
+# --- tiny flows shared by the session (tests/data/, tests/replay/, tests/post/, test_train_stage.py, ...) --------
+# Scratch projects (helpers.make_project) that have run stages of the reference flow, each built once per session:
+# under pytest-xdist the first worker that needs one builds it (a file lock; helpers.shared_project) and the others
+# wait and reuse it. Each builds on a copy of the one it names. They are READ-ONLY: a test or module fixture takes
+# a private copy (helpers.copy_project) before it runs anything there -- dvc, a stage, even `flowpin verify`,
+# which writes its stat cache into the project -- or changes a file; only reading files in place is allowed.
+
+
+@pytest.fixture(scope="session")
+def shared_flows_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the shared flows are built: the session's base temporary directory, common to every xdist worker
+    (each worker's own basetemp is a subdirectory of it), or this process's own when it runs alone."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return tmp_path_factory.mktemp("shared-flows")
+    base = tmp_path_factory.getbasetemp().parent / "shared-flows"
+    base.mkdir(exist_ok=True)
+    return base
+
+
+@pytest.fixture(scope="session")
+def bare_flow(shared_flows_dir: Path) -> Path:
+    """``make_project``: the flow's files, a git repository (no commit), DVC, a signing key; nothing run."""
+    return shared_project(shared_flows_dir, "bare", make_project)
+
+
+@pytest.fixture(scope="session")
+def ingest_flow(shared_flows_dir: Path, bare_flow: Path) -> Path:
+    """``bare_flow`` after ``dvc repro ingest``."""
+    return shared_project(shared_flows_dir, "ingest", extend_project(bare_flow, [str(BIN / "dvc"), "repro", "ingest"]))
+
+
+@pytest.fixture(scope="session")
+def data_flow(shared_flows_dir: Path, ingest_flow: Path) -> Path:
+    """``ingest_flow`` after ``dvc repro`` of every data stage (helpers.DATA_STAGES), reference recipes."""
+    repro = [str(BIN / "dvc"), "repro", *DATA_STAGES]
+    return shared_project(shared_flows_dir, "data", extend_project(ingest_flow, repro))
+
+
+@pytest.fixture(scope="session")
+def synth_flow(shared_flows_dir: Path, bare_flow: Path) -> Path:
+    """``bare_flow`` with its files committed to git ("flow"), then ``dvc repro synth`` (not committed)."""
+    commands = (["git", "add", "-A"], ["git", "commit", "-qm", "flow"], [str(BIN / "dvc"), "repro", "synth"])
+    return shared_project(shared_flows_dir, "synth", extend_project(bare_flow, *commands))
+
+
+@pytest.fixture(scope="session")
+def post_flow(shared_flows_dir: Path, bare_flow: Path) -> Path:
+    """``bare_flow`` after helpers.POST_UPSTREAM: a small synth, a tokenizer of its tasks, a 4-step pretrain."""
+    commands = [[sys.executable, script, *overrides] for script, overrides in POST_UPSTREAM.items()]
+    return shared_project(shared_flows_dir, "post", extend_project(bare_flow, *commands))

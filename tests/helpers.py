@@ -14,12 +14,15 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+import tempfile
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from filelock import FileLock
 
 from flowpin.hashing import Hasher
 from flowpin.manifest.record import record
@@ -149,6 +152,94 @@ def make_project(dest: Path) -> Path:
     ):
         checked(dest, *cmd)
     return dest
+
+
+# --- tiny flows built once per test session (conftest.py's session fixtures) -------------------------
+
+DATA_STAGES = (
+    "ingest",
+    "dedup",
+    "synth",
+    "decontaminate",
+    "mix",
+    "tokenize",
+    "mix_midtrain",
+    "tokenize_midtrain",
+    "mix_longctx",
+    "tokenize_longctx",
+)
+"""Every stage of the data flow; each writes manifests/<stage>.json (conftest.py's ``data_flow`` runs them)."""
+
+POST_UPSTREAM = {  # synth -> tokenize (of the synth tasks) -> a 4-step pretrain: the init of short post-training runs
+    "stages/synth.py": (
+        "synth.arithmetic.train=120",
+        "synth.arithmetic.heldout=8",
+        "synth.word_problem.train=60",
+        "synth.word_problem.heldout=4",
+    ),
+    "stages/tokenize_corpus.py": (
+        "paths.inputs.corpus.data=data/synth/train",
+        "paths.inputs.corpus.manifest=manifests/synth.json",
+        "tokenize.tokenizer.vocab_size=1024",
+        "tokenize.packing.seq_len=64",
+    ),
+    "stages/train.py": (
+        "model.max_sequence_length=64",
+        "model.sliding_window=32",
+        "train.loop.steps=4",
+        "train.loop.batch_size=4",
+        "train.loop.checkpoint_every=4",
+        "train.loop.optim.schedule.warmup_steps=1",
+    ),
+}
+"""Stage script -> overrides, run in this order by conftest.py's ``post_flow`` (tests/post/test_dpo.py, rlvr)."""
+
+SHARED_BUILD_TIMEOUT = 1800.0
+"""Seconds a process waits for another one's build of a shared flow before it gives up."""
+
+
+def copy_project(src: Path, dest: Path) -> Path:
+    """A private copy of a scratch project (git, DVC, key, outputs, manifests): what a test may change."""
+    shutil.copytree(src, dest, symlinks=True)
+    return dest
+
+
+def shared_project(base: Path, name: str, build: Callable[[Path], object]) -> Path:
+    """The project ``base/<name>/p``, made by ``build(project)`` once for every process that shares ``base``.
+
+    The first process to take ``base/<name>.lock`` builds; the others (pytest-xdist workers) wait for the lock,
+    then reuse what it built. Each attempt builds in a directory of its own, renamed to ``p`` once complete, and
+    ``base/<name>/done`` is written last, atomically (a rename): a build that failed or was killed half-way leaves
+    no marker, and the next process to take the lock builds again, beside anything the dead one's stage
+    processes may still be writing. The project is read-only for its users: :func:`copy_project` it before
+    changing or running anything there.
+    """
+    home = base / name
+    project, done = home / "p", home / "done"
+    with FileLock(base / f"{name}.lock", timeout=SHARED_BUILD_TIMEOUT):
+        if not done.is_file():
+            home.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(project, ignore_errors=True)  # renamed into place, but its marker not written
+            attempt = Path(tempfile.mkdtemp(prefix="build-", dir=home))
+            t0 = time.monotonic()
+            build(attempt / "p")
+            os.rename(attempt / "p", project)
+            partial = home / "done.partial"
+            partial.write_text(f"{name}: built in {time.monotonic() - t0:.1f} s by process {os.getpid()}\n")
+            os.replace(partial, done)
+            attempt.rmdir()
+    return project
+
+
+def extend_project(parent: Path, *commands: Sequence[str]) -> Callable[[Path], None]:
+    """A build for :func:`shared_project`: a copy of ``parent``, then each command run in it (it must succeed)."""
+
+    def build(root: Path) -> None:
+        copy_project(parent, root)
+        for cmd in commands:
+            checked(root, *cmd)
+
+    return build
 
 
 # --- a minimal real checkpoint state (tests/test_hostile_input.py, test_no_pickle.py) ---------------

@@ -37,7 +37,7 @@ def make_tasks() -> list[Task]:
 
 def make_vocab(tasks: Sequence[Task]) -> Vocab:
     cfg = TokenizerConfig(
-        vocab_size=320, min_frequency=1, special_tokens=["<|endoftext|>", "<|pad|>"], seed=0, train_max_bytes=None
+        vocab_size=320, min_frequency=1, special_tokens=("<|endoftext|>", "<|pad|>"), seed=0, train_max_bytes=None
     )
     tok: Tokenizer = train_tokenizer([t.text for t in tasks] * 3, cfg)
     return Vocab(tokenizer=tok, eos_id=0, pad_id=1)

@@ -357,12 +357,13 @@ def test_data_stage_under_a_file_size_limit_fails_cleanly(base: Path, tmp_path: 
         sys.executable,
         "stages/synth.py",
         *SMALL[:1],
-        "synth.arithmetic.train=2000",
-        "synth.word_problem.train=200",
+        "synth.arithmetic.train=6000",
+        "synth.word_problem.train=600",
+        "synth.shards.docs_per_shard=8192",  # one train shard of ~450 KiB
     ]
     # 16 KiB: SQLite's 32 KiB WAL index of the digest stat cache is the first file to hit the limit;
-    # 128 KiB: the cache fits, the ~150 KiB first train shard does not.
-    for limit_kib, path in ((16, ".flowpin/cache/digests.sqlite"), (128, "train/shard-00000.jsonl.zst")):
+    # 256 KiB: the cache and its write-ahead log (over 128 KiB with the stage's ~70 code files) fit, the shard does not.
+    for limit_kib, path in ((16, ".flowpin/cache/digests.sqlite"), (256, "train/shard-00000.jsonl.zst")):
         proc = run(root, *argv, preexec=file_limit(limit_kib * 1024))
         assert_clean_refusal(proc, "file size limit")
         assert path in proc.stderr, proc.stderr  # names the file it could not write

@@ -38,7 +38,7 @@ from flowpin.sweep import (
     sweep_progress,
     unique_suffix,
 )
-from helpers import BIN, PROBE_RECIPE, PROBE_STAGE, REPO, checked, make_project, run_in, scratch_env
+from helpers import BIN, PROBE_RECIPE, PROBE_STAGE, REPO, checked, copy_project, run_in, scratch_env
 
 JOBLIB = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
 
@@ -409,9 +409,8 @@ def test_a_multi_task_launcher_is_refused_before_any_job(probe_root: Path) -> No
 
 
 @pytest.mark.slow
-def test_training_sweep_with_joblib_end_to_end(tmp_path: Path) -> None:
-    root = make_project(tmp_path / "p")
-    checked(root, str(BIN / "dvc"), "repro", "tokenize")
+def test_training_sweep_with_joblib_end_to_end(data_flow: Path, tmp_path: Path) -> None:
+    root = copy_project(data_flow, tmp_path / "p")  # tokenize and its upstream done by `dvc repro` (conftest.py)
     t0 = time.monotonic()
     checked(
         root,

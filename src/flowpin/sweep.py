@@ -250,6 +250,7 @@ class SweepCallback(Callback):
                 "parallelism is torchrun's, not SLURM tasks'): set hydra.launcher.tasks_per_node=1 and nodes=1"
             )
         _refuse_writes_outside(config, multirun=True)
+        picklable_schemas()  # before the launcher sends the ConfigStore to its workers (joblib)
         sweep_dir = Path(str(config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         state = {
@@ -612,3 +613,94 @@ __all__ = [
     "sweep_progress",
     "unique_suffix",
 ]
+
+
+# --- the recipe schemas in a launcher's workers ------------------------------------------------------------------
+# Hydra's joblib launcher sends its singletons (the ConfigStore with flowpin's recipe schemas,
+# flowpin.recipe_schema) to worker processes, which compose each job. The schemas are classes made at run time: by
+# value, they would carry copies of dataclasses' MISSING sentinel, which OmegaConf then takes for a default
+# ("_MISSING_TYPE is not a ListConfig"). So each is pickled by reference: named here, and rebuilt by this module's
+# __getattr__ in the process that unpickles it, from the config dataclass its name encodes.
+
+_SCHEMA_PREFIX = "Schema__"
+_RECIPE_PREFIX = "Recipe__"
+_SCHEMAS: dict[str, type] = {}
+
+
+def picklable_schemas() -> None:
+    """Make every recipe schema in Hydra's ConfigStore picklable by reference (see the comment above)."""
+    import dataclasses
+
+    from hydra.core.config_store import ConfigStore
+
+    from flowpin.recipe_schema import SCHEMA_GROUP, STAGE_SCHEMAS, schema_of
+
+    def name_nested(schema: type) -> None:
+        for field in dataclasses.fields(schema):
+            for cls in _dataclass_types(field.type):
+                for source in _sources(cls, schema_of):
+                    _name(cls, _SCHEMA_PREFIX + source.__module__.replace(".", "__") + "___" + source.__qualname__)
+                    name_nested(cls)
+
+    for block in STAGE_SCHEMAS:
+        node = ConfigStore.instance().repo.get(SCHEMA_GROUP, {}).get(f"{block}.yaml")
+        schema = OmegaConf.get_type(node.node) if node is not None else None
+        if isinstance(schema, type) and dataclasses.is_dataclass(schema):
+            _name(schema, _RECIPE_PREFIX + block)
+            name_nested(schema)
+
+
+def _dataclass_types(tp: Any) -> list[type]:
+    import dataclasses
+    import typing
+
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return [tp]
+    return [t for arg in typing.get_args(tp) for t in _dataclass_types(arg)]
+
+
+def _sources(schema: type, schema_of: Any) -> list[type]:
+    """The config dataclass ``schema`` mirrors (``schema_of``'s cache knows it), if any."""
+    from flowpin.recipe_schema import STAGE_SCHEMAS, config_class
+
+    seen: list[type] = []
+    todo = [config_class(s.config) for s in STAGE_SCHEMAS.values()] + [config_class("flowpin.recipe:StagePaths")]
+    todo.append(config_class("flowpin.recipe_schema:ProvenanceConfig"))
+    todo.append(config_class("flowpin.train.transformer:ModelConfig"))
+    import dataclasses
+    import typing
+
+    visited: set[type] = set()
+    while todo:
+        cls = todo.pop()
+        if cls in visited:
+            continue
+        visited.add(cls)
+        if schema_of(cls) is schema:
+            seen.append(cls)
+        hints = typing.get_type_hints(cls)
+        todo.extend(t for f in dataclasses.fields(cls) for t in _dataclass_types(hints[f.name]))
+    return seen[:1]
+
+
+def _name(schema: type, name: str) -> None:
+    schema.__module__ = __name__
+    schema.__qualname__ = name  # what pickle looks up; __name__ (in OmegaConf's messages) stays readable
+    _SCHEMAS[name] = schema
+
+
+def __getattr__(name: str) -> type:
+    if name in _SCHEMAS:
+        return _SCHEMAS[name]
+    from flowpin.recipe_schema import config_class, schema_of, stage_schema
+
+    if name.startswith(_RECIPE_PREFIX):
+        schema = stage_schema(name.removeprefix(_RECIPE_PREFIX))
+        _name(schema, name)
+        return schema
+    if name.startswith(_SCHEMA_PREFIX):
+        module, _, qualname = name.removeprefix(_SCHEMA_PREFIX).partition("___")
+        schema = schema_of(config_class(f"{module.replace('__', '.')}:{qualname}"))
+        _name(schema, name)
+        return schema
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

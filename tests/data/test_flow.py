@@ -2,10 +2,11 @@
 
 One scratch project replays ingest → dedup → synth → decontaminate → mix → tokenize, and the data of the
 later training stages (mix_midtrain → tokenize_midtrain, mix_longctx → tokenize_longctx, tokenized with
-the pretraining tokenizer) with `dvc repro` (about 30 s on 2 cores); the tests then check the promises
-of issue #3 on it: replay is a no-op, a
-recipe change invalidates exactly the stages downstream of it, every manifest verifies, lineage walks
-back to the raw inputs, batches are recoverable, and a second clean project gets identical digests.
+the pretraining tokenizer) with `dvc repro` (about a minute on 2 cores, once per session: conftest.py
+``data_flow``, shared with other modules and copied here); the tests then check the promises of issue #3
+on it: replay is a no-op, a recipe change invalidates exactly the stages downstream of it, every manifest
+verifies, lineage walks back to the raw inputs, batches are recoverable, and a second clean project gets
+identical digests.
 """
 
 from __future__ import annotations
@@ -26,21 +27,8 @@ from flowpin.constants import INDEX_NAME, MANIFEST_DIR
 from flowpin.data.tokenized import TokenizedDataset
 from flowpin.manifest.digests import identity_view
 from flowpin.manifest.statement import load_manifest
-from helpers import BIN, REPO, checked, make_project
+from helpers import BIN, DATA_STAGES, REPO, checked, copy_project, make_project
 
-DATA_STAGES = (
-    "ingest",
-    "dedup",
-    "synth",
-    "decontaminate",
-    "mix",
-    "tokenize",
-    "mix_midtrain",
-    "tokenize_midtrain",
-    "mix_longctx",
-    "tokenize_longctx",
-)
-"""Every stage of the data flow; each writes manifests/<stage>.json."""
 TOKENIZED = ("tokenize", "tokenize_midtrain", "tokenize_longctx")
 RECORDING = (
     "src/flowpin/manifest/",
@@ -67,10 +55,10 @@ def dvc_stages() -> dict[str, dict[str, object]]:
 
 
 @pytest.fixture(scope="module")
-def flow(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = make_project(tmp_path_factory.mktemp("data-flow") / "a")
-    checked(root, str(BIN / "dvc"), "repro", *DATA_STAGES)
-    return root
+def flow(data_flow: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This module's copy of the session's replayed data flow (conftest.py ``data_flow``: ``dvc repro`` of
+    DATA_STAGES in a fresh scratch project)."""
+    return copy_project(data_flow, tmp_path_factory.mktemp("data-flow") / "a")
 
 
 def subject_digests(root: Path) -> dict[str, dict[str, str]]:

@@ -18,14 +18,13 @@ import yaml
 from flowpin.cli import main as flowpin_main
 from flowpin.constants import MANIFEST_DIR
 from flowpin.manifest.statement import load_manifest
-from helpers import BIN, checked, make_project, run_in
+from helpers import BIN, checked, copy_project, run_in
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = make_project(tmp_path_factory.mktemp("flow") / "p")
-    checked(root, str(BIN / "dvc"), "repro", "ingest")
-    return root
+def project(ingest_flow: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the session's scratch project after `dvc repro ingest` (conftest.py ``ingest_flow``)."""
+    return copy_project(ingest_flow, tmp_path_factory.mktemp("flow") / "p")
 
 
 def _subject_digests(manifest: Path) -> dict[str, str]:

@@ -136,8 +136,9 @@ def test_tokenizer_training_is_deterministic_and_thread_independent(tmp_path: Pa
     script = (
         "import json, sys\n"
         "from flowpin.data.tokenizer import TokenizerConfig, tokenizer_bytes, train_tokenizer\n"
+        "from flowpin.recipe import to_config\n"
         "texts = json.load(open(sys.argv[1]))\n"
-        "cfg = TokenizerConfig(**json.loads(sys.argv[2]))\n"
+        "cfg = to_config(TokenizerConfig, json.loads(sys.argv[2]))\n"
         "sys.stdout.write(tokenizer_bytes(train_tokenizer(texts, cfg)).decode())\n"
     )
     # Another process (another Rust HashMap seed) with a different thread pool and parallelism allowed.

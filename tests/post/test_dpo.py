@@ -41,7 +41,7 @@ from flowpin.post.dpo import (
 from flowpin.post.lm import SamplingConfig
 from flowpin.post.prompts import Vocab
 from flowpin.recipe import to_config
-from helpers import BIN, REPO, checked, make_project, scratch_env
+from helpers import BIN, POST_UPSTREAM, REPO, checked, copy_project, scratch_env
 from post_helpers import TableLM, make_tasks, make_vocab, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -242,26 +242,7 @@ def test_recipe_refusals(change: dict[str, Any], message: str) -> None:
 # --- end to end: the real stage scripts in a scratch project (slow) -------------------------------
 
 SMALL = {  # a scratch flow in seconds: synth -> tokenize (of the synth tasks) -> pretrain -> sft -> dpo
-    "stages/synth.py": [
-        "synth.arithmetic.train=120",
-        "synth.arithmetic.heldout=8",
-        "synth.word_problem.train=60",
-        "synth.word_problem.heldout=4",
-    ],
-    "stages/tokenize_corpus.py": [
-        "paths.inputs.corpus.data=data/synth/train",
-        "paths.inputs.corpus.manifest=manifests/synth.json",
-        "tokenize.tokenizer.vocab_size=1024",
-        "tokenize.packing.seq_len=64",
-    ],
-    "stages/train.py": [
-        "model.max_sequence_length=64",
-        "model.sliding_window=32",
-        "train.loop.steps=4",
-        "train.loop.batch_size=4",
-        "train.loop.checkpoint_every=4",
-        "train.loop.optim.schedule.warmup_steps=1",
-    ],
+    **POST_UPSTREAM,  # synth, tokenize, pretrain: built once per session (conftest.py post_flow)
     "stages/sft.py": [
         "paths.inputs.init.data=runs/pretrain/checkpoints",
         "paths.inputs.init.manifest=manifests/pretrain.json",
@@ -295,10 +276,9 @@ def dpo_args(name: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def flow(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = make_project(tmp_path_factory.mktemp("post") / "p")
-    for script, overrides in SMALL.items():
-        checked(root, sys.executable, script, *overrides)
+def flow(post_flow: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = copy_project(post_flow, tmp_path_factory.mktemp("post") / "p")  # SMALL's POST_UPSTREAM part, run
+    checked(root, sys.executable, "stages/sft.py", *SMALL["stages/sft.py"])
     checked(root, sys.executable, "stages/dpo.py", *dpo_args("dpo"))
     return root
 

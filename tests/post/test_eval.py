@@ -203,7 +203,7 @@ def test_pass_at_1_per_kind_and_micro_averaged() -> None:
 def vocab() -> Vocab:
     texts = [f"What is {a} + {b}?\n{a} + {b} = {a + b}. Answer: {a + b}" for a in range(20) for b in range(5)]
     texts += ["def f(x):\n    return x + 1\n", "class A:\n    pass\n"] * 20
-    cfg = TokenizerConfig(vocab_size=320, min_frequency=2, special_tokens=["<|endoftext|>", "<|pad|>"], seed=0)
+    cfg = TokenizerConfig(vocab_size=320, min_frequency=2, special_tokens=("<|endoftext|>", "<|pad|>"), seed=0)
     tok: Tokenizer = train_tokenizer(texts, cfg)
     return Vocab(tokenizer=tok, eos_id=0, pad_id=1)
 
@@ -373,7 +373,7 @@ def test_the_reference_recipe_names_all_six_stages_and_their_roles() -> None:
     plain = base_recipe()
     cfg = to_config(EvalConfig, plain["eval"], where="eval")
     paths = to_config(StagePaths, plain["paths"], where="paths")
-    assert cfg.stages == ["pretrain", "midtrain", "longctx", "sft", "dpo", "rlvr"]
+    assert cfg.stages == ("pretrain", "midtrain", "longctx", "sft", "dpo", "rlvr")
     assert set(paths.inputs) == {*cfg.stages, "synth", "tokenizer", "decontaminate", "ingest"}
     assert cfg.text.window <= 256
 

@@ -52,7 +52,7 @@ from flowpin.post.verifiers import exact_integer
 from flowpin.recipe import to_config
 from flowpin.train.loop import OptimConfig, TrainConfig
 from flowpin.train.schedule import ScheduleConfig
-from helpers import BIN, REPO, checked, make_project, scratch_env
+from helpers import BIN, REPO, checked, copy_project, scratch_env
 from post_helpers import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -83,7 +83,7 @@ def tasks() -> list[Task]:
 @pytest.fixture(scope="module")
 def vocab(tasks: list[Task]) -> Vocab:
     cfg = TokenizerConfig(
-        vocab_size=320, min_frequency=1, special_tokens=["<|endoftext|>", "<|pad|>"], seed=0, train_max_bytes=None
+        vocab_size=320, min_frequency=1, special_tokens=("<|endoftext|>", "<|pad|>"), seed=0, train_max_bytes=None
     )
     tok: Tokenizer = train_tokenizer([t.text for t in tasks] * 3, cfg)
     return Vocab(tokenizer=tok, eos_id=0, pad_id=1)
@@ -381,29 +381,6 @@ def test_exact_integer_is_the_default_reward_of_both_kinds(tasks: list[Task]) ->
 
 # --- end to end: the real stage script in a scratch project (slow) --------------------------------
 
-SMALL = {  # synth -> tokenize (of the synth tasks) -> a 4-step pretrain, the init of a short RLVR run
-    "stages/synth.py": [
-        "synth.arithmetic.train=120",
-        "synth.arithmetic.heldout=8",
-        "synth.word_problem.train=60",
-        "synth.word_problem.heldout=4",
-    ],
-    "stages/tokenize_corpus.py": [
-        "paths.inputs.corpus.data=data/synth/train",
-        "paths.inputs.corpus.manifest=manifests/synth.json",
-        "tokenize.tokenizer.vocab_size=1024",
-        "tokenize.packing.seq_len=64",
-    ],
-    "stages/train.py": [
-        "model.max_sequence_length=64",
-        "model.sliding_window=32",
-        "train.loop.steps=4",
-        "train.loop.batch_size=4",
-        "train.loop.checkpoint_every=4",
-        "train.loop.optim.schedule.warmup_steps=1",
-    ],
-}
-
 
 def rlvr_args(name: str) -> list[str]:
     return [
@@ -425,10 +402,10 @@ def rlvr_args(name: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def flow(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = make_project(tmp_path_factory.mktemp("rlvr") / "p")
-    for script, overrides in SMALL.items():
-        checked(root, sys.executable, script, *overrides)
+def flow(post_flow: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """synth -> tokenize (of the synth tasks) -> a 4-step pretrain (helpers.POST_UPSTREAM, built once per session:
+    conftest.py ``post_flow``), the init of a short RLVR run, then that run."""
+    root = copy_project(post_flow, tmp_path_factory.mktemp("rlvr") / "p")
     checked(root, sys.executable, "stages/rlvr.py", *rlvr_args("rlvr"))
     return root
 

@@ -1,8 +1,9 @@
 """``flowpin rebuild``: real stages re-run in scratch workspaces from what their manifests pin.
 
-One scratch project records ``ingest → dedup`` (real stage scripts) and ``salted``, a tiny stage added
-here whose output also depends on two environment variables: ``FLOWPIN_TEST_SALT`` (fingerprinted, so
-pinned and replayed) and ``REBUILD_TEST_SALT`` (not fingerprinted: a dependency the manifest cannot see).
+One scratch project records ``ingest → dedup`` (real stage scripts; ingest by `dvc repro`, in a copy of the
+session's conftest.py ``ingest_flow``) and ``salted``, a tiny stage added here whose output also depends on
+two environment variables: ``FLOWPIN_TEST_SALT`` (fingerprinted, so pinned and replayed) and
+``REBUILD_TEST_SALT`` (not fingerprinted: a dependency the manifest cannot see).
 Tests that change the project work on a copy of it.
 """
 
@@ -38,7 +39,7 @@ from flowpin.replay.rebuild import (
     subject_differences,
 )
 from flowpin.signing import PAYLOAD_TYPE, load_signer
-from helpers import Project, checked, make_project, scratch_env
+from helpers import Project, checked, copy_project, scratch_env
 
 SALTED_SCRIPT = '''"""A test stage whose output depends on its recipe and two environment variables."""
 
@@ -110,10 +111,9 @@ def _run_stage(root: Path, script: str, *args: str, **env: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def flow(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = make_project(tmp_path_factory.mktemp("rebuild") / "p")
+def flow(ingest_flow: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = copy_project(ingest_flow, tmp_path_factory.mktemp("rebuild") / "p")  # ingest run by `dvc repro`
     _add_salted_stage(root)
-    _run_stage(root, "stages/ingest.py")
     _run_stage(root, "stages/dedup.py")
     _run_stage(root, "stages/salted.py", FLOWPIN_TEST_SALT="pinned")
     return root

@@ -40,7 +40,12 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def origin(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(project with `synth` run and committed, the release exported from it)."""
+    """(project with `synth` run and committed, the release exported from it).
+
+    Built here, not copied from conftest.py's ``synth_flow``: the corrupt-cache-object test needs DVC's state
+    (kept outside the project, keyed by its path and by inode) to trust the cache objects this `dvc repro`
+    wrote; in a copy DVC re-hashes them, and `dvc status` refuses the export before flowpin's own check runs.
+    """
     base = tmp_path_factory.mktemp("release")
     root = make_project(base / "origin")
     checked(root, "git", "add", "-A")

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from flowpin.manifest.statement import EntryPoint, load_manifest
-from helpers import BIN, checked, make_project, scratch_env
+from helpers import BIN, checked, copy_project, scratch_env
 
 SHORT = [
     "train.loop.steps=6",
@@ -46,9 +46,10 @@ def subjects(root: Path, name: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = make_project(tmp_path_factory.mktemp("train") / "p")
-    checked(root, str(BIN / "dvc"), "repro", "tokenize")
+def project(data_flow: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the session's replayed data flow (conftest.py ``data_flow``: tokenize and its upstream done by
+    `dvc repro`), with a short pretrain run ``a``."""
+    root = copy_project(data_flow, tmp_path_factory.mktemp("train") / "p")
     checked(root, sys.executable, "stages/train.py", *SHORT, *paths("a"))
     return root
 
