@@ -78,7 +78,7 @@ typecheck: install
 	$(BIN)/mypy
 
 # Two workers (CI has 2 cores), each test file on one worker: module-scoped flows are built once, and the
-# fuzz tally (a module fixture in tests/test_fuzz.py) sees every case of its file. Measured: pytest 13.6 min (1455 tests), make test 14.1 min, on 2 cores (issue 15); 27 min serially before xdist.
+# fuzz tally (a module fixture in tests/test_fuzz.py) sees every case of its file. Measured: pytest 14.0 min (1657 tests), make test 14.5 min, on 2 cores (issue 15, shared session flows); 27 min serially before xdist.
 PYTEST_WORKERS ?= 2
 pytest: install
 	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadfile
