@@ -628,26 +628,34 @@ _SCHEMAS: dict[str, type] = {}
 
 
 def picklable_schemas() -> None:
-    """Make every recipe schema in Hydra's ConfigStore picklable by reference (see the comment above)."""
+    """Make every recipe schema in Hydra's ConfigStore picklable by reference (see the comment above).
+
+    The stage schemas are read from the ConfigStore; the nested ones are ``schema_of``'s (cached, so the same
+    classes), named from the config dataclasses they mirror, found by walking every stage config's types."""
     import dataclasses
+    import typing
 
     from hydra.core.config_store import ConfigStore
 
-    from flowpin.recipe_schema import SCHEMA_GROUP, STAGE_SCHEMAS, schema_of
-
-    def name_nested(schema: type) -> None:
-        for field in dataclasses.fields(schema):
-            for cls in _dataclass_types(field.type):
-                for source in _sources(cls, schema_of):
-                    _name(cls, _SCHEMA_PREFIX + source.__module__.replace(".", "__") + "___" + source.__qualname__)
-                    name_nested(cls)
+    from flowpin.recipe_schema import MODEL_CONFIG, SCHEMA_GROUP, STAGE_SCHEMAS, config_class, schema_of
 
     for block in STAGE_SCHEMAS:
         node = ConfigStore.instance().repo.get(SCHEMA_GROUP, {}).get(f"{block}.yaml")
         schema = OmegaConf.get_type(node.node) if node is not None else None
         if isinstance(schema, type) and dataclasses.is_dataclass(schema):
             _name(schema, _RECIPE_PREFIX + block)
-            name_nested(schema)
+    todo = [config_class(s.config) for s in STAGE_SCHEMAS.values()]
+    todo += [config_class(c) for c in ("flowpin.recipe:StagePaths", "flowpin.recipe_schema:ProvenanceConfig")]
+    todo.append(config_class(MODEL_CONFIG))
+    seen: set[type] = set()
+    while todo:
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        _name(schema_of(cls), _SCHEMA_PREFIX + cls.__module__.replace(".", "__") + "___" + cls.__qualname__)
+        hints = typing.get_type_hints(cls)
+        todo.extend(t for f in dataclasses.fields(cls) for t in _dataclass_types(hints[f.name]))
 
 
 def _dataclass_types(tp: Any) -> list[type]:
@@ -657,30 +665,6 @@ def _dataclass_types(tp: Any) -> list[type]:
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return [tp]
     return [t for arg in typing.get_args(tp) for t in _dataclass_types(arg)]
-
-
-def _sources(schema: type, schema_of: Any) -> list[type]:
-    """The config dataclass ``schema`` mirrors (``schema_of``'s cache knows it), if any."""
-    from flowpin.recipe_schema import STAGE_SCHEMAS, config_class
-
-    seen: list[type] = []
-    todo = [config_class(s.config) for s in STAGE_SCHEMAS.values()] + [config_class("flowpin.recipe:StagePaths")]
-    todo.append(config_class("flowpin.recipe_schema:ProvenanceConfig"))
-    todo.append(config_class("flowpin.train.transformer:ModelConfig"))
-    import dataclasses
-    import typing
-
-    visited: set[type] = set()
-    while todo:
-        cls = todo.pop()
-        if cls in visited:
-            continue
-        visited.add(cls)
-        if schema_of(cls) is schema:
-            seen.append(cls)
-        hints = typing.get_type_hints(cls)
-        todo.extend(t for f in dataclasses.fields(cls) for t in _dataclass_types(hints[f.name]))
-    return seen[:1]
 
 
 def _name(schema: type, name: str) -> None:
